@@ -1,0 +1,5 @@
+"""Entry point for ``python -m augflow``."""
+
+from augflow.cli import main
+
+main()

@@ -1,0 +1,27 @@
+"""Shared fixtures: small dataset files written through the real HDF5 writer."""
+
+import numpy as np
+import pytest
+import torch
+
+from augflow.data.store import write_dataset
+
+torch.set_num_threads(2)
+
+
+def make_dataset(path, n_subjects=12, slices=3, num_classes=3, shape=(1, 8, 8), seed=0):
+    """A random dataset: ``n_subjects`` subjects with ``slices`` slices each, classes round-robin."""
+    rng = np.random.default_rng(seed)
+    n = n_subjects * slices
+    subject_ids = np.repeat(np.arange(n_subjects), slices)
+    labels = subject_ids % num_classes
+    images = rng.random((n, *shape), dtype=np.float32)
+    subjects = [f"sub-{s:03d}" for s in subject_ids]
+    slice_index = np.tile(np.arange(slices) - slices // 2, n_subjects)
+    names = [f"class{k}" for k in range(num_classes)]
+    return write_dataset(path, images, labels, subjects, slice_index, names, provenance={"test": True})
+
+
+@pytest.fixture
+def tiny_h5(tmp_path):
+    return make_dataset(tmp_path / "tiny.h5")
