@@ -144,6 +144,103 @@ def info(data, as_json):
     click.echo("provenance: " + json.dumps(summary["provenance"], indent=2))
 
 
+def _device_option(fn):
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
+
+
+def _threads_option(fn):
+    def set_threads(ctx, param, value):
+        if value is not None:
+            if value < 1:
+                raise click.BadParameter(f"must be positive, but is: {value}")
+            import torch
+
+            torch.set_num_threads(value)
+        return value
+
+    return click.option("--threads", type=int, default=None, callback=set_threads, expose_value=False,
+                        help="CPU threads for torch (default: torch's choice).")(fn)
+
+
+@cli.command()
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Training file (augflow HDF5).")
+@click.option("--val", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Validation file (default: a subject-wise split of --data).")
+@click.option("--recipe", default=None,
+              help="TOML recipe file, or a shipped recipe's name (quick, scanner, ...); default: built-in defaults.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
+              help="Override a recipe key, e.g. --set train.lr=1e-3 (repeatable).")
+@_device_option
+@_threads_option
+@_library_errors
+def train(data, val, recipe, out, resume, seed, overrides, device):
+    """Train a class-conditional MAGIC-Flow on a dataset file.
+
+    \b
+    Example:
+        augflow train --data data/train.h5 --recipe recipes/scanner.toml --out runs/scanner
+        augflow train --data data/train.h5 --recipe recipes/scanner.toml --out runs/scanner --resume
+    """
+    import sys
+
+    from augflow.config import load_recipe
+    from augflow.train.loop import train as run_training
+
+    result = run_training(data, out, load_recipe(recipe, overrides), val=val, resume=resume, device=device,
+                          seed=seed, command=" ".join(["augflow", *sys.argv[1:]]))
+    best = "n/a" if result.best_val_bpd is None else f"{result.best_val_bpd:.4f}"
+    click.echo(f"trained {result.steps} steps; best validation bits/dim {best}; model: {result.model_path}")
+
+
+@cli.command()
+@click.option("--model", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Run folder (or its model.pt).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .h5 file.")
+@click.option("--class", "class_name", default=None, help="Class to sample (case-insensitive).")
+@click.option("--n", type=int, default=None, help="Number of images of --class.")
+@click.option("--balance", is_flag=True, help="Top up every class to the largest training class.")
+@click.option("--target-count", type=int, default=None, help="With --balance: the per-class target instead.")
+@click.option("--temperature", type=float, default=None, help="Latent temperature (default: the model's, 0.8).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@_device_option
+@_threads_option
+@_library_errors
+def synthesize(model, out, class_name, n, balance, target_count, temperature, seed, batch_size, device):
+    """Write synthetic images of a trained model to a dataset file.
+
+    \b
+    Example:
+        augflow synthesize --model runs/scanner --class Prisma --n 500 --out prisma.h5
+        augflow synthesize --model runs/scanner --balance --out topup.h5
+    """
+    from augflow.flows import load_model
+    from augflow.synthesize import balance_counts, model_file
+    from augflow.synthesize import synthesize as run_synthesis
+
+    if balance == (class_name is not None):
+        raise click.UsageError("give either --class NAME --n N, or --balance [--target-count N]")
+    if class_name is not None:
+        if n is None:
+            raise click.UsageError("--class needs --n")
+        counts = {class_name: n}
+    else:
+        if n is not None:
+            raise click.UsageError("--n goes with --class; use --target-count with --balance")
+        _, meta = load_model(model_file(model), with_meta=True)
+        per_class = balance_counts(meta["class_counts"], target_count)
+        counts = dict(zip(meta["class_names"], per_class, strict=True))
+    result = run_synthesis(model, out, counts, temperature=temperature, seed=seed, batch_size=batch_size,
+                           device=device)
+    made = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
+    click.echo(f"wrote {sum(result.counts.values())} synthetic images to {result.out} ({made}); "
+               f"rejected non-finite: {result.rejected_nonfinite}")
+
+
 @cli.command()
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("augflow-demo"),
               show_default=True)

@@ -27,7 +27,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import h5py
@@ -166,7 +166,7 @@ class DatasetWriter:
                 f.attrs["class_names"] = json.dumps(self.class_names)
                 f.attrs["schema_version"] = SCHEMA_VERSION
                 f.attrs["source"] = self.source
-                f.attrs["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                f.attrs["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
                 f.attrs["augflow_version"] = __version__
                 f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True)
             f.close()

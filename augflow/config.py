@@ -1,0 +1,152 @@
+"""Recipes: one typed source of defaults for training, shared by the API, the TOML recipes and the CLI.
+
+A recipe is a TOML file with the tables ``[model]`` (fields of :class:`~augflow.flows.MagicFlowConfig` except
+the image shape and class count, which always come from the data file), ``[train]`` (:class:`TrainConfig`)
+and ``[augment]`` (:class:`AugmentConfig`). ``--set table.key=value`` overrides any key; the value is parsed
+as TOML (``--set train.lr=1e-3``, ``--set model.hidden_channels=[32,64,64,64]``). Unknown tables or keys are
+errors that list the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from augflow.errors import ConfigError
+from augflow.flows import MagicFlowConfig
+
+# Fields of the model config that come from the data, never from a recipe.
+DATA_FIELDS = ("image_shape", "num_classes")
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of ``augflow train`` (defaults: the MAGIC-Flow paper, scaled for a CPU).
+
+    The schedule is AdamW with a linear warm-up from ``warmup_start * lr`` over ``warmup_epochs``, then cosine
+    decay to ``min_lr``, as in the reference training of MAGIC-Flow (arXiv 2510.22070).
+    """
+
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 4e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_epochs: float = 1.0
+    warmup_start: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables EMA; e.g. 0.999
+    balanced_sampling: bool = False
+    val_fraction: float = 0.1  # subject-wise split of the training file when no --val is given
+    checkpoint_every: int = 200  # steps
+    log_every: int = 10  # steps
+    max_steps: int = 0  # stop after this many steps (0: run all epochs); the schedule still spans all epochs
+    ce_weight: float = 0.0  # hybrid objective weight of the Bayes-posterior cross-entropy (classification)
+    temperature: float = 0.8  # default sampling temperature stored with the model
+    amp: bool = False  # bfloat16 autocast on CUDA
+
+
+@dataclass
+class AugmentConfig:
+    """Light augmentation of the training images, as in the MAGIC-Flow reference: rotation, shift, noise."""
+
+    enabled: bool = True
+    rotation_deg: float = 3.0
+    shift_px: float = 2.0
+    noise_std: float = 0.01
+
+
+@dataclass
+class Recipe:
+    """A full training recipe: the model fields from the recipe, and the train and augment settings."""
+
+    model: dict = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    name: str = "custom"
+
+    def model_config(self, image_shape, num_classes) -> MagicFlowConfig:
+        """The model config for data of the given shape and class count."""
+        config = MagicFlowConfig(image_shape=tuple(image_shape), num_classes=int(num_classes), **self.model)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "model": dict(self.model), "train": dataclasses.asdict(self.train),
+                "augment": dataclasses.asdict(self.augment)}
+
+
+def _model_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(MagicFlowConfig) if f.name not in DATA_FIELDS]
+
+
+def _tables() -> dict[str, list[str]]:
+    return {
+        "model": _model_keys(),
+        "train": [f.name for f in dataclasses.fields(TrainConfig)],
+        "augment": [f.name for f in dataclasses.fields(AugmentConfig)],
+    }
+
+
+def recipe_from_dict(data: dict, name: str = "custom", source: str = "recipe") -> Recipe:
+    """Build and check a recipe from nested dicts; unknown tables and keys raise ConfigError."""
+    tables = _tables()
+    for table, values in data.items():
+        if table not in tables:
+            raise ConfigError(f"{source}: unknown table [{table}]; valid tables: {', '.join(tables)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{table}] must be a table of keys")
+        for key in values:
+            if key not in tables[table]:
+                raise ConfigError(f"{source}: unknown key '{table}.{key}'; valid keys of [{table}]: "
+                                  f"{', '.join(tables[table])}")
+    try:
+        train = TrainConfig(**data.get("train", {}))
+        augment = AugmentConfig(**data.get("augment", {}))
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return Recipe(model=dict(data.get("model", {})), train=train, augment=augment, name=name)
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """Parse ``table.key=value`` (value in TOML syntax; a bare word is a string)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set must look like table.key=value (e.g. train.lr=1e-3), but is: {text!r}")
+    dotted, raw = text.split("=", 1)
+    table, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return table, key, value
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes in ``recipes/``."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
+    """Load a TOML recipe (a file, or the name of a shipped one such as ``quick``; the defaults when None)
+    and apply ``--set`` overrides."""
+    data: dict = {}
+    name = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file() and (RECIPES_DIR / f"{path}.toml").is_file():
+            path = RECIPES_DIR / f"{path}.toml"
+        if not path.is_file():
+            raise ConfigError(f"--recipe: no file {path} and no shipped recipe of that name; "
+                              f"shipped: {', '.join(shipped_recipes())}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        name = path.stem
+    for text in overrides:
+        table, key, value = parse_override(text)
+        data.setdefault(table, {})[key] = value
+    return recipe_from_dict(data, name=name, source=str(path) if path else "recipe")

@@ -1,0 +1,451 @@
+"""MAGIC-Flow: a class-conditional multiscale normalizing flow for generation and classification.
+
+``log p(x | y) = log N(f(x, y); 0, I) + log|det df/dx|`` with ``f`` a stack of flow steps
+(ActNorm -> 1x1 conv -> conditional affine coupling), squeezes and splits (Glow's multiscale
+architecture). The same model generates (``sample``) and classifies
+(``argmax_y log p(x|y) + log p(y)``).
+
+Default hierarchy (24 steps, the paper's): full resolution: step 0 application mask, steps 1-4
+checkerboard; then three levels, each: squeeze, 3 channel-wise steps, split (half the channels
+out to the latent), checkerboard steps (3, 3, 4). The last latent is ``(8C, H/8, W/8)``. The prior
+is a factorised standard normal (never a dense D x D covariance).
+
+Data ``x`` lives in ``[0, 1]``; the flow sees ``2x - 1`` and ``log_prob`` includes the ``D log 2``
+of that map, so it is the exact density of continuous ``x``. Training uses uniformly dequantised
+8-bit data (:func:`dequantize`), so :meth:`MagicFlow.bits_per_dim` is comparable with Glow.
+
+References:
+    Caldera, Bottacini & Cavinato, "MAGIC-Flow", 2025, arXiv:2510.22070.
+    Kingma & Dhariwal, "Glow", 2018, arXiv:1807.03039.
+    Theis, van den Oord & Bethge, "A note on the evaluation of generative models", 2016,
+    arXiv:1511.01844 (dequantisation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from augflow.errors import ConfigError
+from augflow.flows.coupling import COUPLING_KINDS, AffineCoupling, make_coupling_net
+from augflow.flows.layers import FlowStep, Split, Squeeze, unsqueeze2d
+from augflow.flows.masks import MASK_KINDS, as_app_mask, ellipse_mask, make_mask
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+@dataclass
+class MagicFlowConfig:
+    """Architecture of a :class:`MagicFlow`; defaults reproduce the paper's 24-step hierarchy.
+
+    Attributes:
+        image_shape: ``(C, H, W)``; ``H`` and ``W`` divisible by ``2 ** len(checker_steps)``.
+        num_classes: Number of labels ``K``.
+        coupling: Coupling network, ``"generation"`` or ``"classification"``.
+        full_res_steps: Mask kind of each full-resolution step (``"application"``,
+            ``"checkerboard"``, ``"channel"``).
+        channel_steps: Channel-wise steps after each squeeze, before the split.
+        checker_steps: Checkerboard steps after each split; its length is the number of levels.
+        hidden_channels: Coupling-network width at full resolution, then at each level (length
+            ``1 + len(checker_steps)``). Default: the widest entry of each of the paper's per-scale
+            width tuples, from (16, 16, 32) at full resolution to (128, 256, 256) at the coarsest.
+        embed_dim: Label-embedding width ``E`` (paper: 128).
+        num_blocks: Blocks per generation network.
+        dropout: Dropout of the classification network (paper: 0.3).
+        log_scale_bound: Coupling log-scale ``s = log_scale_bound * tanh(h)`` (paper: 0.5).
+    """
+
+    image_shape: tuple[int, int, int] = (1, 64, 64)
+    num_classes: int = 2
+    coupling: str = "generation"
+    full_res_steps: tuple[str, ...] = ("application",) + ("checkerboard",) * 4
+    channel_steps: int = 3
+    checker_steps: tuple[int, ...] = (3, 3, 4)
+    hidden_channels: tuple[int, ...] = (32, 64, 128, 256)
+    embed_dim: int = 128
+    num_blocks: int = 1
+    dropout: float = 0.3
+    log_scale_bound: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("image_shape", "full_res_steps", "checker_steps", "hidden_channels"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # recipes and checkpoints store lists
+                setattr(self, name, tuple(value))
+
+    def validate(self) -> MagicFlowConfig:
+        """Check every field; return ``self``.
+
+        Raises:
+            ConfigError: Naming the field, the allowed values and the value received.
+        """
+        shape = self.image_shape
+        if not (isinstance(shape, tuple) and len(shape) == 3 and all(_is_int(v, 1) for v in shape)):
+            raise ConfigError(f"image_shape must be (C, H, W) of positive ints, got {shape!r}")
+        checker = self.checker_steps
+        if not (isinstance(checker, tuple) and all(_is_int(v, 0) for v in checker)):
+            raise ConfigError(
+                f"checker_steps must be a tuple of ints >= 0, got {self.checker_steps!r}"
+            )
+        factor = 2 ** len(self.checker_steps)
+        if shape[1] % factor or shape[2] % factor:
+            raise ConfigError(
+                f"image_shape H and W must be divisible by {factor} (2 ** number of levels), "
+                f"got {shape!r}"
+            )
+        if not _is_int(self.num_classes, 1):
+            raise ConfigError(f"num_classes must be an int >= 1, got {self.num_classes!r}")
+        if self.coupling not in COUPLING_KINDS:
+            raise ConfigError(f"coupling must be one of {COUPLING_KINDS}, got {self.coupling!r}")
+        steps = self.full_res_steps
+        if not isinstance(steps, tuple) or any(kind not in MASK_KINDS for kind in steps):
+            raise ConfigError(f"full_res_steps entries must be in {MASK_KINDS}, got {steps!r}")
+        if "channel" in steps and shape[0] < 2:
+            raise ConfigError(
+                f"full_res_steps may use 'channel' only with C >= 2, got image_shape {shape!r}"
+            )
+        if not _is_int(self.channel_steps, 0):
+            raise ConfigError(f"channel_steps must be an int >= 0, got {self.channel_steps!r}")
+        widths = self.hidden_channels
+        if not (
+            isinstance(widths, tuple)
+            and len(widths) == 1 + len(self.checker_steps)
+            and all(_is_int(v, 1) for v in widths)
+        ):
+            raise ConfigError(
+                f"hidden_channels must hold {1 + len(self.checker_steps)} ints >= 1 (full "
+                f"resolution, then one per level), got {widths!r}"
+            )
+        if not _is_int(self.embed_dim, 1):
+            raise ConfigError(f"embed_dim must be an int >= 1, got {self.embed_dim!r}")
+        if not _is_int(self.num_blocks, 1):
+            raise ConfigError(f"num_blocks must be an int >= 1, got {self.num_blocks!r}")
+        if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.log_scale_bound, int | float) and self.log_scale_bound > 0):
+            raise ConfigError(f"log_scale_bound must be > 0, got {self.log_scale_bound!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of primitives (tuples as lists), loadable with ``weights_only=True``."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MagicFlowConfig:
+        """Build a config from :meth:`to_dict` output or a recipe table; unknown keys are errors.
+
+        Raises:
+            ConfigError: For unknown keys or invalid values.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+        return cls(**data).validate()
+
+
+def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform dequantisation of 8-bit data in ``[0, 1]``: ``(x * 255 + u) / 256``, ``u ~ U(0, 1)``.
+
+    Used by the training loss, not inside ``log_prob``.
+
+    Arguments:
+        x: Images with values ``k / 255``, ``k`` in ``0..255``.
+        generator: Optional RNG on ``x``'s device.
+    """
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (x * 255 + noise) / 256
+
+
+def _gaussian_map(z: Tensor) -> Tensor:
+    """Per-element standard-normal log-density."""
+    return -0.5 * (z * z + _LOG_2PI)
+
+
+class MagicFlow(nn.Module):
+    """Class-conditional multiscale normalizing flow (MAGIC-Flow).
+
+    ``forward(x, y)`` is :meth:`log_prob`, so ``torch.func.functional_call(model, params, (x, y))``
+    gives log-densities (for per-sample DP gradients call it on ``x[i:i+1]``, ``y[i:i+1]``).
+
+    Arguments:
+        config: The architecture (validated here).
+        app_mask: ``(H, W)`` brain mask for the application-specific steps; default: a centred
+            ellipse (:func:`augflow.flows.masks.brain_mask_from_images` derives one from data).
+            Stored as the ``app_mask`` buffer, so it survives save/load.
+
+    Raises:
+        ConfigError: If the config or ``app_mask`` is invalid.
+    """
+
+    def __init__(self, config: MagicFlowConfig, app_mask: Tensor | np.ndarray | None = None):
+        super().__init__()
+        self.config = config.validate()
+        channels, height, width = config.image_shape
+        self.num_dims = channels * height * width
+        if app_mask is None:
+            mask = ellipse_mask(height, width)
+        else:
+            mask = as_app_mask(app_mask, height, width)
+        self.register_buffer("app_mask", mask)
+        self.layers = nn.ModuleList()
+        self.latent_shapes: list[tuple[int, int, int]] = []
+        self._mask_uses = dict.fromkeys(MASK_KINDS, 0)
+        shape = (channels, height, width)
+        for kind in config.full_res_steps:
+            self._add_step(kind, shape, config.hidden_channels[0])
+        for level, checker in enumerate(config.checker_steps, start=1):
+            self.layers.append(Squeeze())
+            shape = (4 * shape[0], shape[1] // 2, shape[2] // 2)  # (4C', H'/2, W'/2)
+            for _ in range(config.channel_steps):
+                self._add_step("channel", shape, config.hidden_channels[level])
+            self.layers.append(Split())
+            shape = (shape[0] // 2, shape[1], shape[2])  # half the channels go to the latent
+            self.latent_shapes.append(shape)
+            for _ in range(checker):
+                self._add_step("checkerboard", shape, config.hidden_channels[level])
+        self.latent_shapes.append(shape)
+
+    def _add_step(self, kind: str, shape: tuple[int, int, int], hidden: int) -> None:
+        """Append a flow step with a ``kind`` mask, flipped on every other use of that kind."""
+        cfg = self.config
+        mask = make_mask(kind, shape, self.app_mask)
+        if self._mask_uses[kind] % 2:
+            mask = 1 - mask
+        self._mask_uses[kind] += 1
+        nets = [
+            make_coupling_net(
+                cfg.coupling,
+                in_channels=shape[0],
+                num_classes=cfg.num_classes,
+                hidden=hidden,
+                size=shape[1:],
+                embed_dim=cfg.embed_dim,
+                num_blocks=cfg.num_blocks,
+                dropout=cfg.dropout,
+            )
+            for _ in range(2)
+        ]
+        coupling = AffineCoupling(mask, nets[0], nets[1], cfg.log_scale_bound)
+        self.layers.append(FlowStep(shape[0], coupling))
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _check(self, x: Tensor, y: Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape:
+            expected = ", ".join(map(str, self.config.image_shape))
+            raise ConfigError(
+                f"x must have shape (B, *image_shape) = (B, {expected}), got {tuple(x.shape)}"
+            )
+        if y.shape != x.shape[:1]:
+            raise ConfigError(f"y must have shape (B,) = ({x.shape[0]},), got {tuple(y.shape)}")
+
+    def _flow(
+        self, h: Tensor, y: Tensor, elementwise: bool = False
+    ) -> tuple[list[Tensor], Tensor, list[Tensor | None]]:
+        """Run the flow on preprocessed ``h``: latents, summed log-det and per-layer maps."""
+        zs: list[Tensor] = []
+        maps: list[Tensor | None] = []
+        logdet = h.new_zeros(h.shape[0])
+        for layer in self.layers:
+            if isinstance(layer, Split):
+                h, z = layer(h)
+                zs.append(z)
+                maps.append(None)
+            else:
+                h, ld = layer(h, y, elementwise)
+                maps.append(ld)
+                logdet = logdet + (ld.sum(dim=(1, 2, 3)) if elementwise else ld)
+        zs.append(h)
+        return zs, logdet, maps
+
+    # ---------------------------------------------------------------------------- public API
+
+    def encode(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Map data to latents.
+
+        Arguments:
+            x: Images ``(B, C, H, W)`` in ``[0, 1]``.
+            y: Labels ``(B,)`` (LongTensor).
+
+        Returns:
+            ``(zs, logdet)``: the latent parts from the first split to the final latent (shapes
+            ``latent_shapes``), and ``log|det dz/dx|`` ``(B,)`` including the ``[0,1] -> [-1,1]``
+            map.
+        """
+        self._check(x, y)
+        zs, logdet, _ = self._flow(2 * x - 1, y)
+        return zs, logdet + self.num_dims * math.log(2)
+
+    def decode(self, zs: list[Tensor], y: Tensor) -> Tensor:
+        """Map latents (as from :meth:`encode`) back to data space ``[0, 1]`` (not clamped)."""
+        if len(zs) != len(self.latent_shapes) or any(
+            tuple(z.shape[1:]) != s for z, s in zip(zs, self.latent_shapes, strict=True)
+        ):
+            raise ConfigError(
+                f"zs must be {len(self.latent_shapes)} tensors of shapes (B, *s) for s in "
+                f"{self.latent_shapes}, got {[tuple(z.shape) for z in zs]}"
+            )
+        h, k = zs[-1], len(zs) - 2
+        for layer in reversed(self.layers):
+            if isinstance(layer, Split):
+                h = layer.inverse(h, zs[k])
+                k -= 1
+            else:
+                h = layer.inverse(h, y)
+        return (h + 1) / 2
+
+    def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
+        """Exact ``log p(x | y)`` in nats ``(B,)`` of continuous ``x`` in ``[0, 1]``."""
+        zs, logdet = self.encode(x, y)
+        return logdet + sum(_gaussian_map(z).sum(dim=(1, 2, 3)) for z in zs)
+
+    forward = log_prob
+
+    @staticmethod
+    def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Uniform dequantisation of 8-bit data, see :func:`dequantize`."""
+        return dequantize(x, generator)
+
+    def bits_per_dim(self, x: Tensor, y: Tensor) -> Tensor:
+        """Bits per dimension ``(B,)`` of 8-bit data, Glow's convention (``x`` dequantised)."""
+        log_p = self.log_prob(x, y) - self.num_dims * math.log(256)
+        return -log_p / (self.num_dims * math.log(2))
+
+    def log_prob_map(self, x: Tensor, y: Tensor) -> Tensor:
+        """Exact likelihood-attribution map ``H(x, y)`` (paper section 5).
+
+        Walks from the last latent back to the input: per-element Gaussian log-densities of the
+        latents (concatenated at splits, unsqueezed at squeezes), plus each step's per-element
+        log-det map (coupling log-scales; ActNorm and 1x1-conv log-dets spread over positions), plus
+        ``log 2`` per element for the ``[0,1] -> [-1,1]`` map.
+
+        Returns:
+            ``(B, C, H, W)`` with ``H.sum(dim=(1, 2, 3)) == log_prob(x, y)``.
+        """
+        self._check(x, y)
+        zs, _, maps = self._flow(2 * x - 1, y, elementwise=True)
+        k = len(zs) - 1
+        heat = _gaussian_map(zs[k])
+        for layer, layer_map in zip(reversed(self.layers), reversed(maps), strict=True):
+            if isinstance(layer, Split):
+                k -= 1
+                heat = torch.cat([heat, _gaussian_map(zs[k])], dim=1)
+            elif isinstance(layer, Squeeze):
+                heat = unsqueeze2d(heat) + layer_map  # (B, C, H, W) from (B, 4C, H/2, W/2)
+            else:
+                heat = heat + layer_map
+        return heat + math.log(2)
+
+    attribution = log_prob_map
+
+    @torch.no_grad()
+    def sample(
+        self, y: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw ``x ~ p(x | y)`` (without gradients; call ``eval()`` first).
+
+        Arguments:
+            y: Labels ``(B,)``.
+            temperature: Standard deviation of the latents (1 = the model's distribution).
+            generator: Optional RNG on the model's device.
+
+        Returns:
+            ``(B, C, H, W)`` in data space (nominally ``[0, 1]``, not clamped).
+        """
+        ref = self.app_mask
+        dtype = next(self.parameters()).dtype
+        zs = [
+            temperature
+            * torch.randn((y.shape[0], *s), generator=generator, device=ref.device, dtype=dtype)
+            for s in self.latent_shapes
+        ]
+        return self.decode(zs, y.to(ref.device))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, y: Tensor) -> None:
+        """Data-dependent ActNorm initialisation: run ``x`` through the flow, setting each ActNorm
+        from the statistics of its input (Glow). Call once, before training, on a large batch."""
+        self._check(x, y)
+        h = 2 * x - 1
+        for layer in self.layers:
+            if isinstance(layer, Split):
+                h, _ = layer(h)
+                continue
+            if isinstance(layer, FlowStep):
+                layer.actnorm.initialize(h)
+            h, _ = layer(h, y)
+
+    @property
+    def initialized(self) -> bool:
+        """Whether :meth:`initialize` has been run (the flags are saved with the model)."""
+        return all(bool(m.actnorm.initialized) for m in self.layers if isinstance(m, FlowStep))
+
+    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
+        """Write ``{"config", "state_dict", "meta"}`` atomically (temp file + ``os.replace``).
+
+        Arguments:
+            path: Destination file; parent folders are created.
+            meta: Optional metadata of primitives (dicts, lists, str, numbers, None), e.g. class
+                names or the privacy budget; read back with ``load_model(..., with_meta=True)``.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload: dict[str, Any] = {"config": self.config.to_dict(), "state_dict": self.state_dict()}
+        payload["meta"] = {} if meta is None else meta
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu", with_meta: bool = False
+) -> MagicFlow | tuple[MagicFlow, dict[str, Any]]:
+    """Load a model written by :meth:`MagicFlow.save` (``weights_only=True``), in eval mode.
+
+    Arguments:
+        path: The model file.
+        map_location: Device to load onto.
+        with_meta: Also return the ``meta`` dict given to :meth:`MagicFlow.save` (``{}`` if none).
+
+    Returns:
+        The model, or ``(model, meta)`` when ``with_meta`` is true.
+
+    Raises:
+        ConfigError: If the file is missing or is not a MagicFlow checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model file {str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not (isinstance(ckpt, dict) and {"config", "state_dict"} <= set(ckpt)):
+        raise ConfigError(
+            f"{str(path)!r} is not a MagicFlow checkpoint (needs keys 'config' and 'state_dict')"
+        )
+    state = ckpt["state_dict"]
+    model = MagicFlow(MagicFlowConfig.from_dict(ckpt["config"]))
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    model.to(device=state["app_mask"].device, dtype=dtype)
+    model.load_state_dict(state)
+    model.eval()
+    return (model, ckpt.get("meta") or {}) if with_meta else model

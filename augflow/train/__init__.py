@@ -1,0 +1,1 @@
+"""Training: one loop (:mod:`augflow.train.loop`) and atomic, resumable checkpoints."""

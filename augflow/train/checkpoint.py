@@ -1,0 +1,71 @@
+"""Atomic checkpoints and the run folder layout.
+
+A run folder ``runs/NAME`` holds:
+
+- ``checkpoint.pt``: everything needed to resume exactly (model, EMA, optimiser, scheduler, RNG states, step,
+  config, data fingerprint), rewritten every ``train.checkpoint_every`` steps and at the end;
+- ``model.pt``: the model to use (EMA weights when enabled), best by validation bits/dim, with its metadata
+  (class names, training class counts, recipe, data fingerprint) — what ``augflow synthesize`` loads;
+- ``config.json`` (the resolved recipe), ``command.txt`` (the command line) and ``metrics.jsonl``.
+
+Every file is written to a temporary name in the same folder and renamed with ``os.replace``, so a killed run
+never leaves a truncated checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save`` into a temporary file beside ``path``, then rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write a text file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(obj, path: str | Path) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def rng_states() -> dict:
+    """The global RNG states of torch (CPU and CUDA)."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

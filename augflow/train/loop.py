@@ -1,0 +1,303 @@
+"""The training loop of ``augflow train``: conditional maximum likelihood in bits/dim, resumable exactly.
+
+One loop for every use. Each step draws its randomness (batch order, augmentation, dequantisation noise,
+dropout) from seeds derived from ``(seed, epoch)`` and ``(seed, step)``, so a run killed and resumed from its
+last checkpoint continues with exactly the losses an uninterrupted run would have produced.
+
+Objective: the negative log-likelihood of uniformly dequantised images, in bits per dimension
+(Kingma & Dhariwal 2018, Glow, arXiv 1807.03039; MAGIC-Flow, arXiv 2510.22070).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from augflow import __version__
+from augflow.config import Recipe
+from augflow.data.splits import subject_split
+from augflow.data.store import read_info, sha256_file
+from augflow.errors import ConfigError
+from augflow.flows import MagicFlow, brain_mask_from_images
+from augflow.train.augment import augment
+from augflow.train.checkpoint import CHECKPOINT, MODEL, atomic_save, rng_states, set_rng_states, write_json
+
+_MEAN_BLOCK = 512
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_val_bpd: float | None
+    last_val_bpd: float | None
+    model_path: Path
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], but is: {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def _step_seed(seed: int, *parts: int) -> int:
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
+
+
+class _Rows:
+    """Reads batches of rows of one HDF5 file (kept open) as float tensors."""
+
+    def __init__(self, path: Path, rows: np.ndarray, labels: np.ndarray):
+        self.path, self.rows, self.labels = path, rows, labels
+        self._images = h5py.File(path, "r")["images"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[positions]
+        order = np.argsort(rows)
+        images = np.empty((len(rows), *self._images.shape[1:]), dtype=np.float32)
+        images[order] = self._images[rows[order]]  # h5py wants increasing indices
+        return torch.from_numpy(images), torch.from_numpy(self.labels[positions])
+
+    def mean_image(self) -> np.ndarray:
+        total = np.zeros(self._images.shape[1:], dtype=np.float64)
+        for start in range(0, len(self.rows), _MEAN_BLOCK):
+            total += self.batch(np.arange(start, min(start + _MEAN_BLOCK, len(self.rows))))[0].sum(0).numpy()
+        return (total / len(self.rows)).astype(np.float32)
+
+
+def _epoch_order(n: int, labels: np.ndarray, num_classes: int, balanced: bool, seed: int, epoch: int) -> np.ndarray:
+    """Positions of one epoch: a permutation, or class-balanced draws with replacement."""
+    rng = np.random.default_rng(_step_seed(seed, 1, epoch))
+    if not balanced:
+        return rng.permutation(n)
+    counts = np.bincount(labels, minlength=num_classes)
+    weights = 1.0 / counts[labels]
+    return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+
+
+def _lr_factor(step: int, total: int, warmup: int, start: float, min_ratio: float) -> float:
+    """Linear warm-up from ``start`` to 1, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return start + (1 - start) * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate_bpd(model: MagicFlow, rows: _Rows, batch_size: int, device: torch.device, seed: int) -> float:
+    """Mean bits/dim of dequantised images (fixed noise, so comparable across epochs)."""
+    model.eval()
+    generator = torch.Generator(device).manual_seed(seed)
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        x, y = rows.batch(np.arange(start, min(start + batch_size, len(rows))))
+        x, y = x.to(device), y.to(device)
+        total += model.bits_per_dim(model.dequantize(x, generator=generator), y).sum().item()
+        count += len(x)
+    return total / max(1, count)
+
+
+def _fingerprint(data: Path, val: Path | None, train_rows: np.ndarray, val_rows: np.ndarray) -> dict:
+    return {
+        "data": str(data.resolve()), "data_sha256": sha256_file(data),
+        "val": str(val.resolve()) if val else None, "val_sha256": sha256_file(val) if val else None,
+        "train_rows": len(train_rows), "val_rows": len(val_rows),
+    }
+
+
+def _comparable(recipe_dict: dict) -> dict:
+    """The recipe without the keys a resumed run may change (its stopping point and logging)."""
+    train = {k: v for k, v in recipe_dict["train"].items() if k not in ("max_steps", "log_every", "epochs")}
+    return {**recipe_dict, "train": train}
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    recipe: Recipe,
+    val: str | Path | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    command: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a class-conditional MAGIC-Flow on a dataset file and write a run folder.
+
+    Arguments:
+        data: Training file (augflow HDF5). Its image shape and classes define the model.
+        out: Run folder (created; must not hold a run unless ``resume``).
+        recipe: The training recipe.
+        val: Validation file; default: a subject-wise split of ``data`` (``train.val_fraction`` of subjects).
+        resume: Continue the run in ``out`` from its last checkpoint.
+        device: "auto", "cpu" or "cuda[:N]".
+        seed: Seed of initialisation, batch order and noise.
+        command: The command line, written to ``command.txt``.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        A :class:`TrainResult`.
+    """
+    data, out = Path(data), Path(out)
+    device = resolve_device(device)
+    cfg = recipe.train
+    info = read_info(data)
+    if val is None:
+        parts = subject_split(info.labels, info.subjects, val=cfg.val_fraction, test=0.0, seed=seed)
+        train_rows, val_rows, val_path, val_labels = parts["train"], parts["val"], data, info.labels[parts["val"]]
+    else:
+        val = Path(val)
+        val_info = read_info(val)
+        if val_info.class_names != info.class_names or val_info.image_shape != info.image_shape:
+            raise ConfigError(f"--val {val}: classes {val_info.class_names} and shape {val_info.image_shape} must "
+                              f"match --data {data}: {info.class_names}, {info.image_shape}")
+        train_rows, val_rows = np.arange(len(info)), np.arange(len(val_info))
+        val_path, val_labels = val, val_info.labels
+    if len(train_rows) == 0:
+        raise ConfigError(f"--data {data}: no training images")
+    train_set = _Rows(data, train_rows, info.labels[train_rows])
+    val_set = _Rows(val_path, val_rows, val_labels)
+    fingerprint = _fingerprint(data, val, train_rows, val_rows)
+    recipe_dict = recipe.to_dict()
+
+    checkpoint_path = out / CHECKPOINT
+    state = None
+    if resume:
+        if not checkpoint_path.is_file():
+            raise ConfigError(f"--resume: no checkpoint in {out}")
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != fingerprint:
+            raise ConfigError(f"--resume: the data differ from the run's ({state['fingerprint']} vs {fingerprint})")
+        if _comparable(state["recipe"]) != _comparable(recipe_dict) or state["seed"] != seed:
+            raise ConfigError("--resume: the recipe or seed differ from the run's; only train.epochs, "
+                              "train.max_steps and train.log_every may change")
+    elif checkpoint_path.exists():
+        raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(recipe_dict, out / "config.json")
+    (out / "command.txt").write_text((command or " ".join(sys.argv)) + "\n")
+
+    torch.manual_seed(seed)
+    model_config = recipe.model_config(info.image_shape, info.num_classes)
+    app_mask = brain_mask_from_images(torch.from_numpy(train_set.mean_image())[None])
+    model = MagicFlow(model_config, app_mask=app_mask).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, total_steps, warmup, cfg.warmup_start, cfg.min_lr / cfg.lr))
+    if state is None:
+        # ActNorm data-dependent initialisation on a fixed batch of the training data.
+        init = np.random.default_rng(_step_seed(seed, 0)).permutation(len(train_set))[: max(64, cfg.batch_size)]
+        x, y = train_set.batch(np.sort(init))
+        with torch.no_grad():
+            model.initialize(model.dequantize(x.to(device)), y.to(device))
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+    step, best_val, last_val, history = 0, None, None, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        set_rng_states(state["rng"])
+        step, best_val, last_val = state["step"], state["best_val_bpd"], state["last_val_bpd"]
+
+    def save_checkpoint():
+        atomic_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "rng": rng_states(), "step": step,
+            "best_val_bpd": best_val, "last_val_bpd": last_val, "recipe": recipe_dict, "seed": seed,
+            "fingerprint": fingerprint,
+        }, checkpoint_path)
+
+    def save_model(val_bpd):
+        eval_model = ema.module if ema is not None else model
+        meta = {
+            "class_names": info.class_names,
+            "class_counts": np.bincount(train_set.labels, minlength=info.num_classes).tolist(),
+            "recipe": recipe_dict, "fingerprint": fingerprint, "step": step, "val_bpd": val_bpd,
+            "temperature": cfg.temperature, "augflow_version": __version__, "seed": seed,
+        }
+        eval_model.save(out / MODEL, meta=meta)
+
+    end = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
+    metrics = (out / "metrics.jsonl").open("a")
+    bar = tqdm(total=end, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    order, order_epoch = None, -1
+    started = time.perf_counter()
+    model.train()
+    while step < end:
+        epoch, within = divmod(step, steps_per_epoch)
+        if order_epoch != epoch:
+            order = _epoch_order(len(train_set), train_set.labels, info.num_classes, cfg.balanced_sampling,
+                                 seed, epoch)
+            order_epoch = epoch
+        x, y = train_set.batch(order[within * cfg.batch_size:(within + 1) * cfg.batch_size])
+        x, y = x.to(device), y.to(device)
+        step_seed = _step_seed(seed, 2, step)
+        torch.manual_seed(step_seed)  # dropout of the coupling networks
+        generator = torch.Generator(device).manual_seed(step_seed)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+            x = model.dequantize(augment(x, recipe.augment, generator), generator=generator)
+            loss = model.bits_per_dim(x, y).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(bpd=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        record = {"step": step, "epoch": epoch, "loss_bpd": loss.item(), "grad_norm": float(grad_norm),
+                  "lr": scheduler.get_last_lr()[0]}
+        if not math.isfinite(record["loss_bpd"]):
+            raise FloatingPointError(f"training diverged at step {step} (loss {record['loss_bpd']}); "
+                                     f"lower train.lr or raise train.grad_clip")
+        epoch_end = step % steps_per_epoch == 0 or step == end
+        if epoch_end and len(val_set):
+            last_val = evaluate_bpd(ema.module if ema is not None else model, val_set, cfg.batch_size,
+                                    device, seed)
+            model.train()
+            record["val_bpd"] = last_val
+            if best_val is None or last_val < best_val:
+                best_val = last_val
+                save_model(last_val)
+        if step % cfg.log_every == 0 or "val_bpd" in record:
+            record["elapsed_s"] = round(time.perf_counter() - started, 2)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            history.append(record)
+        if step % cfg.checkpoint_every == 0 or step == end:
+            if not len(val_set) and step == end:
+                save_model(None)
+            save_checkpoint()
+    bar.close()
+    metrics.close()
+    if not (out / MODEL).exists():
+        save_model(last_val)
+    return TrainResult(out, step, best_val, last_val, out / MODEL)

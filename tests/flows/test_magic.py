@@ -1,0 +1,248 @@
+"""Tests of the MagicFlow model API: hierarchy, density, sampling, save/load, masks, config errors.
+
+References:
+    Caldera, Bottacini & Cavinato, "MAGIC-Flow", 2025, arXiv:2510.22070.
+    Kingma & Dhariwal, "Glow", 2018, arXiv:1807.03039.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from augflow.errors import ConfigError
+from augflow.flows import (
+    ActNorm,
+    FlowStep,
+    MagicFlow,
+    MagicFlowConfig,
+    Split,
+    Squeeze,
+    brain_mask_from_images,
+    dequantize,
+    ellipse_mask,
+    load_mask,
+    load_model,
+)
+
+
+def tiny_config(coupling: str = "generation", **overrides) -> MagicFlowConfig:
+    fields = dict(
+        image_shape=(1, 8, 8),
+        num_classes=3,
+        coupling=coupling,
+        full_res_steps=("application", "checkerboard"),
+        channel_steps=1,
+        checker_steps=(1, 1),
+        hidden_channels=(4, 8, 8),
+        embed_dim=8,
+    )
+    return MagicFlowConfig(**(fields | overrides))
+
+
+def perturbed(model: nn.Module, scale: float = 0.1) -> nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(params=["generation", "classification"])
+def model(request: pytest.FixtureRequest) -> MagicFlow:
+    torch.manual_seed(0)
+    return perturbed(MagicFlow(tiny_config(request.param)).double().eval())
+
+
+def test_default_hierarchy_is_the_papers() -> None:
+    config = MagicFlowConfig(hidden_channels=(4, 4, 4, 4))  # paper depth, narrow for speed
+    flow = MagicFlow(config)
+    kinds = [type(layer) for layer in flow.layers]
+    step_index, squeezes_before, splits_after = 0, [], []
+    for kind in kinds:
+        if kind is FlowStep:
+            step_index += 1
+        elif kind is Squeeze:
+            squeezes_before.append(step_index)
+        elif kind is Split:
+            splits_after.append(step_index - 1)
+    assert step_index == 24
+    assert squeezes_before == [5, 11, 17] and splits_after == [7, 13, 19]
+    assert flow.latent_shapes == [(2, 32, 32), (4, 16, 16), (8, 8, 8), (8, 8, 8)]
+    assert sum(c * h * w for c, h, w in flow.latent_shapes) == 64 * 64
+
+
+def test_log_prob_is_change_of_variables(model: MagicFlow) -> None:
+    x = torch.rand(1, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([1])
+
+    def flat_latent(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([z.flatten() for z in model.encode(v, y)[0]])
+
+    jac = torch.autograd.functional.jacobian(flat_latent, x, vectorize=True).reshape(64, 64)
+    z = flat_latent(x)
+    expected = -0.5 * (z**2).sum() - 32 * math.log(2 * math.pi) + torch.linalg.slogdet(jac)[1]
+    torch.testing.assert_close(model.log_prob(x, y)[0], expected.detach())
+    torch.testing.assert_close(model(x, y), model.log_prob(x, y))  # forward is log_prob
+
+
+def test_bits_per_dim_and_attribution(model: MagicFlow) -> None:
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    log_p = model.log_prob(x, y)
+    expected = -(log_p - 64 * math.log(256)) / (64 * math.log(2))
+    torch.testing.assert_close(model.bits_per_dim(x, y), expected)
+    heat = model.attribution(x, y)
+    assert heat.shape == x.shape
+    torch.testing.assert_close(heat.sum(dim=(1, 2, 3)), log_p)
+
+
+def test_a_different_label_changes_the_density(model: MagicFlow) -> None:
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    difference = model.log_prob(x, torch.tensor([0, 0])) - model.log_prob(x, torch.tensor([1, 2]))
+    assert difference.abs().min() > 1e-6
+
+
+def test_samples_have_the_right_shape_and_are_reproducible(model: MagicFlow) -> None:
+    y = torch.tensor([0, 1, 2])
+    first = model.sample(y, temperature=0.7, generator=torch.Generator().manual_seed(3))
+    again = model.sample(y, temperature=0.7, generator=torch.Generator().manual_seed(3))
+    assert first.shape == (3, 1, 8, 8) and torch.isfinite(first).all()
+    assert torch.equal(first, again)
+
+
+def test_save_load_keeps_outputs_mask_and_init_flag(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    brain = torch.zeros(8, 8)
+    brain[2:7, 1:6] = 1
+    flow = MagicFlow(tiny_config(), app_mask=brain)
+    x = torch.rand(4, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 1])
+    flow.initialize(x, y)
+    perturbed(flow).eval()
+    flow.save(tmp_path / "sub" / "model.pt", meta={"epsilon": 3.0, "class_names": ["a", "b", "c"]})
+    loaded, meta = load_model(tmp_path / "sub" / "model.pt", with_meta=True)
+    assert meta == {"epsilon": 3.0, "class_names": ["a", "b", "c"]}
+    assert loaded.config == flow.config and loaded.initialized and not loaded.training
+    assert torch.equal(loaded.app_mask, brain)
+    assert torch.equal(loaded.log_prob(x, y), flow.log_prob(x, y))
+    assert list(tmp_path.joinpath("sub").iterdir()) == [tmp_path / "sub" / "model.pt"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_initialize_normalises_actnorm_inputs() -> None:
+    torch.manual_seed(0)
+    flow = MagicFlow(tiny_config())
+    assert not flow.initialized
+    x = torch.rand(16, 1, 8, 8) * 0.3 + 0.5
+    flow.initialize(x, torch.zeros(16, dtype=torch.long))
+    assert flow.initialized
+    first: ActNorm = flow.layers[0].actnorm
+    out, _ = first(2 * x - 1)
+    assert out.mean().abs() < 1e-5 and (out.std(unbiased=False) - 1).abs() < 1e-3
+
+
+def test_float32_round_trip_at_64px() -> None:
+    torch.manual_seed(0)
+    config = MagicFlowConfig(image_shape=(1, 64, 64), num_classes=2, hidden_channels=(8, 8, 8, 8))
+    flow = perturbed(MagicFlow(config), 0.02).eval()
+    x = torch.rand(2, 1, 64, 64)
+    y = torch.tensor([0, 1])
+    with torch.no_grad():
+        zs, _ = flow.encode(x, y)
+        assert (flow.decode(zs, y) - x).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("coupling", ["generation", "classification"])
+def test_per_sample_gradients_with_torch_func(coupling: str) -> None:
+    """The DP path: vmap(grad) over functional_call equals one backward per sample."""
+    torch.manual_seed(0)
+    flow = perturbed(MagicFlow(tiny_config(coupling)).double().eval())
+    params = {k: v.detach() for k, v in flow.named_parameters()}
+    buffers = dict(flow.named_buffers())
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1])
+
+    def loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        log_p = torch.func.functional_call(flow, (p, buffers), (xi[None], yi[None]))
+        return -log_p.sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(3):
+        flow.zero_grad()
+        (-flow.log_prob(x[i : i + 1], y[i : i + 1]).sum()).backward()
+        for name, p in flow.named_parameters():
+            torch.testing.assert_close(grads[name][i], p.grad, msg=name)
+
+
+@pytest.mark.parametrize("coupling", ["generation", "classification"])
+def test_single_sample_training_step_on_1x1_coarsest_map(coupling: str) -> None:
+    """Batch 1 in training mode (per-sample DP) must work even where the last map is 1x1."""
+    flow = MagicFlow(tiny_config(coupling, checker_steps=(1, 1, 1), hidden_channels=(4, 8, 8, 8)))
+    flow.train()
+    (-flow.log_prob(torch.rand(1, 1, 8, 8), torch.tensor([1])).sum()).backward()
+
+
+def test_checkerboard_masks_flip_on_alternate_use() -> None:
+    flow = MagicFlow(tiny_config(full_res_steps=("checkerboard",) * 3))
+    masks = [flow.layers[i].coupling.mask for i in range(3)]
+    assert torch.equal(masks[1], 1 - masks[0]) and torch.equal(masks[2], masks[0])
+
+
+def test_dequantize() -> None:
+    x = torch.randint(0, 256, (4, 1, 8, 8)).float() / 255
+    noisy = dequantize(x, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy, MagicFlow.dequantize(x, torch.Generator().manual_seed(0)))
+    assert torch.all(torch.floor(noisy * 256) == torch.round(x * 255))
+
+
+def test_brain_mask_from_images_and_files(tmp_path: Path) -> None:
+    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    disk = (((rows - 7.5) ** 2 + (cols - 7.5) ** 2) <= 25).float()
+    images = disk * (0.6 + 0.2 * torch.rand(10, 16, 16))
+    assert torch.equal(brain_mask_from_images(images), disk)
+    assert torch.equal(brain_mask_from_images(torch.zeros(3, 1, 16, 16)), ellipse_mask(16, 16))
+    np.save(tmp_path / "mask.npy", disk.numpy())
+    assert torch.equal(load_mask(tmp_path / "mask.npy", 16, 16), disk)
+    with pytest.raises(ConfigError, match=r"\(8, 8\)"):
+        load_mask(tmp_path / "mask.npy", 8, 8)
+    with pytest.raises(ConfigError, match="app_mask"):
+        MagicFlow(tiny_config(), app_mask=disk)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"image_shape": (1, 10, 8)}, r"divisible by 4.*\(1, 10, 8\)"),
+        ({"image_shape": (1, 8)}, "image_shape"),
+        ({"coupling": "glow"}, "coupling must be one of"),
+        ({"num_classes": 0}, "num_classes"),
+        ({"hidden_channels": (4, 8)}, "hidden_channels must hold 3"),
+        ({"full_res_steps": ("channel",)}, "C >= 2"),
+        ({"full_res_steps": ("stripes",)}, "full_res_steps"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
+def test_bad_configs_raise_config_error(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        MagicFlow(tiny_config(**overrides))
+
+
+def test_default_config_requires_multiple_of_8_and_known_keys() -> None:
+    with pytest.raises(ConfigError, match=r"divisible by 8.*\(1, 60, 64\)"):
+        MagicFlowConfig(image_shape=(1, 60, 64)).validate()
+    with pytest.raises(ConfigError, match="unknown model config keys"):
+        MagicFlowConfig.from_dict({"widths": 3})
+    assert MagicFlowConfig.from_dict(MagicFlowConfig().to_dict()) == MagicFlowConfig()
+
+
+def test_bad_input_shapes_raise(model: MagicFlow) -> None:
+    with pytest.raises(ConfigError, match="x must have shape"):
+        model.log_prob(torch.rand(2, 1, 16, 16, dtype=torch.float64), torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="y must have shape"):
+        model.log_prob(torch.rand(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0]))

@@ -1,0 +1,42 @@
+"""Recipes: TOML loading, --set overrides, and errors for unknown tables and keys."""
+
+from pathlib import Path
+
+import pytest
+
+from augflow.config import load_recipe, parse_override
+from augflow.errors import ConfigError
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_loads_and_builds_a_config(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    config = recipe.model_config((1, 64, 64), 7)
+    assert config.image_shape == (1, 64, 64) and config.num_classes == 7
+
+
+def test_overrides_are_parsed_as_toml():
+    assert parse_override("train.lr=1e-3") == ("train", "lr", 1e-3)
+    assert parse_override("train.balanced_sampling=true") == ("train", "balanced_sampling", True)
+    assert parse_override("model.coupling=classification") == ("model", "coupling", "classification")
+    recipe = load_recipe(None, ["train.lr=0.002", "augment.enabled=false"])
+    assert recipe.train.lr == 0.002 and recipe.augment.enabled is False
+
+
+def test_unknown_keys_list_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'.*valid keys of \[train\]: epochs"):
+        load_recipe(None, ["train.learning_rate=1"])
+    with pytest.raises(ConfigError, match=r"unknown table \[optim\]; valid tables: model, train, augment"):
+        load_recipe(None, ["optim.lr=1"])
+    with pytest.raises(ConfigError, match="must look like table.key=value"):
+        load_recipe(None, ["lr=1"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochs = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_recipe(bad)
+    bad.write_text("[model]\nimage_shape = [1, 8, 8]\n")
+    with pytest.raises(ConfigError, match="unknown key 'model.image_shape'"):
+        load_recipe(bad)

@@ -1,0 +1,71 @@
+"""augflow train: exact resume, run-folder contents, and refusals."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_dataset
+
+from augflow.config import load_recipe
+from augflow.errors import ConfigError
+from augflow.flows import load_model
+from augflow.train.loop import train
+
+TINY = [
+    'model.full_res_steps=["application", "checkerboard"]', "model.channel_steps=1", "model.checker_steps=[1, 1, 1]",
+    "model.hidden_channels=[8, 8, 8, 8]", "model.embed_dim=8", "model.dropout=0.0",
+    "train.epochs=2", "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=3", "train.val_fraction=0.25",
+    "train.ema_decay=0.9",
+]
+
+
+def _losses(run):
+    return [json.loads(line)["loss_bpd"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = make_dataset(tmp_path / "d.h5", n_subjects=12, slices=3, num_classes=3)
+    full = train(data, tmp_path / "full", load_recipe(None, TINY), progress=False)
+    assert full.steps == 8  # 27 training images / batch 8 = 4 steps per epoch, 2 epochs
+    killed = train(data, tmp_path / "part", load_recipe(None, [*TINY, "train.max_steps=5"]), progress=False)
+    assert killed.steps == 5
+    resumed = train(data, tmp_path / "part", load_recipe(None, TINY), resume=True, progress=False)
+    assert resumed.steps == 8
+    assert _losses(tmp_path / "part") == pytest.approx(_losses(tmp_path / "full"), rel=1e-6, abs=1e-7)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+
+
+def test_run_folder_and_model_metadata(tmp_path):
+    data = make_dataset(tmp_path / "d.h5")
+    result = train(data, tmp_path / "run", load_recipe(None, TINY), seed=3, command="augflow train ...",
+                   progress=False)
+    run = tmp_path / "run"
+    assert (run / "command.txt").read_text().strip() == "augflow train ..."
+    assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 8
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum("val_bpd" in r for r in records) == 2  # one validation per epoch
+    assert result.best_val_bpd == min(r["val_bpd"] for r in records if "val_bpd" in r)
+    model, meta = load_model(result.model_path, with_meta=True)
+    assert meta["class_names"] == ["class0", "class1", "class2"] and sum(meta["class_counts"]) == 27
+    assert meta["seed"] == 3 and meta["fingerprint"]["train_rows"] == 27
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "ema", "rng", "step", "recipe", "fingerprint"} <= set(ckpt)
+    # Training lowers the loss from its start on this data.
+    assert records[-1]["loss_bpd"] < records[0]["loss_bpd"]
+
+
+def test_refusals(tmp_path):
+    data = make_dataset(tmp_path / "d.h5")
+    train(data, tmp_path / "run", load_recipe(None, [*TINY, "train.max_steps=1"]), progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(data, tmp_path / "run", load_recipe(None, TINY), progress=False)
+    with pytest.raises(ConfigError, match="recipe or seed differ"):
+        train(data, tmp_path / "run", load_recipe(None, [*TINY, "train.lr=0.1"]), resume=True, progress=False)
+    other = make_dataset(tmp_path / "other.h5", seed=1)
+    with pytest.raises(ConfigError, match="data differ"):
+        train(other, tmp_path / "run", load_recipe(None, TINY), resume=True, progress=False)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(data, tmp_path / "none", load_recipe(None, TINY), resume=True, progress=False)
