@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from augflow import __version__
+from augflow.atomic import atomic_path
 from augflow.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -120,15 +120,11 @@ class DatasetWriter:
         self.source = source
         self.provenance = dict(provenance or {})
         self._file: h5py.File | None = None
-        self._tmp: Path | None = None
+        self._atomic = atomic_path(self.path)
         self._n = 0
 
     def __enter__(self) -> DatasetWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
-        f = self._file = h5py.File(self._tmp, "w")
+        f = self._file = h5py.File(self._atomic.__enter__(), "w")
         c, h, w = self.image_shape
         f.create_dataset(
             "images", shape=(0, c, h, w), maxshape=(None, c, h, w), dtype="float32",
@@ -169,12 +165,9 @@ class DatasetWriter:
                 f.attrs["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
                 f.attrs["augflow_version"] = __version__
                 f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True)
-            f.close()
-            if exc_type is None:
-                os.replace(self._tmp, self.path)
         finally:
-            if self._tmp is not None and self._tmp.exists():
-                self._tmp.unlink()
+            f.close()
+        self._atomic.__exit__(exc_type, exc, tb)  # renames on success, deletes the temporary file otherwise
 
 
 def write_dataset(path, images, labels, subjects, slice_index, class_names, source="real", provenance=None):

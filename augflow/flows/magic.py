@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from augflow.atomic import atomic_save
 from augflow.errors import ConfigError
 from augflow.flows.coupling import COUPLING_KINDS, AffineCoupling, make_coupling_net
 from augflow.flows.layers import FlowStep, Split, Squeeze, unsqueeze2d
@@ -404,18 +403,9 @@ class MagicFlow(nn.Module):
             meta: Optional metadata of primitives (dicts, lists, str, numbers, None), e.g. class
                 names or the privacy budget; read back with ``load_model(..., with_meta=True)``.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload: dict[str, Any] = {"config": self.config.to_dict(), "state_dict": self.state_dict()}
         payload["meta"] = {} if meta is None else meta
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save(payload, path)
 
 
 def load_model(

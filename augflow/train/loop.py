@@ -24,13 +24,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from augflow import __version__
+from augflow.atomic import atomic_save
 from augflow.config import Recipe
 from augflow.data.splits import subject_split
 from augflow.data.store import read_info, sha256_file
 from augflow.errors import ConfigError
 from augflow.flows import MagicFlow, brain_mask_from_images
 from augflow.train.augment import augment
-from augflow.train.checkpoint import CHECKPOINT, MODEL, atomic_save, rng_states, set_rng_states, write_json
+from augflow.train.checkpoint import CHECKPOINT, MODEL, rng_states, set_rng_states, write_json
 
 _MEAN_BLOCK = 512
 
