@@ -1,3 +1,7 @@
 """augflow: privacy-preserving data augmentation for medical imaging with class-conditional flows."""
 
 __version__ = "0.1.0"
+
+from augflow.flows import MagicFlow, MagicFlowConfig, load_model  # noqa: E402
+
+__all__ = ["MagicFlow", "MagicFlowConfig", "__version__", "load_model"]
