@@ -69,3 +69,17 @@ def test_refusals(tmp_path):
         train(other, tmp_path / "run", load_recipe(None, TINY), resume=True, progress=False)
     with pytest.raises(ConfigError, match="no checkpoint"):
         train(data, tmp_path / "none", load_recipe(None, TINY), resume=True, progress=False)
+
+
+def test_user_brain_mask_is_used(tmp_path):
+    import numpy as np
+
+    data = make_dataset(tmp_path / "d.h5")
+    mask = np.zeros((8, 8), dtype=np.float32)
+    mask[2:6, 1:7] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    result = train(data, tmp_path / "run", load_recipe(None, [*TINY, "train.max_steps=1",
+                                                               f"train.app_mask='{tmp_path / 'mask.npy'}'"]),
+                   progress=False)
+    model = load_model(result.model_path)
+    assert torch.equal(model.app_mask, torch.from_numpy(mask))

@@ -29,7 +29,7 @@ from augflow.config import Recipe
 from augflow.data.splits import subject_split
 from augflow.data.store import read_info, sha256_file
 from augflow.errors import ConfigError
-from augflow.flows import MagicFlow, brain_mask_from_images
+from augflow.flows import MagicFlow, brain_mask_from_images, load_mask
 from augflow.train.augment import augment
 from augflow.train.checkpoint import CHECKPOINT, MODEL, rng_states, set_rng_states, write_json
 
@@ -198,7 +198,10 @@ def train(
 
     torch.manual_seed(seed)
     model_config = recipe.model_config(info.image_shape, info.num_classes)
-    app_mask = brain_mask_from_images(torch.from_numpy(train_set.mean_image())[None])
+    if cfg.app_mask:  # a user-supplied brain mask (.npy), else Otsu on the training mean image
+        app_mask = load_mask(cfg.app_mask, *info.image_shape[1:])
+    else:
+        app_mask = brain_mask_from_images(torch.from_numpy(train_set.mean_image())[None])
     model = MagicFlow(model_config, app_mask=app_mask).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
@@ -216,7 +219,7 @@ def train(
     if cfg.ema_decay > 0:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
 
-    step, best_val, last_val, history = 0, None, None, []
+    step, best_val, last_val = 0, None, None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -292,7 +295,6 @@ def train(
             record["elapsed_s"] = round(time.perf_counter() - started, 2)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            history.append(record)
         if step % cfg.checkpoint_every == 0 or step == end:
             if not len(val_set) and step == end:
                 save_model(None)
