@@ -56,3 +56,22 @@ def test_synthesize_argument_rules(tmp_path):
     result = CliRunner().invoke(cli, ["synthesize", "--model", str(tmp_path), "--out", str(tmp_path / "s.h5"),
                                       "--class", "a", "--n", "3"])
     assert result.exit_code == 1 and "no trained model" in result.output
+
+
+def test_prepare_and_demo_data_commands(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        volume = rng.random((12, 14, 10)).astype(np.float32) + 1
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    (tmp_path / "scans.csv").write_text("path,label\na.nii.gz,T1\nb.nii.gz,T2\nmissing.nii.gz,T1\n")
+    out = tmp_path / "scans.h5"
+    args = ["prepare", "--manifest", tmp_path / "scans.csv", "--out", out, "--size", 16, "--slices-per-volume", 3]
+    bad = CliRunner().invoke(cli, [str(a) for a in args])
+    assert bad.exit_code == 1 and "line 4" in bad.output and "file not found" in bad.output and not out.exists()
+    good = invoke(*args, "--skip-bad")
+    assert good.exit_code == 0 and "skipped row 4" in good.output and "6 real images" in good.output
+    result = invoke("demo-data", "--task", "modality", "--out", tmp_path / "m.h5", "--size", 16, "--scale", 0.01)
+    assert result.exit_code == 0 and "FDG-PET" in result.output
