@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -46,14 +49,26 @@ class TrainResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
+    """``auto`` picks CUDA when present (under torchrun: the process's ``LOCAL_RANK`` GPU), else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"--device must be auto, cpu or cuda[:N], but is: {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     return torch.device(device)
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """``(rank, world size)``: under ``torchrun`` join the process group (NCCL on GPUs, Gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
 
 
 def _step_seed(seed: int, *parts: int) -> int:
@@ -159,6 +174,8 @@ def train(
     """
     data, out = Path(data), Path(out)
     device = resolve_device(device)
+    rank, world = _distributed(device)
+    progress = progress and rank == 0
     cfg = recipe.train
     info = read_info(data)
     if val is None:
@@ -192,9 +209,10 @@ def train(
                               "train.max_steps and train.log_every may change")
     elif checkpoint_path.exists():
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(recipe_dict, out / "config.json")
-    (out / "command.txt").write_text((command or " ".join(sys.argv)) + "\n")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(recipe_dict, out / "config.json")
+        (out / "command.txt").write_text((command or " ".join(sys.argv)) + "\n")
 
     torch.manual_seed(seed)
     model_config = recipe.model_config(info.image_shape, info.num_classes)
@@ -247,8 +265,10 @@ def train(
         }
         eval_model.save(out / MODEL, meta=meta)
 
+    # Under torchrun each process takes every world-th image of the global batch; DDP averages the gradients.
+    net = DistributedDataParallel(model) if world > 1 else model
     end = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
-    metrics = (out / "metrics.jsonl").open("a")
+    metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
     bar = tqdm(total=end, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     order, order_epoch = None, -1
     started = time.perf_counter()
@@ -264,11 +284,17 @@ def train(
         step_seed = _step_seed(seed, 2, step)
         torch.manual_seed(step_seed)  # dropout of the coupling networks
         generator = torch.Generator(device).manual_seed(step_seed)
+        # Noise is drawn for the whole batch on every process, so a run is the same at any world size.
+        x = model.dequantize(augment(x, recipe.augment, generator), generator=generator)[rank::world]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            x = model.dequantize(augment(x, recipe.augment, generator), generator=generator)
-            loss = model.bits_per_dim(x, y).mean()
+            log_p = net(x, y[rank::world])  # forward is log p(x|y), through DDP's gradient hooks
+        loss = -(log_p.float() - model.num_dims * math.log(256)).mean() / (model.num_dims * math.log(2))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= world
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -282,6 +308,8 @@ def train(
         if not math.isfinite(record["loss_bpd"]):
             raise FloatingPointError(f"training diverged at step {step} (loss {record['loss_bpd']}); "
                                      f"lower train.lr or raise train.grad_clip")
+        if rank != 0:
+            continue  # validation, logs and checkpoints are the first process's
         epoch_end = step % steps_per_epoch == 0 or step == end
         if epoch_end and len(val_set):
             last_val = evaluate_bpd(ema.module if ema is not None else model, val_set, cfg.batch_size,
@@ -300,7 +328,10 @@ def train(
                 save_model(None)
             save_checkpoint()
     bar.close()
-    metrics.close()
-    if not (out / MODEL).exists():
-        save_model(last_val)
+    if rank == 0:
+        metrics.close()
+        if not (out / MODEL).exists():
+            save_model(last_val)
+    if world > 1:
+        dist.barrier()
     return TrainResult(out, step, best_val, last_val, out / MODEL)
