@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "reports" / "benchmarks.md"
+NOTES = "## Notes"
 
 
 def _matmul_flops(seconds: float = 2.0) -> float:
@@ -200,7 +201,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     out = REPORT if not args.channels_last else REPORT.with_name("benchmarks-channels-last.md")
-    out.write_text(text)
+    # Keep the hand-written notes (what was tried and what it gave) below the generated tables.
+    notes = out.read_text().partition(NOTES)[2] if out.exists() else ""
+    out.write_text(text + (f"\n{NOTES}{notes}" if notes else ""))
     print(json.dumps({"rows": rows, "synthesize": synth}), file=sys.stderr)
 
 
