@@ -83,3 +83,19 @@ def test_user_brain_mask_is_used(tmp_path):
                    progress=False)
     model = load_model(result.model_path)
     assert torch.equal(model.app_mask, torch.from_numpy(mask))
+
+
+def test_balanced_sampling_and_schedule():
+    import numpy as np
+
+    from augflow.train.loop import _epoch_order, _lr_factor
+
+    labels = np.array([0] * 90 + [1] * 10)
+    plain = _epoch_order(100, labels, 2, balanced=False, seed=0, epoch=0)
+    assert sorted(plain) == list(range(100))
+    drawn = np.concatenate([_epoch_order(100, labels, 2, balanced=True, seed=0, epoch=e) for e in range(20)])
+    assert abs(np.mean(labels[drawn]) - 0.5) < 0.05  # minority class drawn as often as the majority
+    assert not np.array_equal(_epoch_order(100, labels, 2, True, 0, 0), _epoch_order(100, labels, 2, True, 0, 1))
+    # Warm-up from 1% to 100% over 10 steps, then cosine down to the floor.
+    assert _lr_factor(0, 100, 10, 0.01, 0.01) == 0.01 and _lr_factor(10, 100, 10, 0.01, 0.01) == 1.0
+    assert _lr_factor(100, 100, 10, 0.01, 0.01) == 0.01 and 0.01 < _lr_factor(55, 100, 10, 0.01, 0.01) < 1
