@@ -54,3 +54,26 @@ def test_balance_counts():
     assert balance_counts([10, 4, 7], target=8) == [0, 4, 1]
     with pytest.raises(ConfigError):
         balance_counts([1, 2], target=0)
+
+
+def test_non_finite_samples_are_redrawn_and_counted(run, tmp_path, monkeypatch):
+    import torch
+
+    from augflow.flows import MagicFlow
+
+    original = MagicFlow.sample
+    calls = []
+
+    def sometimes_nan(self, y, temperature=1.0, generator=None):
+        x = original(self, y, temperature, generator)
+        calls.append(len(y))
+        if len(calls) == 1:
+            x[0] = float("nan")  # the first draw of the first batch is broken
+        return x
+
+    monkeypatch.setattr(MagicFlow, "sample", sometimes_nan)
+    out = tmp_path / "s.h5"
+    result = synthesize(run, out, {"class0": 4}, progress=False)
+    assert result.rejected_nonfinite == 1 and calls == [4, 1]
+    assert read_info(out).provenance["rejected_nonfinite"] == 1
+    assert torch.isfinite(torch.from_numpy(read_images(out))).all()
