@@ -1,0 +1,111 @@
+"""The likelihood classifier: batched K-class evaluation, calibration, selective prediction, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_train import TINY
+
+from augflow.classify import (
+    class_log_likelihoods,
+    expected_calibration_error,
+    fit_temperature,
+    log_prior,
+    posterior,
+    selective_prediction,
+)
+from augflow.cli import cli
+from augflow.config import load_recipe
+from augflow.data.store import write_dataset
+from augflow.flows import MagicFlow, MagicFlowConfig
+from augflow.train.loop import train
+
+
+def test_batched_classes_equal_a_per_class_loop():
+    torch.manual_seed(0)
+    config = MagicFlowConfig(image_shape=(1, 8, 8), num_classes=3, full_res_steps=("application",),
+                             channel_steps=1, checker_steps=(1,), hidden_channels=(4, 4), embed_dim=4)
+    model = MagicFlow(config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # leave the identity initialisation so labels matter
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    batched = class_log_likelihoods(model, x, 3)
+    loop = torch.stack([model.log_prob(x, torch.full((5,), k)) for k in range(3)], dim=1)
+    torch.testing.assert_close(batched, loop.detach())
+    assert batched.std(dim=1).min() > 0  # the label changes the likelihood
+
+
+def test_selective_prediction_on_a_hand_made_example():
+    correct = np.array([True] * 6 + [False] * 4)
+    uncertainty = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.9, 0.8, 0.95, 0.7])
+    curve = selective_prediction(correct, uncertainty)
+    assert curve["accuracy"][0] == 0.6  # nothing rejected
+    assert curve["accuracy"][curve["rejected"].index(0.4)] == 1.0  # the 4 errors are the 4 most uncertain
+    assert curve["accuracy"] == sorted(curve["accuracy"])  # monotone when uncertainty ranks errors first
+    assert curve["area"] == pytest.approx(np.mean(curve["accuracy"]))
+    flipped = selective_prediction(correct, -uncertainty)
+    assert flipped["area"] < curve["area"]
+
+
+def test_calibration():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 2000)
+    # Log-likelihoods 50x overconfident: the right class wins 80% of the time.
+    logits = rng.normal(size=(2000, 3))
+    logits[np.arange(2000), labels] += 1.5
+    log_lik = 50 * logits
+    pi = log_prior([1, 1, 1])
+    raw = posterior(log_lik, pi)
+    temperature = fit_temperature(log_lik, labels, pi)
+    assert 30 < temperature < 80
+    assert expected_calibration_error(posterior(log_lik, pi, temperature), labels) < 0.03
+    assert expected_calibration_error(raw, labels) > 0.1
+    assert np.allclose(log_prior([3, 1], "uniform"), np.log([0.5, 0.5]))
+
+
+def _noise_dataset(path, n_per_class, seed):
+    """Two classes that differ only in noise level around the same smooth image."""
+    rng = np.random.default_rng(seed)
+    base = np.outer(np.hanning(8), np.hanning(8)) * 0.6 + 0.2
+    labels = np.repeat([0, 1], n_per_class)
+    sigma = np.where(labels == 0, 0.01, 0.08)[:, None, None, None]
+    images = np.clip(base + sigma * rng.standard_normal((2 * n_per_class, 1, 8, 8)), 0, 1).astype(np.float32)
+    subjects = [f"s{seed}-{i // 2}" for i in range(2 * n_per_class)]
+    return write_dataset(path, images, labels, subjects, np.zeros(2 * n_per_class), ["quiet", "noisy"])
+
+
+def test_noise_level_toy_is_classified_and_cli_reports_metrics(tmp_path):
+    train_file = _noise_dataset(tmp_path / "train.h5", 48, seed=0)
+    test_file = _noise_dataset(tmp_path / "test.h5", 20, seed=1)
+    val_file = _noise_dataset(tmp_path / "val.h5", 10, seed=2)
+    overrides = [*TINY, "train.epochs=4", "train.ema_decay=0", "train.lr=3e-3", "augment.enabled=false"]
+    train(train_file, tmp_path / "run", load_recipe(None, overrides), val=val_file, progress=False)
+    result = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
+                                      "--calibrate-on", str(val_file), "--out", str(tmp_path / "p.csv"), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert {"accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro",
+            "confusion_matrix", "selective_prediction", "per_class_recall", "ece", "temperature"} <= set(metrics)
+    assert metrics["accuracy"] > 0.9 and metrics["auc_macro"] > 0.95
+    assert np.sum(metrics["confusion_matrix"]) == 40
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(lines) == 41 and lines[0].startswith("row,label,predicted,entropy,p_quiet,p_noisy")
+
+
+def test_metrics_agree_with_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    from augflow.classify import classification_metrics, predict
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 300)
+    log_lik = rng.normal(size=(300, 3))
+    log_lik[np.arange(300), labels] += 1.0
+    preds = predict(log_lik, log_prior([1, 1, 1]))
+    m = classification_metrics(labels, preds, ["a", "b", "c"])
+    assert m["auc_macro"] == pytest.approx(roc_auc_score(labels, preds.probs, multi_class="ovr", average="macro"))
+    assert m["accuracy"] == pytest.approx(np.mean(preds.predicted == labels))
+    assert np.trace(m["confusion_matrix"]) == np.sum(preds.predicted == labels)
