@@ -99,3 +99,16 @@ def test_balanced_sampling_and_schedule():
     # Warm-up from 1% to 100% over 10 steps, then cosine down to the floor.
     assert _lr_factor(0, 100, 10, 0.01, 0.01) == 0.01 and _lr_factor(10, 100, 10, 0.01, 0.01) == 1.0
     assert _lr_factor(100, 100, 10, 0.01, 0.01) == 0.01 and 0.01 < _lr_factor(55, 100, 10, 0.01, 0.01) < 1
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+    from augflow.train.loop import _ema_with_warmup
+
+    update = _ema_with_warmup(0.999)
+    average, n = torch.zeros(3), 0
+    for _ in range(2000):
+        average = update(average, torch.ones(3), torch.tensor(n))
+        n += 1
+    # A plain 0.999 average would still be 0.999**2000 = 13% zeros; the warmed-up one keeps under 1%.
+    assert torch.all(average > 0.99)
+    assert torch.equal(update(torch.tensor([2, 5]), torch.tensor([2, 5]), torch.tensor(7)), torch.tensor([2, 5]))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from augflow import __version__
@@ -107,6 +107,23 @@ def _epoch_order(n: int, labels: np.ndarray, num_classes: int, balanced: bool, s
     counts = np.bincount(labels, minlength=num_classes)
     weights = 1.0 / counts[labels]
     return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+
+
+def _ema_with_warmup(decay: float):
+    """EMA update with the decay warmed up as ``min(decay, (1 + n) / (10 + n))`` after n updates.
+
+    Without the warm-up, a 0.999 average after 2,000 steps still holds 0.999**2000 = 13% of the first weights,
+    which ruins a flow trained for a CPU budget (measured: validation 5.02 vs 3.55 bits/dim of the raw weights).
+    """
+
+    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        if not averaged.is_floating_point():  # flags and index buffers are copied, not averaged
+            return current
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        return d * averaged + (1 - d) * current
+
+    return update
 
 
 def _lr_factor(step: int, total: int, warmup: int, start: float, min_ratio: float) -> float:
@@ -233,9 +250,7 @@ def train(
         x, y = train_set.batch(np.sort(init))
         with torch.no_grad():
             model.initialize(model.dequantize(x.to(device)), y.to(device))
-    ema = None
-    if cfg.ema_decay > 0:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, avg_fn=_ema_with_warmup(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
 
     step, best_val, last_val = 0, None, None
     if state is not None:
