@@ -65,9 +65,11 @@ def draw(model, num_classes: int, per_class: int, temperature: float, seed: int)
     return torch.cat(images).numpy(), labels.numpy()
 
 
-def run_report(run: Path, data: Path, per_class: int, temperature: float) -> tuple[str, dict]:
+def run_report(run: Path, data: Path, per_class: int, temperature: float, weights: str) -> tuple[str, dict]:
     name = run.name
     model, meta = load_model(run / "model.pt", with_meta=True)
+    if weights == "final":  # the raw weights of the last step, from the resumable checkpoint
+        model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["model"])
     class_names = meta["class_names"]
     k = len(class_names)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -112,7 +114,8 @@ def run_report(run: Path, data: Path, per_class: int, temperature: float) -> tup
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(*zip(*train_curve, strict=True), lw=0.6, alpha=0.6, label="train (augmented)")
     steps_per_epoch = records[-1]["step"] / max(1, val[-1][0]) if val else 1
-    ax.plot([e * steps_per_epoch for e, _ in val], [b for _, b in val], "o-", ms=3, label="validation")
+    ax.plot([e * steps_per_epoch for e, _ in val], [b for _, b in val], "o-", ms=3,
+            label="validation (weights the run kept)")
     ax.set_xlabel("step")
     ax.set_ylabel("bits/dim")
     ax.set_ylim(min(b for _, b in val) - 0.3, min(b for _, b in val) + 2.0)
@@ -125,7 +128,8 @@ def run_report(run: Path, data: Path, per_class: int, temperature: float) -> tup
     command = (run / "command.txt").read_text().strip()
     lines = [
         f"## {name}", "",
-        f"Trained with `{command}` ({records[-1]['step']} steps, {elapsed_min:.0f} min wall clock on this machine, "
+        f"Trained with `{command}`; evaluated: {'model.pt' if weights == 'model' else 'last-step weights'} "
+        f"({records[-1]['step']} steps, {elapsed_min:.0f} min wall clock on this machine, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters).", "",
         "| bits/dim | value |", "| --- | --- |",
         f"| validation, best epoch ({min(val, key=lambda v: v[1])[0]} of {val[-1][0]}) | "
@@ -151,12 +155,15 @@ def main() -> None:
     parser.add_argument("--run", action="append", required=True, help="RUN_FOLDER:DATA_FOLDER")
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--note", default="", help="a paragraph added under the header")
+    parser.add_argument("--weights", choices=["model", "final"], default="model",
+                        help="model.pt (best validation epoch), or the raw weights of the last step (checkpoint.pt)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     sections = []
     for spec in args.run:
         run, data = spec.split(":")
-        text, numbers = run_report(Path(run), Path(data), args.per_class, args.temperature)
+        text, numbers = run_report(Path(run), Path(data), args.per_class, args.temperature, args.weights)
         print(json.dumps(numbers))
         sections.append(text)
     header = [
@@ -164,6 +171,7 @@ def main() -> None:
         "Made by `python benchmarks/flow_results.py " + " ".join(sys.argv[1:]) + "` from runs trained as stated "
         "in each section (data: `augflow demo-data --task T --out T.h5 --size 64 && augflow split T.h5 --out-dir T`, "
         "seed 0). Bits/dim use uniform dequantisation with 256 levels, as Glow (MNIST 1.05, CIFAR-10 3.35).", "",
+        *([args.note, ""] if args.note else []),
     ]
     (REPORTS / "flow-results.md").write_text("\n".join(header + sections))
 
