@@ -44,7 +44,6 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps
     log_every: int = 10  # steps
     max_steps: int = 0  # stop after this many steps (0: run all epochs); the schedule still spans all epochs
-    ce_weight: float = 0.0  # hybrid objective weight of the Bayes-posterior cross-entropy (classification)
     temperature: float = 0.8  # default sampling temperature stored with the model
     app_mask: str = ""  # .npy (H, W) brain mask for the application-specific steps; "" = from the training mean
     amp: bool = False  # bfloat16 autocast on CUDA
