@@ -112,3 +112,10 @@ def test_ema_warmup_forgets_the_initial_weights():
     # A plain 0.999 average would still be 0.999**2000 = 13% zeros; the warmed-up one keeps under 1%.
     assert torch.all(average > 0.99)
     assert torch.equal(update(torch.tensor([2, 5]), torch.tensor([2, 5]), torch.tensor(7)), torch.tensor([2, 5]))
+
+
+def test_balanced_sampling_trains(tmp_path):
+    # Balanced epochs draw rows with replacement, so a batch can hold one row twice.
+    data = make_dataset(tmp_path / "d.h5", n_subjects=12, slices=3, num_classes=3)
+    result = train(data, tmp_path / "run", load_recipe(None, [*TINY, "train.balanced_sampling=true"]), progress=False)
+    assert result.steps == 8 and result.best_val_bpd is not None

@@ -270,16 +270,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def read_rows(images: h5py.Dataset, indices) -> np.ndarray:
+    """Rows of an open ``images`` dataset in the given order (repeats allowed) as float32 (n, C, H, W)."""
+    # h5py fancy indexing needs strictly increasing indices: read each row once, then reorder.
+    unique, inverse = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
+    if not len(unique):
+        return np.empty((0, *images.shape[1:]), dtype=np.float32)
+    return images[unique][inverse]
+
+
 def read_images(path: str | os.PathLike, indices=None) -> np.ndarray:
     """Read images (all, or the given row indices) into memory as float32 (n, C, H, W)."""
     with h5py.File(path, "r") as f:
-        if indices is None:
-            return f["images"][:]
-        indices = np.asarray(indices)
-        order = np.argsort(indices)  # h5py fancy indexing needs increasing indices
-        out = np.empty((len(indices), *f["images"].shape[1:]), dtype=np.float32)
-        out[order] = f["images"][indices[order]] if len(indices) else out[order]
-        return out
+        return f["images"][:] if indices is None else read_rows(f["images"], indices)
 
 
 class SliceDataset(Dataset):

@@ -30,7 +30,7 @@ from augflow import __version__
 from augflow.atomic import atomic_save
 from augflow.config import Recipe
 from augflow.data.splits import subject_split
-from augflow.data.store import read_info, sha256_file
+from augflow.data.store import read_info, read_rows, sha256_file
 from augflow.errors import ConfigError
 from augflow.flows import MagicFlow, brain_mask_from_images, load_mask
 from augflow.train.augment import augment
@@ -86,10 +86,7 @@ class _Rows:
         return len(self.rows)
 
     def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.rows[positions]
-        order = np.argsort(rows)
-        images = np.empty((len(rows), *self._images.shape[1:]), dtype=np.float32)
-        images[order] = self._images[rows[order]]  # h5py wants increasing indices
+        images = read_rows(self._images, self.rows[positions])
         return torch.from_numpy(images), torch.from_numpy(self.labels[positions])
 
     def mean_image(self) -> np.ndarray:
