@@ -186,3 +186,16 @@ def classify_file(model_path, data, prior: str = "train", calibrate_on=None, bat
     result_metrics["temperature"] = temperature
     result_metrics["prior"] = prior
     return {"class_names": class_names, "predictions": preds, "labels": info.labels, "metrics": result_metrics}
+
+
+def write_predictions(result: dict, path) -> None:
+    """Per-image CSV (atomic): row, label, predicted class, entropy, posterior and log p(x|y) per class."""
+    from augflow.atomic import atomic_write_text
+
+    names, preds = result["class_names"], result["predictions"]
+    header = ["row", "label", "predicted", "entropy", *[f"p_{c}" for c in names], *[f"logp_x_given_{c}" for c in names]]
+    rows = [",".join(header)]
+    for i in range(len(preds.predicted)):
+        rows.append(",".join([str(i), names[result["labels"][i]], names[preds.predicted[i]], f"{preds.entropy[i]:.6g}",
+                              *(f"{p:.6g}" for p in preds.probs[i]), *(f"{v:.8g}" for v in preds.log_likelihoods[i])]))
+    atomic_write_text("\n".join(rows) + "\n", path)

@@ -218,8 +218,7 @@ def synthesize(model, out, class_name, n, balance, target_count, temperature, se
         augflow synthesize --model runs/scanner --class Prisma --n 500 --out prisma.h5
         augflow synthesize --model runs/scanner --balance --out topup.h5
     """
-    from augflow.flows import load_model
-    from augflow.synthesize import balance_counts, model_file
+    from augflow.synthesize import balanced_counts
     from augflow.synthesize import synthesize as run_synthesis
 
     if balance == (class_name is not None):
@@ -231,9 +230,7 @@ def synthesize(model, out, class_name, n, balance, target_count, temperature, se
     else:
         if n is not None:
             raise click.UsageError("--n goes with --class; use --target-count with --balance")
-        _, meta = load_model(model_file(model), with_meta=True)
-        per_class = balance_counts(meta["class_counts"], target_count)
-        counts = dict(zip(meta["class_names"], per_class, strict=True))
+        counts = balanced_counts(model, target_count)
     result = run_synthesis(model, out, counts, temperature=temperature, seed=seed, batch_size=batch_size,
                            device=device)
     made = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
@@ -263,21 +260,13 @@ def classify(model, data, out, prior, calibrate_on, batch_size, as_json, device)
     Example:
         augflow classify --model runs/scanner --data data/test.h5 --calibrate-on data/val.h5 --json
     """
-    from augflow.atomic import atomic_write_text
-    from augflow.classify import classify_file
+    from augflow.classify import classify_file, write_predictions
 
     result = classify_file(model, data, prior=prior, calibrate_on=calibrate_on, batch_size=batch_size,
                            device=device)
-    metrics, preds, names = result["metrics"], result["predictions"], result["class_names"]
+    metrics = result["metrics"]
     if out is not None:
-        header = ["row", "label", "predicted", "entropy", *[f"p_{c}" for c in names],
-                  *[f"logp_x_given_{c}" for c in names]]
-        rows = [",".join(header)]
-        for i in range(len(preds.predicted)):
-            rows.append(",".join([str(i), names[result["labels"][i]], names[preds.predicted[i]],
-                                  f"{preds.entropy[i]:.6g}", *(f"{p:.6g}" for p in preds.probs[i]),
-                                  *(f"{v:.8g}" for v in preds.log_likelihoods[i])]))
-        atomic_write_text("\n".join(rows) + "\n", out)
+        write_predictions(result, out)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return

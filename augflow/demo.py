@@ -13,8 +13,7 @@ from augflow.config import load_recipe
 from augflow.data.phantom import generate_demo_data
 from augflow.data.splits import split_file
 from augflow.data.store import read_info
-from augflow.flows import load_model
-from augflow.synthesize import balance_counts, synthesize
+from augflow.synthesize import balanced_counts, synthesize
 from augflow.train.loop import train
 
 DEMO_SIZE = 32
@@ -40,8 +39,7 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
     echo(f"  {result.steps} steps, best validation {result.best_val_bpd:.3f} bits/dim -> {result.model_path}")
 
     echo("[4/4] synthesizing a balanced top-up of the under-represented classes")
-    _, meta = load_model(result.model_path, with_meta=True)
-    counts = dict(zip(meta["class_names"], balance_counts(meta["class_counts"]), strict=True))
+    counts = balanced_counts(result.model_path)
     synthetic = synthesize(result.model_path, out_dir / "synthetic.h5", counts, seed=seed, progress=progress)
     echo(f"  wrote {sum(synthetic.counts.values())} images to {synthetic.out}: "
          + ", ".join(f"{k} {v}" for k, v in synthetic.counts.items() if v))

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -20,7 +19,7 @@ from augflow.data.store import DatasetWriter, sha256_file
 from augflow.errors import ConfigError
 from augflow.flows import load_model
 from augflow.train.checkpoint import MODEL
-from augflow.train.loop import resolve_device
+from augflow.train.loop import derive_seed, resolve_device
 
 _MAX_REDRAWS = 20
 
@@ -56,6 +55,12 @@ def balance_counts(class_counts: list[int], target: int | None = None) -> list[i
     if target < 1:
         raise ConfigError(f"--target-count must be positive, but is: {target}")
     return [max(0, target - c) for c in class_counts]
+
+
+def balanced_counts(model: str | Path, target: int | None = None) -> dict[str, int]:
+    """Per-class counts that top a model's training classes up to ``target`` (default: the largest class)."""
+    _, meta = load_model(model_file(model), with_meta=True)
+    return dict(zip(meta["class_names"], balance_counts(meta["class_counts"], target), strict=True))
 
 
 @torch.inference_mode()
@@ -109,7 +114,7 @@ def synthesize(
     bar = tqdm(total=sum(per_class), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True)
     with DatasetWriter(out, flow.config.image_shape, class_names, "synthetic", provenance) as writer:
         for k, n in enumerate(per_class):
-            generator = torch.Generator(dev).manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+            generator = torch.Generator(dev).manual_seed(derive_seed(seed, k))
             made = 0
             while made < n:
                 b = min(batch_size, n - made)

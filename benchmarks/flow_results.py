@@ -29,6 +29,7 @@ from sklearn.metrics import balanced_accuracy_score  # noqa: E402
 
 from augflow.data.store import read_images, read_info  # noqa: E402
 from augflow.flows import load_model  # noqa: E402
+from augflow.train.loop import dataset_bpd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "reports"
@@ -41,19 +42,6 @@ def features(images: np.ndarray) -> np.ndarray:
     standardising would turn the faint background of a sample into a huge feature value.
     """
     return F.adaptive_avg_pool2d(torch.from_numpy(images), 16).flatten(1).numpy()
-
-
-@torch.inference_mode()
-def test_bpd(model, path: Path, batch: int = 64) -> float:
-    info = read_info(path)
-    generator = torch.Generator().manual_seed(0)
-    total = 0.0
-    for start in range(0, len(info), batch):
-        rows = np.arange(start, min(start + batch, len(info)))
-        x = torch.from_numpy(read_images(path, rows))
-        y = torch.from_numpy(info.labels[rows])
-        total += model.bits_per_dim(model.dequantize(x, generator), y).sum().item()
-    return total / len(info)
 
 
 @torch.inference_mode()
@@ -78,8 +66,8 @@ def run_report(run: Path, data: Path, per_class: int, temperature: float, weight
 
     train_info, test_info = read_info(data / "train.h5"), read_info(data / "test.h5")
     train_x, test_x = read_images(data / "train.h5"), read_images(data / "test.h5")
-    bpd_test = test_bpd(model, data / "test.h5")
-    bpd_val = test_bpd(model, data / "val.h5")
+    bpd_test = dataset_bpd(model, data / "test.h5")
+    bpd_val = dataset_bpd(model, data / "val.h5")
     synth_x, synth_y = draw(model, k, per_class, temperature, seed=0)
 
     classifier = LogisticRegression(max_iter=3000)

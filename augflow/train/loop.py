@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from augflow import __version__
-from augflow.atomic import atomic_save
+from augflow.atomic import atomic_save, atomic_write_text
 from augflow.config import Recipe
 from augflow.data.splits import subject_split
 from augflow.data.store import read_info, read_rows, sha256_file
@@ -71,7 +71,8 @@ def _distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _step_seed(seed: int, *parts: int) -> int:
+def derive_seed(seed: int, *parts: int) -> int:
+    """An independent 32-bit seed for one purpose of a run (numpy SeedSequence of seed and parts)."""
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
 
 
@@ -98,7 +99,7 @@ class _Rows:
 
 def _epoch_order(n: int, labels: np.ndarray, num_classes: int, balanced: bool, seed: int, epoch: int) -> np.ndarray:
     """Positions of one epoch: a permutation, or class-balanced draws with replacement."""
-    rng = np.random.default_rng(_step_seed(seed, 1, epoch))
+    rng = np.random.default_rng(derive_seed(seed, 1, epoch))
     if not balanced:
         return rng.permutation(n)
     counts = np.bincount(labels, minlength=num_classes)
@@ -143,6 +144,13 @@ def evaluate_bpd(model: MagicFlow, rows: _Rows, batch_size: int, device: torch.d
         total += model.bits_per_dim(model.dequantize(x, generator=generator), y).sum().item()
         count += len(x)
     return total / max(1, count)
+
+
+def dataset_bpd(model: MagicFlow, path: str | Path, batch_size: int = 64, device: str = "cpu", seed: int = 0) -> float:
+    """Mean bits/dim of every image of a dataset file (fixed dequantisation noise)."""
+    info = read_info(path, check_values=False)
+    return evaluate_bpd(model, _Rows(Path(path), np.arange(len(info)), info.labels), batch_size,
+                        resolve_device(device), seed)
 
 
 def _fingerprint(data: Path, val: Path | None, train_rows: np.ndarray, val_rows: np.ndarray) -> dict:
@@ -226,11 +234,13 @@ def train(
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(recipe_dict, out / "config.json")
-        (out / "command.txt").write_text((command or " ".join(sys.argv)) + "\n")
+        atomic_write_text((command or " ".join(sys.argv)) + "\n", out / "command.txt")
 
     torch.manual_seed(seed)
     model_config = recipe.model_config(info.image_shape, info.num_classes)
-    if cfg.app_mask:  # a user-supplied brain mask (.npy), else Otsu on the training mean image
+    if state is not None:
+        app_mask = state["model"]["app_mask"]
+    elif cfg.app_mask:  # a user-supplied brain mask (.npy), else Otsu on the training mean image
         app_mask = load_mask(cfg.app_mask, *info.image_shape[1:])
     else:
         app_mask = brain_mask_from_images(torch.from_numpy(train_set.mean_image())[None])
@@ -243,7 +253,7 @@ def train(
         optimizer, lambda s: _lr_factor(s, total_steps, warmup, cfg.warmup_start, cfg.min_lr / cfg.lr))
     if state is None:
         # ActNorm data-dependent initialisation on a fixed batch of the training data.
-        init = np.random.default_rng(_step_seed(seed, 0)).permutation(len(train_set))[: max(64, cfg.batch_size)]
+        init = np.random.default_rng(derive_seed(seed, 0)).permutation(len(train_set))[: max(64, cfg.batch_size)]
         x, y = train_set.batch(np.sort(init))
         with torch.no_grad():
             model.initialize(model.dequantize(x.to(device)), y.to(device))
@@ -293,7 +303,7 @@ def train(
             order_epoch = epoch
         x, y = train_set.batch(order[within * cfg.batch_size:(within + 1) * cfg.batch_size])
         x, y = x.to(device), y.to(device)
-        step_seed = _step_seed(seed, 2, step)
+        step_seed = derive_seed(seed, 2, step)
         torch.manual_seed(step_seed)  # dropout of the coupling networks
         generator = torch.Generator(device).manual_seed(step_seed)
         # Noise is drawn for the whole batch on every process, so a run is the same at any world size.

@@ -121,3 +121,10 @@ def test_provenance_is_json(tmp_path):
     with h5py.File(path) as f:
         assert json.loads(f.attrs["provenance"]) == {"test": True}
         assert json.loads(f.attrs["class_names"]) == ["class0", "class1", "class2"]
+
+
+def test_read_images_any_order_with_repeats(tmp_path):
+    path = make_dataset(tmp_path / "d.h5")
+    images = read_images(path)
+    np.testing.assert_array_equal(read_images(path, [5, 1, 5, 0]), images[[5, 1, 5, 0]])
+    assert read_images(path, []).shape == (0, 1, 8, 8)
