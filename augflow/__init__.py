@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
-from augflow.flows import MagicFlow, MagicFlowConfig, load_model  # noqa: E402
+from augflow.flows import MagicFlow, MagicFlowConfig  # noqa: E402
+from augflow.models import load_model  # noqa: E402
 
 __all__ = ["MagicFlow", "MagicFlowConfig", "__version__", "load_model"]

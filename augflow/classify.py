@@ -163,7 +163,7 @@ def classify_file(model_path, data, prior: str = "train", calibrate_on=None, bat
         {"class_names", "predictions": Predictions, "temperature", "metrics" (with "ece_uncalibrated")}.
     """
     from augflow.data.store import read_info
-    from augflow.flows import load_model
+    from augflow.models import load_model
     from augflow.synthesize import model_file
 
     model, meta = load_model(model_file(model_path), with_meta=True)

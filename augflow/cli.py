@@ -178,7 +178,7 @@ def _threads_option(fn):
 @_threads_option
 @_library_errors
 def train(data, val, recipe, out, resume, seed, overrides, device):
-    """Train a class-conditional MAGIC-Flow on a dataset file.
+    """Train a class-conditional generative model (MAGIC-Flow, or the recipe's model.family) on a dataset file.
 
     \b
     Example:
@@ -192,8 +192,8 @@ def train(data, val, recipe, out, resume, seed, overrides, device):
 
     result = run_training(data, out, load_recipe(recipe, overrides), val=val, resume=resume, device=device,
                           seed=seed, command=" ".join(["augflow", *sys.argv[1:]]))
-    best = "n/a" if result.best_val_bpd is None else f"{result.best_val_bpd:.4f}"
-    click.echo(f"trained {result.steps} steps; best validation bits/dim {best}; model: {result.model_path}")
+    best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
+    click.echo(f"trained {result.steps} steps; best validation {result.loss_name} {best}; model: {result.model_path}")
 
 
 @cli.command()

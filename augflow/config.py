@@ -1,10 +1,10 @@
 """Recipes: one typed source of defaults for training, shared by the API, the TOML recipes and the CLI.
 
-A recipe is a TOML file with the tables ``[model]`` (fields of :class:`~augflow.flows.MagicFlowConfig` except
-the image shape and class count, which always come from the data file), ``[train]`` (:class:`TrainConfig`)
-and ``[augment]`` (:class:`AugmentConfig`). ``--set table.key=value`` overrides any key; the value is parsed
-as TOML (``--set train.lr=1e-3``, ``--set model.hidden_channels=[32,64,64,64]``). Unknown tables or keys are
-errors that list the valid ones.
+A recipe is a TOML file with the tables ``[model]`` (``family``, see :mod:`augflow.models`, and the fields of that
+family's config except the image shape and class count, which always come from the data file), ``[train]``
+(:class:`TrainConfig`) and ``[augment]`` (:class:`AugmentConfig`). ``--set table.key=value`` overrides any key; the
+value is parsed as TOML (``--set train.lr=1e-3``, ``--set model.hidden_channels=[32,64,64,64]``). Unknown tables or
+keys are errors that list the valid ones.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from augflow.errors import ConfigError
-from augflow.flows import MagicFlowConfig
+from augflow.models import DEFAULT_FAMILY, family, model_config
 
 # Fields of the model config that come from the data, never from a recipe.
 DATA_FIELDS = ("image_shape", "num_classes")
@@ -47,6 +47,7 @@ class TrainConfig:
     temperature: float = 0.8  # default sampling temperature stored with the model
     app_mask: str = ""  # .npy (H, W) brain mask for the application-specific steps; "" = from the training mean
     amp: bool = False  # bfloat16 autocast on CUDA
+    ce_weight: float = 0.0  # MAGIC-Flow hybrid objective: bits/dim + ce_weight * cross-entropy of the Bayes posterior
 
 
 @dataclass
@@ -68,24 +69,28 @@ class Recipe:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     name: str = "custom"
 
-    def model_config(self, image_shape, num_classes) -> MagicFlowConfig:
+    @property
+    def family(self) -> str:
+        """The model family (``[model] family``, default ``magic``)."""
+        return self.model.get("family", DEFAULT_FAMILY)
+
+    def model_config(self, image_shape, num_classes):
         """The model config for data of the given shape and class count."""
-        config = MagicFlowConfig(image_shape=tuple(image_shape), num_classes=int(num_classes), **self.model)
-        config.validate()
-        return config
+        return model_config(self.model, image_shape, num_classes)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "model": dict(self.model), "train": dataclasses.asdict(self.train),
                 "augment": dataclasses.asdict(self.augment)}
 
 
-def _model_keys() -> list[str]:
-    return [f.name for f in dataclasses.fields(MagicFlowConfig) if f.name not in DATA_FIELDS]
+def _model_keys(family_name: str) -> list[str]:
+    fields = dataclasses.fields(family(family_name).config)
+    return ["family", *(f.name for f in fields if f.name not in DATA_FIELDS)]
 
 
-def _tables() -> dict[str, list[str]]:
+def _tables(family_name: str = DEFAULT_FAMILY) -> dict[str, list[str]]:
     return {
-        "model": _model_keys(),
+        "model": _model_keys(family_name),
         "train": [f.name for f in dataclasses.fields(TrainConfig)],
         "augment": [f.name for f in dataclasses.fields(AugmentConfig)],
     }
@@ -93,7 +98,8 @@ def _tables() -> dict[str, list[str]]:
 
 def recipe_from_dict(data: dict, name: str = "custom", source: str = "recipe") -> Recipe:
     """Build and check a recipe from nested dicts; unknown tables and keys raise ConfigError."""
-    tables = _tables()
+    model_table = data.get("model", {})
+    tables = _tables(model_table.get("family", DEFAULT_FAMILY) if isinstance(model_table, dict) else DEFAULT_FAMILY)
     for table, values in data.items():
         if table not in tables:
             raise ConfigError(f"{source}: unknown table [{table}]; valid tables: {', '.join(tables)}")

@@ -36,7 +36,8 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
     run = out_dir / "runs" / "quick"
     result = train(parts["train"], run, load_recipe("quick"), val=parts["val"], seed=seed,
                    resume=(run / "checkpoint.pt").exists(), command="augflow demo", progress=progress)
-    echo(f"  {result.steps} steps, best validation {result.best_val_bpd:.3f} bits/dim -> {result.model_path}")
+    echo(f"  {result.steps} steps, best validation {result.best_val_loss:.3f} {result.loss_name} "
+         f"-> {result.model_path}")
 
     echo("[4/4] synthesizing a balanced top-up of the under-represented classes")
     counts = balanced_counts(result.model_path)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from augflow import __version__
 from augflow.data.store import DatasetWriter, sha256_file
 from augflow.errors import ConfigError
-from augflow.flows import load_model
+from augflow.models import load_model
 from augflow.train.checkpoint import MODEL
 from augflow.train.loop import derive_seed, resolve_device
 

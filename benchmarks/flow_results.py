@@ -28,8 +28,8 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score  # noqa: E402
 
 from augflow.data.store import read_images, read_info  # noqa: E402
-from augflow.flows import load_model  # noqa: E402
-from augflow.train.loop import dataset_bpd  # noqa: E402
+from augflow.models import load_model  # noqa: E402
+from augflow.train.loop import dataset_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "reports"
@@ -60,14 +60,14 @@ def run_report(run: Path, data: Path, per_class: int, temperature: float, weight
     class_names = meta["class_names"]
     k = len(class_names)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    val = [(r["epoch"] + 1, r["val_bpd"]) for r in records if "val_bpd" in r]
-    train_curve = [(r["step"], r["loss_bpd"]) for r in records]
+    val = [(r["epoch"] + 1, r["val_loss"]) for r in records if "val_loss" in r]
+    train_curve = [(r["step"], r["loss"]) for r in records]
     elapsed_min = records[-1]["elapsed_s"] / 60
 
     train_info, test_info = read_info(data / "train.h5"), read_info(data / "test.h5")
     train_x, test_x = read_images(data / "train.h5"), read_images(data / "test.h5")
-    bpd_test = dataset_bpd(model, data / "test.h5")
-    bpd_val = dataset_bpd(model, data / "val.h5")
+    bpd_test = dataset_loss(model, data / "test.h5")
+    bpd_val = dataset_loss(model, data / "val.h5")
     synth_x, synth_y = draw(model, k, per_class, temperature, seed=0)
 
     classifier = LogisticRegression(max_iter=3000)

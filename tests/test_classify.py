@@ -37,6 +37,14 @@ def test_batched_classes_equal_a_per_class_loop():
     torch.testing.assert_close(batched, loop.detach())
     assert batched.std(dim=1).min() > 0  # the label changes the likelihood
 
+    # The hybrid objective: bits/dim of the true class plus lambda times the uniform-prior posterior's
+    # cross-entropy, from the same K-class pass.
+    y = torch.tensor([0, 2, 1, 1, 0])
+    hybrid = model.training_loss(x, y, ce_weight=0.5)
+    ce = torch.nn.functional.cross_entropy(loop, y, reduction="none")
+    torch.testing.assert_close(hybrid, model.bits_per_dim(x, y) + 0.5 * ce)
+    torch.testing.assert_close(model.training_loss(x, y), model.bits_per_dim(x, y))
+
 
 def test_selective_prediction_on_a_hand_made_example():
     correct = np.array([True] * 6 + [False] * 4)

@@ -40,3 +40,5 @@ def test_unknown_keys_list_valid_ones(tmp_path):
     bad.write_text("[model]\nimage_shape = [1, 8, 8]\n")
     with pytest.raises(ConfigError, match="unknown key 'model.image_shape'"):
         load_recipe(bad)
+    with pytest.raises(ConfigError, match=r"model.family must be one of \['magic'"):
+        load_recipe(None, ["model.family=gan"])

@@ -23,6 +23,6 @@ def test_demo_end_to_end(tmp_path):
     assert images.shape[1:] == (1, 32, 32) and 0 <= images.min() and images.max() <= 1 and images.std() > 0.05
     # Training improved the validation likelihood from its first to its best epoch.
     records = [json.loads(line) for line in (tmp_path / "runs" / "quick" / "metrics.jsonl").read_text().splitlines()]
-    val = [r["val_bpd"] for r in records if "val_bpd" in r]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(val) == 3 and min(val) < val[0] and np.isfinite(val).all()
     assert "best validation" in result.output and "wrote 1473 images" in result.output

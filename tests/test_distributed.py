@@ -32,7 +32,7 @@ def test_two_processes_match_one(tmp_path):
     subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)
 
     def losses(run):
-        return [json.loads(line)["loss_bpd"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert len(losses(tmp_path / "two")) == single.steps == 4
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)

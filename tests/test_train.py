@@ -8,7 +8,7 @@ from conftest import make_dataset
 
 from augflow.config import load_recipe
 from augflow.errors import ConfigError
-from augflow.flows import load_model
+from augflow.models import load_model
 from augflow.train.loop import train
 
 TINY = [
@@ -20,7 +20,7 @@ TINY = [
 
 
 def _losses(run):
-    return [json.loads(line)["loss_bpd"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -46,15 +46,15 @@ def test_run_folder_and_model_metadata(tmp_path):
     assert (run / "command.txt").read_text().strip() == "augflow train ..."
     assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 8
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert sum("val_bpd" in r for r in records) == 2  # one validation per epoch
-    assert result.best_val_bpd == min(r["val_bpd"] for r in records if "val_bpd" in r)
+    assert sum("val_loss" in r for r in records) == 2  # one validation per epoch
+    assert result.best_val_loss == min(r["val_loss"] for r in records if "val_loss" in r)
     model, meta = load_model(result.model_path, with_meta=True)
     assert meta["class_names"] == ["class0", "class1", "class2"] and sum(meta["class_counts"]) == 27
     assert meta["seed"] == 3 and meta["fingerprint"]["train_rows"] == 27
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "ema", "rng", "step", "recipe", "fingerprint"} <= set(ckpt)
     # Training lowers the loss from its start on this data.
-    assert records[-1]["loss_bpd"] < records[0]["loss_bpd"]
+    assert records[-1]["loss"] < records[0]["loss"]
 
 
 def test_refusals(tmp_path):
@@ -118,4 +118,4 @@ def test_balanced_sampling_trains(tmp_path):
     # Balanced epochs draw rows with replacement, so a batch can hold one row twice.
     data = make_dataset(tmp_path / "d.h5", n_subjects=12, slices=3, num_classes=3)
     result = train(data, tmp_path / "run", load_recipe(None, [*TINY, "train.balanced_sampling=true"]), progress=False)
-    assert result.steps == 8 and result.best_val_bpd is not None
+    assert result.steps == 8 and result.best_val_loss is not None

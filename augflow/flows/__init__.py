@@ -14,7 +14,7 @@ from augflow.flows.layers import (
     Split,
     Squeeze,
 )
-from augflow.flows.magic import MagicFlow, MagicFlowConfig, dequantize, load_model
+from augflow.flows.magic import MagicFlow, MagicFlowConfig, dequantize
 from augflow.flows.masks import (
     brain_mask_from_images,
     channel_mask,
@@ -43,7 +43,6 @@ __all__ = [
     "dequantize",
     "ellipse_mask",
     "load_mask",
-    "load_model",
     "make_coupling_net",
     "make_mask",
 ]

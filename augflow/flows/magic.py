@@ -316,6 +316,22 @@ class MagicFlow(nn.Module):
 
     forward = log_prob
 
+    family = "magic"
+    loss_name = "bits/dim"
+
+    def training_loss(self, x: Tensor, y: Tensor, ce_weight: float = 0.0) -> Tensor:
+        """Per-sample objective ``(B,)``: bits/dim of dequantised ``x``, plus ``ce_weight`` times the
+        cross-entropy of the Bayes posterior under a uniform prior (the hybrid objective; 0 = the paper's
+        conditional maximum likelihood). The hybrid term needs all K class densities: K times the cost."""
+        if ce_weight == 0:
+            return self.bits_per_dim(x, y)
+        k, b = self.config.num_classes, x.shape[0]
+        labels = torch.arange(k, device=x.device).repeat_interleave(b)  # (K*B,) class-major
+        log_p = self.log_prob(x.repeat(k, 1, 1, 1), labels).reshape(k, b).T  # (B, K)
+        own = log_p.gather(1, y[:, None])[:, 0]
+        bpd = -(own - self.num_dims * math.log(256)) / (self.num_dims * math.log(2))
+        return bpd + ce_weight * (torch.logsumexp(log_p, dim=1) - own)
+
     @staticmethod
     def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Uniform dequantisation of 8-bit data, see :func:`dequantize`."""
@@ -396,46 +412,23 @@ class MagicFlow(nn.Module):
         return all(bool(m.actnorm.initialized) for m in self.layers if isinstance(m, FlowStep))
 
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
-        """Write ``{"config", "state_dict", "meta"}`` atomically (temp file + ``os.replace``).
+        """Write ``{"family", "config", "state_dict", "meta"}`` atomically (temp file + ``os.replace``).
 
         Arguments:
             path: Destination file; parent folders are created.
             meta: Optional metadata of primitives (dicts, lists, str, numbers, None), e.g. class
-                names or the privacy budget; read back with ``load_model(..., with_meta=True)``.
+                names or the privacy ledger; read back with ``augflow.models.load_model(..., with_meta=True)``.
         """
-        payload: dict[str, Any] = {"config": self.config.to_dict(), "state_dict": self.state_dict()}
-        payload["meta"] = {} if meta is None else meta
+        payload: dict[str, Any] = {"family": self.family, "config": self.config.to_dict(),
+                                   "state_dict": self.state_dict(), "meta": {} if meta is None else meta}
         atomic_save(payload, path)
 
-
-def load_model(
-    path: str | Path, map_location: str | torch.device = "cpu", with_meta: bool = False
-) -> MagicFlow | tuple[MagicFlow, dict[str, Any]]:
-    """Load a model written by :meth:`MagicFlow.save` (``weights_only=True``), in eval mode.
-
-    Arguments:
-        path: The model file.
-        map_location: Device to load onto.
-        with_meta: Also return the ``meta`` dict given to :meth:`MagicFlow.save` (``{}`` if none).
-
-    Returns:
-        The model, or ``(model, meta)`` when ``with_meta`` is true.
-
-    Raises:
-        ConfigError: If the file is missing or is not a MagicFlow checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model file {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not (isinstance(ckpt, dict) and {"config", "state_dict"} <= set(ckpt)):
-        raise ConfigError(
-            f"{str(path)!r} is not a MagicFlow checkpoint (needs keys 'config' and 'state_dict')"
-        )
-    state = ckpt["state_dict"]
-    model = MagicFlow(MagicFlowConfig.from_dict(ckpt["config"]))
-    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    model.to(device=state["app_mask"].device, dtype=dtype)
-    model.load_state_dict(state)
-    model.eval()
-    return (model, ckpt.get("meta") or {}) if with_meta else model
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> MagicFlow:
+        """The model of a loaded :meth:`save` payload, on the device and dtype of its tensors."""
+        state = ckpt["state_dict"]
+        model = cls(MagicFlowConfig.from_dict(ckpt["config"]))
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+        model.to(device=state["app_mask"].device, dtype=dtype)
+        model.load_state_dict(state)
+        return model

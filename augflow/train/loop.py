@@ -1,11 +1,13 @@
-"""The training loop of ``augflow train``: conditional maximum likelihood in bits/dim, resumable exactly.
+"""The training loop of ``augflow train``: any model family's objective, resumable exactly.
 
-One loop for every use. Each step draws its randomness (batch order, augmentation, dequantisation noise,
-dropout) from seeds derived from ``(seed, epoch)`` and ``(seed, step)``, so a run killed and resumed from its
-last checkpoint continues with exactly the losses an uninterrupted run would have produced.
+One loop for every use and family (:mod:`augflow.models`). Each step draws its randomness (batch order,
+augmentation, dequantisation noise, dropout) from seeds derived from ``(seed, epoch)`` and ``(seed, step)``, so a
+run killed and resumed from its last checkpoint continues with exactly the losses an uninterrupted run would have
+produced.
 
-Objective: the negative log-likelihood of uniformly dequantised images, in bits per dimension
-(Kingma & Dhariwal 2018, Glow, arXiv 1807.03039; MAGIC-Flow, arXiv 2510.22070).
+Objective: the family's ``training_loss`` of uniformly dequantised images; for MAGIC-Flow the negative
+log-likelihood in bits per dimension (Kingma & Dhariwal 2018, Glow, arXiv 1807.03039; MAGIC-Flow,
+arXiv 2510.22070), optionally plus ``train.ce_weight`` times the Bayes posterior's cross-entropy.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from augflow.config import Recipe
 from augflow.data.splits import subject_split
 from augflow.data.store import read_info, read_rows, sha256_file
 from augflow.errors import ConfigError
-from augflow.flows import MagicFlow, brain_mask_from_images, load_mask
+from augflow.flows import MagicFlow, brain_mask_from_images, dequantize, load_mask
+from augflow.models import family
 from augflow.train.augment import augment
 from augflow.train.checkpoint import CHECKPOINT, MODEL, rng_states, set_rng_states, write_json
 
@@ -43,9 +46,10 @@ _MEAN_BLOCK = 512
 class TrainResult:
     run_dir: Path
     steps: int
-    best_val_bpd: float | None
-    last_val_bpd: float | None
+    best_val_loss: float | None
+    last_val_loss: float | None
     model_path: Path
+    loss_name: str
 
 
 def resolve_device(device: str) -> torch.device:
@@ -132,25 +136,52 @@ def _lr_factor(step: int, total: int, warmup: int, start: float, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class _Objective(torch.nn.Module):
+    """The model's per-sample training loss as a module's forward, for DDP's gradient hooks (and DP-SGD)."""
+
+    def __init__(self, model: torch.nn.Module, ce_weight: float):
+        super().__init__()
+        self.model, self.ce_weight = model, ce_weight
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model.training_loss(x, y, ce_weight=self.ce_weight)
+
+
 @torch.no_grad()
-def evaluate_bpd(model: MagicFlow, rows: _Rows, batch_size: int, device: torch.device, seed: int) -> float:
-    """Mean bits/dim of dequantised images (fixed noise, so comparable across epochs)."""
+def evaluate_loss(model: torch.nn.Module, rows: _Rows, batch_size: int, device: torch.device, seed: int) -> float:
+    """Mean training loss (without the hybrid term) of dequantised images; the noise is fixed by ``seed``, so the
+    value is comparable across epochs (bits/dim for MAGIC-Flow)."""
     model.eval()
     generator = torch.Generator(device).manual_seed(seed)
+    torch.manual_seed(seed)  # families whose loss draws its own noise (flow matching's t and epsilon)
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         x, y = rows.batch(np.arange(start, min(start + batch_size, len(rows))))
         x, y = x.to(device), y.to(device)
-        total += model.bits_per_dim(model.dequantize(x, generator=generator), y).sum().item()
+        total += model.training_loss(dequantize(x, generator=generator), y).sum().item()
         count += len(x)
     return total / max(1, count)
 
 
-def dataset_bpd(model: MagicFlow, path: str | Path, batch_size: int = 64, device: str = "cpu", seed: int = 0) -> float:
-    """Mean bits/dim of every image of a dataset file (fixed dequantisation noise)."""
+def dataset_loss(model: torch.nn.Module, path: str | Path, batch_size: int = 64, device: str = "cpu",
+                 seed: int = 0) -> float:
+    """Mean training loss of every image of a dataset file (bits/dim for MAGIC-Flow; fixed noise)."""
     info = read_info(path, check_values=False)
-    return evaluate_bpd(model, _Rows(Path(path), np.arange(len(info)), info.labels), batch_size,
-                        resolve_device(device), seed)
+    return evaluate_loss(model, _Rows(Path(path), np.arange(len(info)), info.labels), batch_size,
+                         resolve_device(device), seed)
+
+
+def _build_model(recipe: Recipe, info, train_set: _Rows, resuming: bool) -> torch.nn.Module:
+    """The recipe's model for the data; MAGIC-Flow also needs its application-specific (brain) mask."""
+    config = recipe.model_config(info.image_shape, info.num_classes)
+    model_class = family(recipe.family).model
+    if model_class is not MagicFlow:
+        return model_class(config)
+    if resuming:  # the mask is a buffer: the checkpoint's state overwrites this placeholder
+        return MagicFlow(config)
+    if recipe.train.app_mask:  # a user-supplied brain mask (.npy), else Otsu on the training mean image
+        return MagicFlow(config, app_mask=load_mask(recipe.train.app_mask, *info.image_shape[1:]))
+    return MagicFlow(config, app_mask=brain_mask_from_images(torch.from_numpy(train_set.mean_image())[None]))
 
 
 def _fingerprint(data: Path, val: Path | None, train_rows: np.ndarray, val_rows: np.ndarray) -> dict:
@@ -178,7 +209,7 @@ def train(
     command: str | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a class-conditional MAGIC-Flow on a dataset file and write a run folder.
+    """Train a class-conditional generative model (the recipe's family) on a dataset file; write a run folder.
 
     Arguments:
         data: Training file (augflow HDF5). Its image shape and classes define the model.
@@ -237,14 +268,7 @@ def train(
         atomic_write_text((command or " ".join(sys.argv)) + "\n", out / "command.txt")
 
     torch.manual_seed(seed)
-    model_config = recipe.model_config(info.image_shape, info.num_classes)
-    if state is not None:
-        app_mask = state["model"]["app_mask"]
-    elif cfg.app_mask:  # a user-supplied brain mask (.npy), else Otsu on the training mean image
-        app_mask = load_mask(cfg.app_mask, *info.image_shape[1:])
-    else:
-        app_mask = brain_mask_from_images(torch.from_numpy(train_set.mean_image())[None])
-    model = MagicFlow(model_config, app_mask=app_mask).to(device)
+    model = _build_model(recipe, info, train_set, resuming=state is not None).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -252,11 +276,11 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, total_steps, warmup, cfg.warmup_start, cfg.min_lr / cfg.lr))
     if state is None:
-        # ActNorm data-dependent initialisation on a fixed batch of the training data.
+        # Data-dependent initialisation (MAGIC-Flow's ActNorm) on a fixed batch of the training data.
         init = np.random.default_rng(derive_seed(seed, 0)).permutation(len(train_set))[: max(64, cfg.batch_size)]
         x, y = train_set.batch(np.sort(init))
         with torch.no_grad():
-            model.initialize(model.dequantize(x.to(device)), y.to(device))
+            model.initialize(dequantize(x.to(device)), y.to(device))
     ema = AveragedModel(model, avg_fn=_ema_with_warmup(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
 
     step, best_val, last_val = 0, None, None
@@ -267,28 +291,30 @@ def train(
         if ema is not None:
             ema.load_state_dict(state["ema"])
         set_rng_states(state["rng"])
-        step, best_val, last_val = state["step"], state["best_val_bpd"], state["last_val_bpd"]
+        step, best_val, last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
 
     def save_checkpoint():
         atomic_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "rng": rng_states(), "step": step,
-            "best_val_bpd": best_val, "last_val_bpd": last_val, "recipe": recipe_dict, "seed": seed,
+            "best_val_loss": best_val, "last_val_loss": last_val, "recipe": recipe_dict, "seed": seed,
             "fingerprint": fingerprint,
         }, checkpoint_path)
 
-    def save_model(val_bpd):
+    def save_model(val_loss):
         eval_model = ema.module if ema is not None else model
         meta = {
             "class_names": info.class_names,
             "class_counts": np.bincount(train_set.labels, minlength=info.num_classes).tolist(),
-            "recipe": recipe_dict, "fingerprint": fingerprint, "step": step, "val_bpd": val_bpd,
-            "temperature": cfg.temperature, "augflow_version": __version__, "seed": seed,
+            "recipe": recipe_dict, "fingerprint": fingerprint, "step": step, "val_loss": val_loss,
+            "loss_name": model.loss_name, "temperature": cfg.temperature, "augflow_version": __version__,
+            "seed": seed,
         }
         eval_model.save(out / MODEL, meta=meta)
 
     # Under torchrun each process takes every world-th image of the global batch; DDP averages the gradients.
-    net = DistributedDataParallel(model) if world > 1 else model
+    objective = _Objective(model, cfg.ce_weight)
+    net = DistributedDataParallel(objective) if world > 1 else objective
     end = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
     metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
     bar = tqdm(total=end, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
@@ -307,10 +333,9 @@ def train(
         torch.manual_seed(step_seed)  # dropout of the coupling networks
         generator = torch.Generator(device).manual_seed(step_seed)
         # Noise is drawn for the whole batch on every process, so a run is the same at any world size.
-        x = model.dequantize(augment(x, recipe.augment, generator), generator=generator)[rank::world]
+        x = dequantize(augment(x, recipe.augment, generator), generator=generator)[rank::world]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            log_p = net(x, y[rank::world])  # forward is log p(x|y), through DDP's gradient hooks
-        loss = -(log_p.float() - model.num_dims * math.log(256)).mean() / (model.num_dims * math.log(2))
+            loss = net(x, y[rank::world]).float().mean()  # through DDP's gradient hooks
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
@@ -324,24 +349,24 @@ def train(
             ema.update_parameters(model)
         step += 1
         bar.update(1)
-        bar.set_postfix(bpd=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        record = {"step": step, "epoch": epoch, "loss_bpd": loss.item(), "grad_norm": float(grad_norm),
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        record = {"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": float(grad_norm),
                   "lr": scheduler.get_last_lr()[0]}
-        if not math.isfinite(record["loss_bpd"]):
-            raise FloatingPointError(f"training diverged at step {step} (loss {record['loss_bpd']}); "
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"training diverged at step {step} (loss {record['loss']}); "
                                      f"lower train.lr or raise train.grad_clip")
         if rank != 0:
             continue  # validation, logs and checkpoints are the first process's
         epoch_end = step % steps_per_epoch == 0 or step == end
         if epoch_end and len(val_set):
-            last_val = evaluate_bpd(ema.module if ema is not None else model, val_set, cfg.batch_size,
+            last_val = evaluate_loss(ema.module if ema is not None else model, val_set, cfg.batch_size,
                                     device, seed)
             model.train()
-            record["val_bpd"] = last_val
+            record["val_loss"] = last_val
             if best_val is None or last_val < best_val:
                 best_val = last_val
                 save_model(last_val)
-        if step % cfg.log_every == 0 or "val_bpd" in record:
+        if step % cfg.log_every == 0 or "val_loss" in record:
             record["elapsed_s"] = round(time.perf_counter() - started, 2)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -356,4 +381,4 @@ def train(
             save_model(last_val)
     if world > 1:
         dist.barrier()
-    return TrainResult(out, step, best_val, last_val, out / MODEL)
+    return TrainResult(out, step, best_val, last_val, out / MODEL, model.loss_name)

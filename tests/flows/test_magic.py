@@ -27,8 +27,8 @@ from augflow.flows import (
     dequantize,
     ellipse_mask,
     load_mask,
-    load_model,
 )
+from augflow.models import load_model
 
 
 def tiny_config(coupling: str = "generation", **overrides) -> MagicFlowConfig:
