@@ -10,8 +10,10 @@ accuracy on the images kept when the most uncertain ones are rejected.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from sklearn import metrics as skm
 from augflow.errors import ConfigError
 
 PRIORS = ("train", "uniform")
+CALIBRATION = "calibration.json"  # the fitted temperature, stored beside model.pt
 REJECTION_GRID = np.arange(0, 100, 5) / 100  # reject the most uncertain 0, 5, ..., 95 %
 
 
@@ -147,6 +150,47 @@ def dataset_log_likelihoods(model, path, batch_size: int = 32, device: str = "au
     return np.concatenate(out) if out else np.zeros((0, k))
 
 
+def calibrate(model_path, calibrate_on, prior: str = "train", batch_size: int = 32, device: str = "auto") -> dict:
+    """Fit the posterior temperature on a labelled file (the validation split) and store it beside the model.
+
+    Returns:
+        The stored record: {"temperature", "prior", "fitted_on", "fitted_on_sha256", "n", "ece_before", "ece_after"}.
+    """
+    from augflow.data.store import read_info, sha256_file
+    from augflow.models import load_model
+    from augflow.synthesize import model_file
+    from augflow.train.checkpoint import write_json
+
+    path = model_file(model_path)
+    model, meta = load_model(path, with_meta=True)
+    val = read_info(calibrate_on)
+    if val.class_names != meta["class_names"]:
+        raise ConfigError(f"--calibrate-on {calibrate_on}: classes {val.class_names} differ from the model's "
+                          f"{meta['class_names']}")
+    log_pi = log_prior(meta["class_counts"], prior)
+    log_lik = dataset_log_likelihoods(model, calibrate_on, batch_size, device)
+    temperature = fit_temperature(log_lik, val.labels, log_pi)
+    record = {
+        "temperature": temperature, "prior": prior, "fitted_on": str(Path(calibrate_on).resolve()),
+        "fitted_on_sha256": sha256_file(calibrate_on), "n": len(val),
+        "ece_before": expected_calibration_error(posterior(log_lik, log_pi), val.labels),
+        "ece_after": expected_calibration_error(posterior(log_lik, log_pi, temperature), val.labels),
+    }
+    write_json(record, path.parent / CALIBRATION)
+    return record
+
+
+def stored_temperature(model_path, prior: str) -> float | None:
+    """The temperature :func:`calibrate` stored for this model and prior, or None."""
+    from augflow.synthesize import model_file
+
+    path = model_file(model_path).parent / CALIBRATION
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record["temperature"] if record.get("prior") == prior else None
+
+
 def classify_file(model_path, data, prior: str = "train", calibrate_on=None, batch_size: int = 32,
                   device: str = "auto") -> dict:
     """Classify every image of ``data`` with a trained flow; metrics when the file has labels.
@@ -155,12 +199,14 @@ def classify_file(model_path, data, prior: str = "train", calibrate_on=None, bat
         model_path: Run folder or model file.
         data: Dataset file to classify.
         prior: "train" (training-class frequencies stored with the model) or "uniform".
-        calibrate_on: Optional labelled dataset (the validation split) on which to fit the temperature.
+        calibrate_on: Optional labelled dataset (the validation split) on which to fit the temperature; it is
+            stored beside the model (``calibration.json``) and used by later calls without ``calibrate_on``.
         batch_size: Images per batch (each is evaluated K times).
         device: "auto", "cpu" or "cuda[:N]".
 
     Returns:
-        {"class_names", "predictions": Predictions, "temperature", "metrics" (with "ece_uncalibrated")}.
+        {"class_names", "predictions": Predictions, "labels", "metrics" (with "temperature", its
+        "temperature_source" and "ece_uncalibrated")}.
     """
     from augflow.data.store import read_info
     from augflow.models import load_model
@@ -172,18 +218,19 @@ def classify_file(model_path, data, prior: str = "train", calibrate_on=None, bat
     if info.class_names != class_names:
         raise ConfigError(f"--data {data}: classes {info.class_names} differ from the model's {class_names}")
     log_pi = log_prior(meta["class_counts"], prior)
-    temperature = 1.0
     if calibrate_on is not None:
-        val = read_info(calibrate_on)
-        if val.class_names != class_names:
-            raise ConfigError(f"--calibrate-on {calibrate_on}: classes {val.class_names} differ from the model's")
-        temperature = fit_temperature(dataset_log_likelihoods(model, calibrate_on, batch_size, device),
-                                      val.labels, log_pi)
+        temperature = calibrate(model_path, calibrate_on, prior, batch_size, device)["temperature"]
+        source = f"fitted on {calibrate_on}"
+    else:
+        temperature = stored_temperature(model_path, prior)
+        source = "stored with the model" if temperature is not None else "none (temperature 1)"
+        temperature = 1.0 if temperature is None else temperature
     log_lik = dataset_log_likelihoods(model, data, batch_size, device)
     preds = predict(log_lik, log_pi, temperature)
     result_metrics = classification_metrics(info.labels, preds, class_names)
     result_metrics["ece_uncalibrated"] = expected_calibration_error(posterior(log_lik, log_pi), info.labels)
     result_metrics["temperature"] = temperature
+    result_metrics["temperature_source"] = source
     result_metrics["prior"] = prior
     return {"class_names": class_names, "predictions": preds, "labels": info.labels, "metrics": result_metrics}
 

@@ -19,7 +19,9 @@ from augflow.classify import (
 from augflow.cli import cli
 from augflow.config import load_recipe
 from augflow.data.store import write_dataset
+from augflow.explain import explain_file
 from augflow.flows import MagicFlow, MagicFlowConfig
+from augflow.models import load_model
 from augflow.train.loop import train
 
 
@@ -101,6 +103,29 @@ def test_noise_level_toy_is_classified_and_cli_reports_metrics(tmp_path):
     assert np.sum(metrics["confusion_matrix"]) == 40
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert len(lines) == 41 and lines[0].startswith("row,label,predicted,entropy,p_quiet,p_noisy")
+
+    # The fitted temperature is stored beside the model and used when --calibrate-on is not given.
+    again = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file), "--json"])
+    stored = json.loads(again.output)
+    assert stored["temperature"] == metrics["temperature"] and stored["temperature_source"] == "stored with the model"
+
+    # Attribution maps: the contrast map sums to the log-likelihood ratio of the two classes.
+    explanation = explain_file(tmp_path / "run", test_file, [0, 25], contrast="quiet")
+    ratio = explanation.maps.sum(axis=(1, 2, 3))
+    log_lik = class_log_likelihoods(load_model(tmp_path / "run" / "model.pt"),
+                                    torch.from_numpy(explanation.images), 2).double().numpy()
+    expected = log_lik[np.arange(2), explanation.target] - log_lik[:, 0]
+    np.testing.assert_allclose(ratio, expected, rtol=1e-4, atol=1e-3)
+    assert list(explanation.predicted) == [0, 1] and explanation.maps.shape == (2, 1, 8, 8)
+    figure = tmp_path / "maps.png"
+    shown = CliRunner().invoke(cli, ["explain", "--model", str(tmp_path / "run"), "--data", str(test_file),
+                                     "--index", "0", "--index", "25", "--contrast", "quiet", "--out", str(figure)])
+    assert shown.exit_code == 0, shown.output
+    assert figure.stat().st_size > 10_000 and "row 25: label noisy, predicted noisy" in shown.output
+    refused = CliRunner().invoke(cli, ["explain", "--model", str(tmp_path / "run"), "--data", str(test_file),
+                                       "--index", "40", "--out", str(tmp_path / "x.png")])
+    assert refused.exit_code == 1 and "--index 40 is outside" in refused.output and "rows 0..39" in refused.output
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_metrics_agree_with_scikit_learn():
