@@ -12,8 +12,8 @@ held-out fold.
 
 Run the folds (two processes at once on a 2-core machine), then the report:
 
-    python benchmarks/classification_cv.py run --work /tmp/cv --folds 0,2,4 --threads 1
-    python benchmarks/classification_cv.py run --work /tmp/cv --folds 1,3 --threads 1
+    python benchmarks/classification_cv.py run --work /tmp/cv --size 32 --epochs 10 --folds 0,2,4 --threads 1
+    python benchmarks/classification_cv.py run --work /tmp/cv --size 32 --epochs 10 --folds 1,3 --threads 1
     python benchmarks/classification_cv.py report --work /tmp/cv
 
 ``run`` writes ``WORK/fold-K/result.json`` (metrics) and ``predictions.npz``; ``report`` writes
@@ -76,7 +76,7 @@ def write_fold(data: Path, fold_dir: Path, fold: int, seed: int) -> dict[str, Pa
     return paths
 
 
-def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int) -> None:
+def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command: str) -> None:
     fold_dir = work / f"fold-{fold}"
     paths = write_fold(data, fold_dir, fold, seed)
     train_info, val_info, test_info = (read_info(paths[p]) for p in ("train", "val", "test"))
@@ -112,7 +112,8 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int) -> None:
     np.savez(fold_dir / "predictions.npz", labels=test_info.labels, flow_probs=flow.probs, flow_ll=test_ll,
              uniform_probs=uniform.probs, cnn_probs=probs)
     summary = {
-        "fold": fold, "class_names": names, "train_images": len(train_info), "val_images": len(val_info),
+        "fold": fold, "command": command, "image_size": test_info.image_shape[-1], "class_names": names,
+        "train_images": len(train_info), "val_images": len(val_info),
         "test_images": len(test_info), "flow_steps": result.steps, "flow_train_seconds": flow_seconds,
         "cnn_train_seconds": cnn_seconds, "threads": torch.get_num_threads(), "best_val_bpd": result.best_val_loss,
         "flow": flow_metrics, "flow_uniform_prior": uniform_metrics, "cnn": cnn_metrics,
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "run":
         data = dataset(args.work, args.size, args.seed)
         for fold in map(int, args.folds.split(",")):
-            run_fold(data, args.work, fold, args.epochs, args.seed)
+            run_fold(data, args.work, fold, args.epochs, args.seed, " ".join(["python", *sys.argv]))
     else:
         from classification_report import write_report
 

@@ -95,7 +95,7 @@ def write_report(work: Path, reports: Path, command: str) -> Path:
         "# Likelihood classification of the 7 scanners: MAGIC-Flow vs ResNet-18",
         "",
         f"{len(results)}-fold subject-wise cross-validation (scikit-learn StratifiedGroupKFold, seed 0) on the "
-        "built-in scanner data at 64 px (1352 slices, 338 subjects). Per fold the flow "
+        f"built-in scanner data at {results[0]['image_size']} px (1352 slices, 338 subjects). Per fold the flow "
         "(`recipes/scanner-classify.toml`, conditional maximum likelihood, "
         f"{results[0]['flow_steps']} steps) trains on the training subjects, keeps its best-validation weights and "
         "fits its posterior temperature on a 10% subject-wise validation part; the ResNet-18 (augflow.baseline: "
@@ -105,8 +105,7 @@ def write_report(work: Path, reports: Path, command: str) -> Path:
         "Commands (the folds ran as two processes, one thread each):",
         "",
         "```",
-        "python benchmarks/classification_cv.py run --work WORK --folds 0,2,4 --threads 1",
-        "python benchmarks/classification_cv.py run --work WORK --folds 1,3 --threads 1",
+        *sorted({r["command"] for r in results}),
         command,
         "```",
         "",
