@@ -213,6 +213,10 @@ def classify_file(model_path, data, prior: str = "train", calibrate_on=None, bat
     from augflow.synthesize import model_file
 
     model, meta = load_model(model_file(model_path), with_meta=True)
+    if model.family == "symmflow":  # no likelihood: the integrated class mask's nearest palette colour
+        from augflow.symmflow.classify import classify_file as classify_symmflow
+
+        return classify_symmflow(model_path, data, calibrate_on=calibrate_on, batch_size=batch_size, device=device)
     class_names = meta["class_names"]
     info = read_info(data)
     if info.class_names != class_names:

@@ -121,26 +121,54 @@ def split(data, out_dir, val, test, seed):
         _print_summary(read_info(path, check_values=False).summary())
 
 
+def _print_ledger(ledger: dict | None) -> None:
+    if not ledger:
+        click.echo("privacy: no ledger (not made by an augflow model)")
+    elif not ledger.get("dp"):
+        click.echo("privacy: trained without differential privacy (no guarantee)")
+    else:
+        click.echo(f"privacy: ({ledger['epsilon']:.3g}, {ledger['delta']:.0e})-DP per {ledger['unit']} "
+                   f"({ledger['accountant']}, noise multiplier {ledger['noise_multiplier']:.3g}, sample rate "
+                   f"{ledger['sample_rate']:.3g}, {ledger['steps']} steps, clipping norm {ledger['max_grad_norm']:g}; "
+                   f"class counts: {ledger['class_counts_release']['release']})")
+
+
 @cli.command()
-@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_library_errors
 def info(data, as_json):
-    """Show the schema, shape, class counts, source and provenance of a dataset file.
+    """Show a dataset file (schema, shape, class counts, source, provenance), or a trained model (a run folder or
+    model.pt: classes, training step and privacy ledger).
 
     \b
     Example:
         augflow info data/train.h5 --json
+        augflow info runs/scanner-dp          # the privacy ledger of a model
     """
     from augflow.data.store import read_info
+    from augflow.train.privacy import model_summary
 
+    if data.is_dir() or data.suffix == ".pt":
+        summary = model_summary(data)
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+            return
+        click.echo(f"{summary['path']}: {summary['family']} model of {summary['image_shape']} images, "
+                   f"{len(summary['class_names'])} classes, trained {summary['step']} steps")
+        _print_ledger(summary["privacy"])
+        return
     summary = read_info(data).summary()
+    if isinstance(summary["provenance"], dict) and "privacy" in summary["provenance"]:
+        summary["privacy"] = summary["provenance"]["privacy"]  # the ledger of the model that made the data
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     _print_summary(summary)
     click.echo(f"schema version {summary['schema_version']}, created {summary['created_at']} "
                f"by augflow {summary['augflow_version']}")
+    if "privacy" in summary:
+        _print_ledger(summary["privacy"])
     click.echo("provenance: " + json.dumps(summary["provenance"], indent=2))
 
 
@@ -174,24 +202,50 @@ def _threads_option(fn):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
               help="Override a recipe key, e.g. --set train.lr=1e-3 (repeatable).")
+@click.option("--dp", "dp_enabled", is_flag=True,
+              help="Differentially private training (DP-SGD with Poisson sampling; sets privacy.enabled).")
+@click.option("--epsilon", type=float, default=None,
+              help="DP: total privacy budget epsilon, label counts included (privacy.epsilon).")
+@click.option("--delta", type=float, default=None,
+              help="DP: delta, below 1/N (default: the largest power of 10 at most 1/(10 N)).")
+@click.option("--max-grad-norm", type=float, default=None, help="DP: per-sample clipping norm C (default 1.0).")
+@click.option("--accountant", type=click.Choice(["rdp", "prv"]), default=None,
+              help="DP: privacy accountant, Renyi DP or privacy random variables (default rdp).")
+@click.option("--dp-unit", type=click.Choice(["slice", "subject"]), default=None,
+              help="DP: what is protected, one slice (default) or one subject (one slice per subject per step).")
 @_device_option
 @_threads_option
 @_library_errors
-def train(data, val, recipe, out, resume, seed, overrides, device):
+def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, delta, max_grad_norm, accountant,
+          dp_unit, device):
     """Train a class-conditional generative model (MAGIC-Flow, or the recipe's model.family) on a dataset file.
 
     \b
     Example:
         augflow train --data data/train.h5 --recipe recipes/scanner.toml --out runs/scanner
         augflow train --data data/train.h5 --recipe recipes/scanner.toml --out runs/scanner --resume
+        augflow train --data data/train.h5 --recipe scanner --out runs/dp --dp --epsilon 8 --dp-unit subject
     """
     import sys
 
     from augflow.config import load_recipe
     from augflow.train.loop import train as run_training
 
-    result = run_training(data, out, load_recipe(recipe, overrides), val=val, resume=resume, device=device,
+    dp_options = {"epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
+                  "unit": dp_unit}
+    dp_overrides = [f"privacy.{key}={value!r}" for key, value in dp_options.items() if value is not None]
+    loaded = load_recipe(recipe, [*overrides, *dp_overrides, *(["privacy.enabled=true"] if dp_enabled else [])])
+    if dp_overrides and not loaded.privacy.enabled:
+        raise click.UsageError("--epsilon, --delta, --max-grad-norm, --accountant and --dp-unit need --dp "
+                               "(or a recipe with [privacy] enabled = true)")
+    result = run_training(data, out, loaded, val=val, resume=resume, device=device,
                           seed=seed, command=" ".join(["augflow", *sys.argv[1:]]))
+    if result.privacy and result.privacy.get("dp"):
+        last = "n/a" if result.last_val_loss is None else f"{result.last_val_loss:.4f}"
+        click.echo(f"trained {result.steps} steps; last validation {result.loss_name} {last}; model (last weights): "
+                   f"{result.model_path}")
+        _print_ledger(result.privacy)
+        return
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
     click.echo(f"trained {result.steps} steps; best validation {result.loss_name} {best}; model: {result.model_path}")
 
@@ -247,7 +301,8 @@ def synthesize(model, out, class_name, n, balance, target_count, temperature, se
 @click.option("--prior", type=click.Choice(["train", "uniform"]), default="train", show_default=True,
               help="Class prior: training-class frequencies or uniform.")
 @click.option("--calibrate-on", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Labelled file (the validation split) to fit the posterior temperature on.")
+              help="Labelled file (the validation split) to fit the posterior temperature on; stored beside the "
+                   "model (calibration.json) and used when this option is not given.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @_device_option
@@ -273,8 +328,112 @@ def classify(model, data, out, prior, calibrate_on, batch_size, as_json, device)
     click.echo(f"{metrics['n']} images: accuracy {metrics['accuracy']:.3f}, balanced accuracy "
                f"{metrics['balanced_accuracy']:.3f}, macro AUC {metrics['auc_macro']:.3f}, macro F1 "
                f"{metrics['f1_macro']:.3f}")
-    click.echo(f"temperature {metrics['temperature']:.3g}: ECE {metrics['ece_uncalibrated']:.3f} -> "
+    click.echo(f"temperature {metrics['temperature']:.3g} ({metrics['temperature_source']}): "
+               f"ECE {metrics['ece_uncalibrated']:.3f} -> "
                f"{metrics['ece']:.3f}; selective-prediction area {metrics['selective_prediction']['area']:.3f}")
+
+
+@cli.command()
+@click.option("--model", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Run folder (or its model.pt) of a MAGIC-Flow.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Dataset file (real or synthetic).")
+@click.option("--index", "rows", type=int, multiple=True, required=True, help="Row to explain (repeatable).")
+@click.option("--class", "class_name", default=None, help="Class whose map is shown (default: the predicted one).")
+@click.option("--contrast", default=None, metavar="CLASS",
+              help="Show H(x, class) - H(x, CLASS): where the image is more typical of the class than of CLASS.")
+@click.option("--prior", type=click.Choice(["train", "uniform"]), default="train", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Figure (.png, .pdf).")
+@_device_option
+@_threads_option
+@_library_errors
+def explain(model, data, rows, class_name, contrast, prior, out, device):
+    """Draw likelihood attribution maps: which pixels make an image typical of a class.
+
+    \b
+    Example:
+        augflow explain --model runs/scanner --data data/test.h5 --index 0 --index 5 --out maps.png
+        augflow explain --model runs/scanner --data data/test.h5 --index 3 --contrast "Prisma Fit" --out c.png
+    """
+    from augflow.explain import explain_file, plot_explanation
+
+    explanation = explain_file(model, data, list(rows), class_name=class_name, contrast=contrast, prior=prior,
+                               device=device)
+    plot_explanation(explanation, out)
+    names = explanation.class_names
+    for row, label, pred, p in zip(rows, explanation.labels, explanation.predicted, explanation.probs, strict=True):
+        click.echo(f"row {row}: label {names[label]}, predicted {names[pred]} (p = {p[pred]:.2f})")
+    click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.option("--real", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Held-out real images (the test split): the reference, never trained on.")
+@click.option("--train", "train_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The real training file the generator was trained on.")
+@click.option("--synthetic", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The synthetic file to audit.")
+@click.option("--model", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Run folder (or model file) of the generator: adds membership inference and its privacy ledger.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder.")
+@click.option("--features", type=click.Choice(["domain", "inception"]), default="domain", show_default=True,
+              help="Feature space: an encoder trained on --train (cached), or Inception-v3 from local weights.")
+@click.option("--inception-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="torch-fidelity Inception-v3 weights file (nothing is downloaded).")
+@click.option("--gate", is_flag=True, help="Exit with an error if the release gate fails.")
+@click.option("--max-copy-fraction", type=float, default=0.05, show_default=True,
+              help="Gate: largest fraction of synthetic images closer to a training image than 1%% of held-out ones.")
+@click.option("--max-mia-auc", type=float, default=0.6, show_default=True,
+              help="Gate: largest membership-inference ROC AUC (needs --model).")
+@click.option("--max-exact-copies", type=int, default=0, show_default=True,
+              help="Gate: largest number of exact copies.")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Downstream CNN trainings per protocol.")
+@click.option("--epochs", type=int, default=30, show_default=True, help="Epochs per downstream CNN training.")
+@click.option("--budget", type=float, default=None, help="Wall-clock seconds per downstream CNN training.")
+@click.option("--no-downstream", is_flag=True, help="Skip the downstream classification protocol (the slowest stage).")
+@click.option("--encoder-epochs", type=int, default=10, show_default=True, help="Epochs of the domain encoder.")
+@click.option("--bootstraps", type=int, default=100, show_default=True, help="FID bootstrap resamples.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Encoder cache (default: $AUGFLOW_CACHE_DIR/encoders or ~/.cache/augflow/encoders).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@_device_option
+@_threads_option
+@_library_errors
+def audit(real, train_file, synthetic, model, out, features, inception_weights, gate, max_copy_fraction, max_mia_auc,
+          max_exact_copies, seeds, epochs, budget, no_downstream, encoder_epochs, bootstraps, cache_dir, seed, as_json,
+          device):
+    """Audit a synthetic dataset: fidelity, diversity, memorization, privacy, downstream utility, release gate.
+
+    Writes metrics.json, report.md and a self-contained report.html (with a data card) into --out.
+
+    \b
+    Example:
+        augflow audit --real data/test.h5 --train data/train.h5 --synthetic topup.h5 \\
+            --model runs/scanner --out reports/audit-scanner --gate
+    """
+    import sys
+
+    from augflow.audit import EncoderRecipe, GateThresholds, run_audit
+
+    thresholds = GateThresholds(max_copy_fraction=max_copy_fraction, max_mia_auc=max_mia_auc,
+                                max_exact_copies=max_exact_copies)
+    result = run_audit(real, train_file, synthetic, out, model=model, features=features,
+                       inception_weights=inception_weights, gate=thresholds, seeds=seeds, downstream_epochs=epochs,
+                       downstream_budget_s=budget, run_downstream=not no_downstream,
+                       encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=cache_dir, bootstraps=bootstraps,
+                       seed=seed, device=device, command=" ".join(["augflow", *sys.argv[1:]]))
+    verdict = result["gate"]
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"release gate: {'passed' if verdict['passed'] else 'FAILED'}")
+        for reason in verdict["reasons"]:
+            click.echo(f"  {reason}")
+        click.echo(f"report: {result['paths']['html']}")
+    if gate and not verdict["passed"]:
+        raise click.ClickException("release gate failed: " + "; ".join(
+            verdict["checks"][name]["reason"] for name in verdict["failed"]))
 
 
 @cli.command()
@@ -293,6 +452,46 @@ def demo(out_dir, task, seed):
     from augflow.demo import run_demo
 
     run_demo(out_dir, task=task, seed=seed, echo=click.echo)
+
+
+@cli.command("train-autoencoder")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Training file (augflow HDF5, real images).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder (gets autoencoder.pt).")
+@click.option("--val", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Validation file: its reconstruction MSE is reported.")
+@click.option("--latent-channels", type=int, default=4, show_default=True)
+@click.option("--downsample", type=int, default=4, show_default=True, help="Spatial reduction (power of two).")
+@click.option("--channels", type=int, default=32, show_default=True, help="Width of the first stage.")
+@click.option("--kl-weight", type=float, default=0.0, show_default=True, help="KL term weight (0: no KL).")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_device_option
+@_threads_option
+@_library_errors
+def train_autoencoder(data, out, val, latent_channels, downsample, channels, kl_weight, epochs, batch_size, lr,
+                      seed, device):
+    """Train the autoencoder of latent MedSymmFlow (model.family = "symmflow") on real training images.
+
+    Set model.autoencoder = "OUT/autoencoder.pt" in the recipe; required from 128 px up.
+
+    \b
+    Example:
+        augflow train-autoencoder --data data/train.h5 --val data/val.h5 --out ae/ --epochs 20
+    """
+    import sys
+
+    from augflow.symmflow.autoencoder import train_autoencoder as run
+
+    result = run(data, out, val=val, latent_channels=latent_channels, downsample=downsample, channels=channels,
+                 kl_weight=kl_weight, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                 command=" ".join(["augflow", *sys.argv[1:]]))
+    val_text = "n/a" if result.val_mse is None else f"{result.val_mse:.5f}"
+    click.echo(f"reconstruction MSE: train {result.train_mse:.5f}, validation {val_text} (mean image "
+               f"{result.mean_image_mse:.5f}); autoencoder: {result.path}")
 
 
 def main() -> None:

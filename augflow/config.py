@@ -2,7 +2,8 @@
 
 A recipe is a TOML file with the tables ``[model]`` (``family``, see :mod:`augflow.models`, and the fields of that
 family's config except the image shape and class count, which always come from the data file), ``[train]``
-(:class:`TrainConfig`) and ``[augment]`` (:class:`AugmentConfig`). ``--set table.key=value`` overrides any key; the
+(:class:`TrainConfig`), ``[augment]`` (:class:`AugmentConfig`) and ``[privacy]`` (:class:`PrivacyConfig`, DP-SGD;
+off by default). ``--set table.key=value`` overrides any key; the
 value is parsed as TOML (``--set train.lr=1e-3``, ``--set model.hidden_channels=[32,64,64,64]``). Unknown tables or
 keys are errors that list the valid ones.
 """
@@ -45,7 +46,7 @@ class TrainConfig:
     log_every: int = 10  # steps
     max_steps: int = 0  # stop after this many steps (0: run all epochs); the schedule still spans all epochs
     temperature: float = 0.8  # default sampling temperature stored with the model
-    app_mask: str = ""  # .npy (H, W) brain mask for the application-specific steps; "" = from the training mean
+    app_mask: str = ""  # .npy (H, W) brain mask (public under DP); "" = Otsu on the training mean (DP: on the template)
     amp: bool = False  # bfloat16 autocast on CUDA
     ce_weight: float = 0.0  # MAGIC-Flow hybrid objective: bits/dim + ce_weight * cross-entropy of the Bayes posterior
 
@@ -61,12 +62,37 @@ class AugmentConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differentially private training (DP-SGD with Poisson sampling); see :mod:`augflow.train.privacy`.
+
+    The noise multiplier is not a setting: it is calibrated so that the run reaches ``(epsilon, delta)`` exactly
+    at its planned number of steps (``train.epochs`` passes over the units of privacy).
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", 2016, arXiv:1607.00133.
+    """
+
+    enabled: bool = False  # --dp
+    epsilon: float = 0.0  # total budget, label counts included; required (> 0) when enabled
+    delta: float = 0.0  # 0: the largest power of 10 at most 1/(10 N), N = number of units; must be < 1/N
+    max_grad_norm: float = 1.0  # per-sample clipping norm C
+    accountant: str = "rdp"  # "rdp" (Mironov 2017) or "prv" (Gopi et al. 2021)
+    unit: str = "slice"  # what one record is: "slice" (image) or "subject" (one slice per subject per step)
+    microbatch: int = 8  # examples per vmap call; per-sample gradients of one microbatch are held at once
+    public_class_counts: bool = False  # true: the training class counts are public; false: released with noise
+    count_epsilon_fraction: float = 0.05  # share of epsilon spent on the noisy class counts (Laplace)
+    max_slices_per_subject: int = 11  # unit "subject": a subject's weight in the noisy counts is capped here
+    actnorm_init: str = "template"  # "template" (public MNI152 slices) or "identity"
+
+
+@dataclass
 class Recipe:
-    """A full training recipe: the model fields from the recipe, and the train and augment settings."""
+    """A full training recipe: the model fields from the recipe, and the train, augment and privacy settings."""
 
     model: dict = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     name: str = "custom"
 
     @property
@@ -80,7 +106,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "model": dict(self.model), "train": dataclasses.asdict(self.train),
-                "augment": dataclasses.asdict(self.augment)}
+                "augment": dataclasses.asdict(self.augment), "privacy": dataclasses.asdict(self.privacy)}
 
 
 def _model_keys(family_name: str) -> list[str]:
@@ -93,6 +119,7 @@ def _tables(family_name: str = DEFAULT_FAMILY) -> dict[str, list[str]]:
         "model": _model_keys(family_name),
         "train": [f.name for f in dataclasses.fields(TrainConfig)],
         "augment": [f.name for f in dataclasses.fields(AugmentConfig)],
+        "privacy": [f.name for f in dataclasses.fields(PrivacyConfig)],
     }
 
 
@@ -112,9 +139,10 @@ def recipe_from_dict(data: dict, name: str = "custom", source: str = "recipe") -
     try:
         train = TrainConfig(**data.get("train", {}))
         augment = AugmentConfig(**data.get("augment", {}))
+        privacy = PrivacyConfig(**data.get("privacy", {}))
     except TypeError as e:
         raise ConfigError(f"{source}: {e}") from None
-    return Recipe(model=dict(data.get("model", {})), train=train, augment=augment, name=name)
+    return Recipe(model=dict(data.get("model", {})), train=train, augment=augment, privacy=privacy, name=name)
 
 
 def parse_override(text: str) -> tuple[str, str, object]:

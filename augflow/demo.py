@@ -1,7 +1,8 @@
 """``augflow demo``: the whole pipeline on the built-in brain-MRI data, end to end.
 
-Generates the built-in scanner data at 32 px, splits it by subject, trains the ``quick`` recipe and writes a
-balanced synthetic top-up of the under-represented scanners. A few minutes on 2 CPU cores.
+Generates the built-in scanner data at 32 px, splits it by subject, trains the ``quick`` recipe, writes a
+balanced synthetic top-up of the under-represented scanners and audits it (``augflow audit`` with a smaller
+downstream protocol: one seed, a time budget per CNN). About five minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from augflow.audit import EncoderRecipe, run_audit
 from augflow.config import load_recipe
 from augflow.data.phantom import generate_demo_data
 from augflow.data.splits import split_file
@@ -20,28 +22,61 @@ DEMO_SIZE = 32
 
 
 def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Callable = print,
-             progress: bool = True) -> dict:
-    """Run generate → split → train → synthesize in ``out_dir``; return the paths written, by name."""
+             progress: bool = True, audit: bool = True, audit_seeds: int = 1, audit_budget_s: float = 15.0,
+             encoder_epochs: int = 2, bootstraps: int = 30) -> dict:
+    """Run generate → split → train → synthesize → audit in ``out_dir``; return the paths written, by name.
+
+    Arguments:
+        out_dir: Folder of everything the demo writes (the domain encoder is cached in ``out_dir/cache``).
+        task: "scanner" or "modality".
+        seed: Seeds every step.
+        echo: Where progress lines go.
+        progress: Show progress bars.
+        audit: Run the audit (step 5).
+        audit_seeds: Downstream CNN trainings per protocol (the audit's default is 3).
+        audit_budget_s: Wall-clock seconds per downstream CNN training (the audit's default is no limit).
+        encoder_epochs: Epochs of the audit's domain encoder (the audit's default is 10).
+        bootstraps: FID bootstrap resamples (the audit's default is 100).
+    """
     out_dir = Path(out_dir)
-    echo(f"[1/4] generating the built-in {task} data at {DEMO_SIZE} px (MNI152 template, seed {seed})")
+    steps = 5 if audit else 4
+    echo(f"[1/{steps}] generating the built-in {task} data at {DEMO_SIZE} px (MNI152 template, seed {seed})")
     full = generate_demo_data(task, out_dir / f"{task}.h5", size=DEMO_SIZE, seed=seed, progress=progress)
-    echo("[2/4] splitting by subject (train 70% / val 10% / test 20%)")
+    echo(f"[2/{steps}] splitting by subject (train 70% / val 10% / test 20%)")
     parts = split_file(full, out_dir / "data", seed=seed)
     for name, path in parts.items():
         info = read_info(path, check_values=False)
         counts = ", ".join(f"{k} {v}" for k, v in info.class_counts().items())
         echo(f"  {name:5s} {len(info):5d} images, {len(set(info.subjects)):4d} subjects: {counts}")
 
-    echo("[3/4] training MAGIC-Flow with the quick recipe")
+    echo(f"[3/{steps}] training MAGIC-Flow with the quick recipe")
     run = out_dir / "runs" / "quick"
     result = train(parts["train"], run, load_recipe("quick"), val=parts["val"], seed=seed,
                    resume=(run / "checkpoint.pt").exists(), command="augflow demo", progress=progress)
     echo(f"  {result.steps} steps, best validation {result.best_val_loss:.3f} {result.loss_name} "
          f"-> {result.model_path}")
 
-    echo("[4/4] synthesizing a balanced top-up of the under-represented classes")
+    echo(f"[4/{steps}] synthesizing a balanced top-up of the under-represented classes")
     counts = balanced_counts(result.model_path)
     synthetic = synthesize(result.model_path, out_dir / "synthetic.h5", counts, seed=seed, progress=progress)
     echo(f"  wrote {sum(synthetic.counts.values())} images to {synthetic.out}: "
          + ", ".join(f"{k} {v}" for k, v in synthetic.counts.items() if v))
-    return {"data": full, **parts, "run": run, "synthetic": synthetic.out}
+    paths = {"data": full, **parts, "run": run, "synthetic": synthetic.out}
+    if not audit:
+        return paths
+
+    echo(f"[5/{steps}] auditing the synthetic images against the held-out test split")
+    report = run_audit(parts["test"], parts["train"], synthetic.out, out_dir / "audit", model=result.model_path,
+                       seeds=audit_seeds, downstream_budget_s=audit_budget_s, bootstraps=bootstraps,
+                       encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=out_dir / "cache", seed=seed,
+                       command="augflow demo", progress=progress)
+    fid = report["fidelity"]["overall"]
+    echo(f"  FID {fid['synthetic']['fid']:.1f} (real train vs test: {fid['real']['fid']:.1f}); copy fraction "
+         f"{report['memorization']['copy_fraction']:.3f}; membership-inference AUC "
+         f"{report['membership_inference']['auc']:.3f}")
+    balanced = {p: v["summary"]["balanced_accuracy"]["mean"] for p, v in report["downstream"]["protocols"].items()}
+    echo("  downstream balanced accuracy: " + ", ".join(f"{p} {v:.3f}" for p, v in balanced.items()))
+    gate = report["gate"]
+    echo("  release gate: " + ("passed" if gate["passed"] else f"failed ({', '.join(gate['failed'])})"))
+    echo(f"  report: {report['paths']['html']}")
+    return {**paths, "report": Path(report["paths"]["html"]), "metrics": Path(report["paths"]["metrics"])}

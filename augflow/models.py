@@ -22,6 +22,7 @@ import torch
 
 from augflow.errors import ConfigError
 from augflow.flows import MagicFlow, MagicFlowConfig
+from augflow.symmflow import SymmFlow, SymmFlowConfig
 
 DEFAULT_FAMILY = "magic"
 
@@ -34,7 +35,10 @@ class Family:
     model: type
 
 
-FAMILIES: dict[str, Family] = {"magic": Family(MagicFlowConfig, MagicFlow)}
+FAMILIES: dict[str, Family] = {
+    "magic": Family(MagicFlowConfig, MagicFlow),
+    "symmflow": Family(SymmFlowConfig, SymmFlow),
+}
 
 
 def family(name: str) -> Family:

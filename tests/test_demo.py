@@ -1,4 +1,4 @@
-"""One small end-to-end run: `augflow demo` generates, splits, trains the quick recipe and tops up classes."""
+"""One small end-to-end run: `augflow demo` generates, splits, trains the quick recipe, tops up classes and audits."""
 
 import json
 
@@ -26,3 +26,25 @@ def test_demo_end_to_end(tmp_path):
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(val) == 3 and min(val) < val[0] and np.isfinite(val).all()
     assert "best validation" in result.output and "wrote 1473 images" in result.output
+
+    # The audit: report files, stable keys, sane values.
+    audit = tmp_path / "audit"
+    assert f"report: {audit / 'report.html'}" in result.output
+    metrics = json.loads((audit / "metrics.json").read_text())
+    assert {"inputs", "privacy", "feature_space", "fidelity", "diversity", "memorization", "membership_inference",
+            "likelihood_classifier", "downstream", "gate"} <= set(metrics)
+    overall = metrics["fidelity"]["overall"]
+    assert overall["synthetic"]["fid"] > 0 and overall["real"]["fid"] > 0
+    assert 0 <= overall["synthetic"]["precision"] <= 1 and 0 <= overall["synthetic"]["coverage"] <= 1
+    assert metrics["diversity"]["settings"] == {"method": "ms-ssim", "win_size": 3, "scales": 3,
+                                                "weights": metrics["diversity"]["settings"]["weights"]}
+    assert 0 < metrics["diversity"]["synthetic"]["intra"] < 1
+    assert metrics["memorization"]["exact_copies"] == 0 and 0 <= metrics["memorization"]["copy_fraction"] <= 1
+    mia = metrics["membership_inference"]
+    assert mia["n_members"] == len(train) and 0.3 < mia["auc"] < 0.7  # 3 epochs of a tiny flow: little leakage
+    assert metrics["privacy"]["differentially_private"] is False
+    real_only = metrics["downstream"]["protocols"]["real"]["summary"]["balanced_accuracy"]["mean"]
+    assert real_only > 1 / 7  # above chance
+    assert isinstance(metrics["gate"]["passed"], bool)
+    html = (audit / "report.html").read_text()
+    assert "Data card" in html and "not differentially private" in html and "data:image/png;base64," in html

@@ -3,9 +3,12 @@
 A run folder ``runs/NAME`` holds:
 
 - ``checkpoint.pt``: everything needed to resume exactly (model, EMA, optimiser, scheduler, RNG states, step,
-  config, data fingerprint), rewritten every ``train.checkpoint_every`` steps and at the end;
-- ``model.pt``: the model to use (EMA weights when enabled), best by validation bits/dim, with its metadata
-  (class names, training class counts, recipe, data fingerprint) — what ``augflow synthesize`` loads;
+  config, data fingerprint, and ``privacy``: the ledger and, under DP, the private state — calibrated plan,
+  accountant history, released class counts and the secret seed of sampling and noise), rewritten every
+  ``train.checkpoint_every`` steps and at the end. It is private to the data holder: never release it;
+- ``model.pt``: the model to use (EMA weights when enabled), best by validation bits/dim (under DP: the last
+  weights), with its metadata (class names, training class counts, recipe, data fingerprint, and the privacy
+  ledger ``meta["privacy"]``) — what ``augflow synthesize`` loads and copies into its provenance;
 - ``config.json`` (the resolved recipe), ``command.txt`` (the command line) and ``metrics.jsonl``.
 
 Every file is written to a temporary name in the same folder and renamed with ``os.replace``, so a killed run

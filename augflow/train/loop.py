@@ -8,15 +8,22 @@ produced.
 Objective: the family's ``training_loss`` of uniformly dequantised images; for MAGIC-Flow the negative
 log-likelihood in bits per dimension (Kingma & Dhariwal 2018, Glow, arXiv 1807.03039; MAGIC-Flow,
 arXiv 2510.22070), optionally plus ``train.ce_weight`` times the Bayes posterior's cross-entropy.
+
+With ``[privacy] enabled`` the same loop runs DP-SGD (:mod:`augflow.train.privacy`): Poisson-sampled batches,
+exact per-sample gradients clipped and noised by Opacus' DPOptimizer, an accountant continued across resumes,
+public-only initialisation and mask, and the last weights released with their privacy ledger. Every checkpoint and
+model records ``privacy`` (``{"dp": False, ...}`` without DP: never a made-up epsilon).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +37,13 @@ from tqdm.auto import tqdm
 
 from augflow import __version__
 from augflow.atomic import atomic_save, atomic_write_text
-from augflow.config import Recipe
+from augflow.config import PrivacyConfig, Recipe
 from augflow.data.splits import subject_split
 from augflow.data.store import read_info, read_rows, sha256_file
 from augflow.errors import ConfigError
 from augflow.flows import MagicFlow, brain_mask_from_images, dequantize, load_mask
 from augflow.models import family
+from augflow.train import privacy as dp
 from augflow.train.augment import augment
 from augflow.train.checkpoint import CHECKPOINT, MODEL, rng_states, set_rng_states, write_json
 
@@ -50,6 +58,7 @@ class TrainResult:
     last_val_loss: float | None
     model_path: Path
     loss_name: str
+    privacy: dict | None = None  # the ledger stored with the model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -92,7 +101,7 @@ class _Rows:
 
     def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         images = read_rows(self._images, self.rows[positions])
-        return torch.from_numpy(images), torch.from_numpy(self.labels[positions])
+        return torch.from_numpy(images), torch.from_numpy(self.labels[positions]).long()
 
     def mean_image(self) -> np.ndarray:
         total = np.zeros(self._images.shape[1:], dtype=np.float64)
@@ -172,16 +181,48 @@ def dataset_loss(model: torch.nn.Module, path: str | Path, batch_size: int = 64,
 
 
 def _build_model(recipe: Recipe, info, train_set: _Rows, resuming: bool) -> torch.nn.Module:
-    """The recipe's model for the data; MAGIC-Flow also needs its application-specific (brain) mask."""
+    """The recipe's model for the data; MAGIC-Flow also needs its application-specific (brain) mask: a user file
+    (``train.app_mask``), else Otsu on the training mean image, or under DP on the public template."""
     config = recipe.model_config(info.image_shape, info.num_classes)
     model_class = family(recipe.family).model
     if model_class is not MagicFlow:
         return model_class(config)
     if resuming:  # the mask is a buffer: the checkpoint's state overwrites this placeholder
         return MagicFlow(config)
-    if recipe.train.app_mask:  # a user-supplied brain mask (.npy), else Otsu on the training mean image
+    if recipe.train.app_mask:  # under DP the user declares the file public
         return MagicFlow(config, app_mask=load_mask(recipe.train.app_mask, *info.image_shape[1:]))
+    if recipe.privacy.enabled:  # never the private images' mean
+        return MagicFlow(config, app_mask=dp.template_mask(*info.image_shape[1:]))
     return MagicFlow(config, app_mask=brain_mask_from_images(torch.from_numpy(train_set.mean_image())[None]))
+
+
+def _initial_model(recipe: Recipe, info, train_set: _Rows, seed: int, device: torch.device) -> torch.nn.Module:
+    """The model before its first step: built from ``seed``, then initialised from a fixed batch of the training
+    data (MAGIC-Flow's ActNorm), or under DP from public data only (:func:`augflow.train.privacy.public_initialize`).
+    """
+    torch.manual_seed(seed)
+    model = _build_model(recipe, info, train_set, resuming=False).to(device)
+    if recipe.privacy.enabled:
+        dp.public_initialize(model, recipe.privacy.actnorm_init, info.image_shape, info.num_classes)
+        return model
+    init = np.random.default_rng(derive_seed(seed, 0)).permutation(len(train_set))[: max(64, recipe.train.batch_size)]
+    x, y = train_set.batch(np.sort(init))
+    with torch.no_grad():
+        model.initialize(dequantize(x.to(device)), y.to(device))
+    return model
+
+
+def _public_inputs(recipe: Recipe, model: torch.nn.Module) -> dict:
+    """What the DP model took from outside the private training data (for the ledger)."""
+    uses_mask = isinstance(model, MagicFlow) and "application" in model.config.full_res_steps
+    if not uses_mask:
+        mask = "not used by this model"
+    elif recipe.train.app_mask:
+        mask = f"user file {recipe.train.app_mask} (declared public)"
+    else:
+        mask = "MNI152 ICBM 2009a template (nilearn), Otsu on its 11 central coronal slices"
+    init = {"identity": "identity (no data)", "template": "MNI152 template slices (public)"}
+    return {"app_mask": mask, "initialization": init[recipe.privacy.actnorm_init]}
 
 
 def _fingerprint(data: Path, val: Path | None, train_rows: np.ndarray, val_rows: np.ndarray) -> dict:
@@ -195,7 +236,8 @@ def _fingerprint(data: Path, val: Path | None, train_rows: np.ndarray, val_rows:
 def _comparable(recipe_dict: dict) -> dict:
     """The recipe without the keys a resumed run may change (its stopping point and logging)."""
     train = {k: v for k, v in recipe_dict["train"].items() if k not in ("max_steps", "log_every", "epochs")}
-    return {**recipe_dict, "train": train}
+    privacy = recipe_dict.get("privacy") or dataclasses.asdict(PrivacyConfig())  # runs from before [privacy]
+    return {**recipe_dict, "train": train, "privacy": privacy}
 
 
 def train(
@@ -214,22 +256,28 @@ def train(
     Arguments:
         data: Training file (augflow HDF5). Its image shape and classes define the model.
         out: Run folder (created; must not hold a run unless ``resume``).
-        recipe: The training recipe.
+        recipe: The training recipe; ``recipe.privacy.enabled`` trains with DP-SGD.
         val: Validation file; default: a subject-wise split of ``data`` (``train.val_fraction`` of subjects).
         resume: Continue the run in ``out`` from its last checkpoint.
         device: "auto", "cpu" or "cuda[:N]".
-        seed: Seed of initialisation, batch order and noise.
+        seed: Seed of initialisation, batch order and noise (under DP the sampling and gradient noise come from a
+            secret seed instead, see :mod:`augflow.train.privacy`).
         command: The command line, written to ``command.txt``.
         progress: Show a tqdm progress bar.
 
     Returns:
         A :class:`TrainResult`.
+
+    Raises:
+        ConfigError: For unusable data, recipes, run folders or privacy settings
+            (:class:`~augflow.train.privacy.PrivacyError`).
     """
     data, out = Path(data), Path(out)
     device = resolve_device(device)
     rank, world = _distributed(device)
     progress = progress and rank == 0
-    cfg = recipe.train
+    cfg, pcfg = recipe.train, recipe.privacy
+    private = pcfg.enabled
     info = read_info(data)
     if val is None:
         parts = subject_split(info.labels, info.subjects, val=cfg.val_fraction, test=0.0, seed=seed)
@@ -249,6 +297,30 @@ def train(
     fingerprint = _fingerprint(data, val, train_rows, val_rows)
     recipe_dict = recipe.to_dict()
 
+    units = None
+    if private:
+        dp.validate_config(pcfg)
+        if world > 1:
+            raise dp.PrivacyError("DP training runs in one process: under torchrun every process would need its "
+                                  "share of one Poisson sample and of the noise, which augflow does not implement; "
+                                  "run augflow train --dp without torchrun")
+        if cfg.balanced_sampling:
+            raise dp.PrivacyError("train.balanced_sampling cannot be combined with DP: the accountant's analysis "
+                                  "needs uniform Poisson sampling, and class-weighted draws depend on the private "
+                                  "labels; set train.balanced_sampling = false (synthesize --balance tops up classes)")
+        if cfg.amp:
+            raise dp.PrivacyError("train.amp is not supported under DP (per-sample gradients are taken in float32)")
+        units = dp.make_units(pcfg.unit, info.subjects[train_rows])
+        most = int(dp.make_units("subject", info.subjects[train_rows]).sizes.max())
+        if pcfg.unit == "slice" and most > 1:
+            warnings.warn(f"DP protects one slice, but subjects of {data} have up to {most} slices: a subject is "
+                          f"protected only at the group-privacy level (about {most} x epsilon). Use --dp-unit "
+                          f"subject for a per-subject guarantee.", dp.PrivacyWarning, stacklevel=2)
+    population = units.count if private else len(train_set)
+    steps_per_epoch = math.ceil(population / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
     checkpoint_path = out / CHECKPOINT
     state = None
     if resume:
@@ -262,25 +334,39 @@ def train(
                               "train.max_steps and train.log_every may change")
     elif checkpoint_path.exists():
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
+
+    # The private state is fixed at the run's start; a resumed run continues it, whatever train.epochs says now.
+    class_counts = np.bincount(train_set.labels, minlength=info.num_classes).tolist()
+    plan = secret = accountant = counts_info = None
+    if private and state is None:
+        plan = dp.plan_privacy(pcfg, population, cfg.batch_size, total_steps)
+        secret = dp.new_secret()
+        class_counts, counts_info = dp.release_class_counts(train_set.labels, units, info.num_classes, pcfg,
+                                                            plan.epsilon_counts, dp.secret_seed(secret, 0))
+        accountant = dp.make_accountant(plan.accountant)
+    elif private:
+        saved = state["privacy"]["state"]
+        plan, secret = dp.PrivacyPlan(**saved["plan"]), saved["secret"]
+        class_counts, counts_info = saved["class_counts"], saved["counts_info"]
+        accountant = dp.make_accountant(plan.accountant, saved["accountant"])
+
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(recipe_dict, out / "config.json")
         atomic_write_text((command or " ".join(sys.argv)) + "\n", out / "command.txt")
 
-    torch.manual_seed(seed)
-    model = _build_model(recipe, info, train_set, resuming=state is not None).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if state is None:
+        model = _initial_model(recipe, info, train_set, seed, device)
+    else:
+        torch.manual_seed(seed)
+        model = _build_model(recipe, info, train_set, resuming=True).to(device)
+    if private:
+        dp.check_model(model)
+    # DPOptimizer cannot clip a parameter without elements (the LU factors of a 1-channel 1x1 conv).
+    params = [p for p in model.parameters() if p.numel() > 0 or not private]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, total_steps, warmup, cfg.warmup_start, cfg.min_lr / cfg.lr))
-    if state is None:
-        # Data-dependent initialisation (MAGIC-Flow's ActNorm) on a fixed batch of the training data.
-        init = np.random.default_rng(derive_seed(seed, 0)).permutation(len(train_set))[: max(64, cfg.batch_size)]
-        x, y = train_set.batch(np.sort(init))
-        with torch.no_grad():
-            model.initialize(dequantize(x.to(device)), y.to(device))
     ema = AveragedModel(model, avg_fn=_ema_with_warmup(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
 
     step, best_val, last_val = 0, None, None
@@ -293,29 +379,44 @@ def train(
         set_rng_states(state["rng"])
         step, best_val, last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
 
+    def ledger() -> dict:
+        if not private:
+            return dp.non_private_ledger(fingerprint)
+        return dp.private_ledger(plan, accountant, counts_info, fingerprint, _public_inputs(recipe, model))
+
     def save_checkpoint():
+        private_state = None if not private else {
+            "plan": plan.to_dict(), "secret": secret, "accountant": [list(h) for h in accountant.history],
+            "class_counts": class_counts, "counts_info": counts_info}
         atomic_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "rng": rng_states(), "step": step,
             "best_val_loss": best_val, "last_val_loss": last_val, "recipe": recipe_dict, "seed": seed,
-            "fingerprint": fingerprint,
+            "fingerprint": fingerprint, "privacy": {"ledger": ledger(), "state": private_state},
         }, checkpoint_path)
 
     def save_model(val_loss):
         eval_model = ema.module if ema is not None else model
         meta = {
-            "class_names": info.class_names,
-            "class_counts": np.bincount(train_set.labels, minlength=info.num_classes).tolist(),
-            "recipe": recipe_dict, "fingerprint": fingerprint, "step": step, "val_loss": val_loss,
+            "class_names": info.class_names, "class_counts": class_counts,
+            "recipe": recipe_dict, "fingerprint": fingerprint, "step": step,
+            "val_loss": None if private else val_loss,  # a statistic of private validation data: not released
             "loss_name": model.loss_name, "temperature": cfg.temperature, "augflow_version": __version__,
-            "seed": seed,
+            "seed": seed, "privacy": ledger(),
         }
         eval_model.save(out / MODEL, meta=meta)
 
     # Under torchrun each process takes every world-th image of the global batch; DDP averages the gradients.
     objective = _Objective(model, cfg.ce_weight)
     net = DistributedDataParallel(objective) if world > 1 else objective
+    private_step = dp.PrivateStep(objective, optimizer, plan, pcfg.microbatch) if private else None
     end = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
+    allowed = plan.budget_steps(end) if private else end
+    if allowed < end:
+        warnings.warn(f"stopping after step {allowed} instead of {end}: one more step would exceed privacy.epsilon "
+                      f"= {plan.target_epsilon} (the noise was calibrated for {plan.planned_steps} steps)",
+                      dp.PrivacyWarning, stacklevel=2)
+        end = allowed
     metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
     bar = tqdm(total=end, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     order, order_epoch = None, -1
@@ -323,47 +424,60 @@ def train(
     model.train()
     while step < end:
         epoch, within = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:
-            order = _epoch_order(len(train_set), train_set.labels, info.num_classes, cfg.balanced_sampling,
-                                 seed, epoch)
-            order_epoch = epoch
-        x, y = train_set.batch(order[within * cfg.batch_size:(within + 1) * cfg.batch_size])
+        if private:  # Poisson sampling from the secret seed: which units were drawn is never released
+            positions = dp.poisson_sample(units, plan.sample_rate, dp.secret_seed(secret, 1, step))
+        else:
+            if order_epoch != epoch:
+                order = _epoch_order(len(train_set), train_set.labels, info.num_classes, cfg.balanced_sampling,
+                                     seed, epoch)
+                order_epoch = epoch
+            positions = order[within * cfg.batch_size:(within + 1) * cfg.batch_size]
+        x, y = train_set.batch(positions)
         x, y = x.to(device), y.to(device)
         step_seed = derive_seed(seed, 2, step)
         torch.manual_seed(step_seed)  # dropout of the coupling networks
         generator = torch.Generator(device).manual_seed(step_seed)
-        # Noise is drawn for the whole batch on every process, so a run is the same at any world size.
-        x = dequantize(augment(x, recipe.augment, generator), generator=generator)[rank::world]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            loss = net(x, y[rank::world]).float().mean()  # through DDP's gradient hooks
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            loss = loss.detach().clone()
-            dist.all_reduce(loss)
-            loss /= world
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        if len(x):
+            # Noise is drawn for the whole batch on every process, so a run is the same at any world size.
+            x = dequantize(augment(x, recipe.augment, generator), generator=generator)
+        extra = {}
+        if private:
+            stats = private_step.step(x, y, dp.secret_seed(secret, 2, step))
+            accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+            loss_value, grad_norm = stats["loss"], stats["grad_norm"]
+            extra = {"batch": stats["batch"], "clipped": stats["clipped"]}
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+                loss = net(x[rank::world], y[rank::world]).float().mean()  # through DDP's gradient hooks
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:
+                loss = loss.detach().clone()
+                dist.all_reduce(loss)
+                loss /= world
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            optimizer.step()
+            loss_value = loss.item()
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        record = {"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": float(grad_norm),
-                  "lr": scheduler.get_last_lr()[0]}
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"training diverged at step {step} (loss {record['loss']}); "
+        bar.set_postfix(loss="-" if loss_value is None else f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        record = {"step": step, "epoch": epoch, "loss": loss_value, "grad_norm": grad_norm,
+                  "lr": scheduler.get_last_lr()[0], **extra}
+        if loss_value is not None and not math.isfinite(loss_value):
+            raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}); "
                                      f"lower train.lr or raise train.grad_clip")
         if rank != 0:
             continue  # validation, logs and checkpoints are the first process's
         epoch_end = step % steps_per_epoch == 0 or step == end
         if epoch_end and len(val_set):
             last_val = evaluate_loss(ema.module if ema is not None else model, val_set, cfg.batch_size,
-                                    device, seed)
+                                     device, seed)
             model.train()
             record["val_loss"] = last_val
-            if best_val is None or last_val < best_val:
+            if not private and (best_val is None or last_val < best_val):  # DP releases the last weights
                 best_val = last_val
                 save_model(last_val)
         if step % cfg.log_every == 0 or "val_loss" in record:
@@ -371,8 +485,8 @@ def train(
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         if step % cfg.checkpoint_every == 0 or step == end:
-            if not len(val_set) and step == end:
-                save_model(None)
+            if private or (not len(val_set) and step == end):
+                save_model(last_val)
             save_checkpoint()
     bar.close()
     if rank == 0:
@@ -381,4 +495,4 @@ def train(
             save_model(last_val)
     if world > 1:
         dist.barrier()
-    return TrainResult(out, step, best_val, last_val, out / MODEL, model.loss_name)
+    return TrainResult(out, step, best_val, last_val, out / MODEL, model.loss_name, ledger())

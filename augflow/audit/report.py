@@ -1,0 +1,489 @@
+"""The audit's outputs: the release gate, figures, and ``metrics.json`` / ``report.md`` / ``report.html``.
+
+The report opens with a *data card* for the synthetic file (after "Datasheets for Datasets", Gebru et al.
+2018, arXiv 1803.09010, and "Model Cards", Mitchell et al. 2019, arXiv 1810.03993): what the data is, how it
+was made, its privacy status in plain words, the audit summary, and intended and unsuitable uses. The HTML
+file is self-contained (figures embedded as base64 PNG); the Markdown file links the same PNGs in
+``figures/``. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from augflow.atomic import atomic_path, atomic_write_text
+from augflow.errors import ConfigError
+
+NOT_DP = ("not differentially private: the generator was trained without differential privacy, so nothing "
+          "formally limits what the synthetic images reveal about individual training subjects")
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """Release-gate thresholds (all must hold for a release).
+
+    Attributes:
+        max_copy_fraction: Largest allowed fraction of synthetic images closer to a training image than the
+            closest 1% of held-out real images. A generator that does not copy scores about 0.01 by
+            construction (with sampling noise, in each of the two spaces), so the default 0.05 flags copying
+            at five times the chance rate.
+        max_mia_auc: Largest allowed ROC AUC of the likelihood membership-inference attack (0.5 = no leakage);
+            only evaluated when the model is given.
+        max_exact_copies: Largest allowed number of synthetic images equal to a training image (to half an
+            8-bit grey level).
+    """
+
+    max_copy_fraction: float = 0.05
+    max_mia_auc: float = 0.6
+    max_exact_copies: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.max_copy_fraction <= 1:
+            raise ConfigError(f"--max-copy-fraction must be in range [0, 1], but is: {self.max_copy_fraction}")
+        if not 0.5 <= self.max_mia_auc <= 1:
+            raise ConfigError(f"--max-mia-auc must be in range [0.5, 1], but is: {self.max_mia_auc}")
+        if self.max_exact_copies < 0:
+            raise ConfigError(f"--max-exact-copies must be non-negative, but is: {self.max_exact_copies}")
+
+
+def release_gate(metrics: dict, thresholds: GateThresholds | None = None) -> dict:
+    """Check the audit's metrics against the thresholds.
+
+    Arguments:
+        metrics: Needs ``metrics["memorization"]`` (``copy_fraction``, ``exact_copies``) and, when a model was
+            audited, ``metrics["membership_inference"]["auc"]`` (None: not evaluated).
+        thresholds: Default :class:`GateThresholds` when None.
+
+    Returns:
+        ``{"passed", "checks": {name: {"value", "threshold", "status" ("pass" | "fail" | "not evaluated"),
+        "reason"}}, "failed": [names], "reasons": [...], "thresholds": {...}}``. A check that cannot be
+        evaluated (no model for membership inference) does not fail the gate but is listed as such.
+    """
+    t = thresholds or GateThresholds()
+    mem = metrics["memorization"]
+    mia = metrics.get("membership_inference")
+    values = {
+        "copy_fraction": (mem["copy_fraction"], t.max_copy_fraction, "fraction of synthetic images closer to a "
+                          "training image than the closest 1% of held-out images"),
+        "exact_copies": (mem["exact_copies"], t.max_exact_copies, "synthetic images identical to a training image"),
+        "mia_auc": (None if mia is None else mia["auc"], t.max_mia_auc, "membership-inference ROC AUC"),
+    }
+    checks, failed, reasons = {}, [], []
+    for name, (value, limit, what) in values.items():
+        if value is None:
+            status, reason = "not evaluated", f"{name}: not evaluated (needs --model)"
+        elif value <= limit:
+            status, reason = "pass", f"{name} = {_fmt(value)} <= {_fmt(limit)} ({what})"
+        else:
+            status, reason = "fail", f"{name} = {_fmt(value)} > {_fmt(limit)} ({what})"
+            failed.append(name)
+        checks[name] = {"value": value, "threshold": limit, "status": status, "reason": reason}
+        reasons.append(reason)
+    return {"passed": not failed, "checks": checks, "failed": failed, "reasons": reasons, "thresholds": asdict(t)}
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, bool | str):
+        return str(v)
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    return f"{v:.{digits}g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def _pm(stat: dict) -> str:
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+# ----------------------------------------------------------------------------------------------------- figures
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _show(ax, image: np.ndarray, title: str | None = None) -> None:
+    ax.imshow(image[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def figure_samples(synthetic, synthetic_labels, real, real_labels, class_names, per_class: int = 6) -> bytes:
+    """A row per class: ``per_class`` synthetic images, then as many real training images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    fig, axes = plt.subplots(len(class_names), 2 * per_class, figsize=(2 * per_class * 0.8, len(class_names) * 0.9),
+                             squeeze=False)
+    for k, name in enumerate(class_names):
+        for offset, (images, labels) in enumerate(((synthetic, synthetic_labels), (real, real_labels))):
+            rows = np.flatnonzero(labels == k)
+            rows = rng.choice(rows, min(per_class, len(rows)), replace=False) if len(rows) else rows
+            for j in range(per_class):
+                ax = axes[k, offset * per_class + j]
+                if j < len(rows):
+                    _show(ax, images[rows[j]])
+                else:  # an empty cell, but keep the axes: the first one carries the class name
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    for spine in ax.spines.values():
+                        spine.set_visible(False)
+        axes[k, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle("left: synthetic, right: real training images", fontsize=9)
+    return _png(fig)
+
+
+def figure_closest_pairs(pairs: list[dict], synthetic, train) -> bytes:
+    """The closest synthetic-training pairs: synthetic image above its nearest training image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 8
+    rows = max(1, math.ceil(len(pairs) / cols))
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(cols * 1.0, 2 * rows * 1.05), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, p in enumerate(pairs):
+        r, c = divmod(i, cols)
+        _show(axes[2 * r, c], synthetic[p["synthetic"]], f"d={p['distance']:.3f}")
+        _show(axes[2 * r + 1, c], train[p["train"]], "train")
+        axes[2 * r, c].axis("on")
+        axes[2 * r + 1, c].axis("on")
+    fig.suptitle("closest synthetic (top) / training (bottom) pairs, pixel RMS distance", fontsize=9)
+    return _png(fig)
+
+
+def figure_dcr(arrays: dict, thresholds: dict) -> bytes:
+    """Histograms of the distance to the closest training image: synthetic vs held-out real, per space."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(arrays), figsize=(4.2 * len(arrays), 3))
+    for ax, (space, a) in zip(np.atleast_1d(axes), arrays.items(), strict=True):
+        bins = np.histogram_bin_edges(np.r_[a["distances"], a["heldout_distances"]], bins=40)
+        ax.hist(a["heldout_distances"], bins=bins, density=True, alpha=0.6, label="held-out real")
+        ax.hist(a["distances"], bins=bins, density=True, alpha=0.6, label="synthetic")
+        ax.axvline(thresholds[space], color="k", linestyle="--", linewidth=1, label="1st pct. held-out")
+        ax.set_xlabel(f"distance to closest training image ({space})")
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def figure_roc(roc: dict, auc: float) -> bytes:
+    """ROC curve of the membership-inference attack, log-scaled FPR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    fpr = np.clip(roc["fpr"], 1e-4, 1)
+    ax.plot(fpr, roc["tpr"], label=f"attack (AUC {auc:.3f})")
+    ax.plot([1e-4, 1], [1e-4, 1], "k--", linewidth=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+# ------------------------------------------------------------------------------------------------ the document
+
+
+class _Doc:
+    """Blocks rendered to both Markdown and self-contained HTML."""
+
+    def __init__(self):
+        self.blocks: list[tuple] = []
+
+    def h(self, level: int, text: str):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str):
+        self.blocks.append(("p", text))
+
+    def items(self, items: list[str]):
+        self.blocks.append(("ul", items))
+
+    def table(self, header: list[str], rows: list[list]):
+        self.blocks.append(("table", header, [[_fmt(v) if not isinstance(v, str) else v for v in r] for r in rows]))
+
+    def figure(self, name: str, png: bytes, caption: str):
+        self.blocks.append(("figure", name, png, caption))
+
+    def code(self, text: str):
+        self.blocks.append(("code", text))
+
+    def markdown(self) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif b[0] == "p":
+                out.append(b[1])
+            elif b[0] == "ul":
+                out.append("\n".join(f"- {i}" for i in b[1]))
+            elif b[0] == "table":
+                lines = ["| " + " | ".join(b[1]) + " |", "|" + " --- |" * len(b[1])]
+                lines += ["| " + " | ".join(r) + " |" for r in b[2]]
+                out.append("\n".join(lines))
+            elif b[0] == "figure":
+                out.append(f"![{b[3]}](figures/{b[1]}.png)\n\n*{b[3]}*")
+            elif b[0] == "code":
+                out.append(f"```\n{b[1]}\n```")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        e = html.escape
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                out.append(f"<p>{e(b[1])}</p>")
+            elif b[0] == "ul":
+                out.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in b[1]) + "</ul>")
+            elif b[0] == "table":
+                head = "".join(f"<th>{e(c)}</th>" for c in b[1])
+                body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b[2])
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif b[0] == "figure":
+                data = base64.b64encode(b[2]).decode()
+                out.append(f'<figure><img alt="{e(b[3])}" src="data:image/png;base64,{data}">'
+                           f"<figcaption>{e(b[3])}</figcaption></figure>")
+            elif b[0] == "code":
+                out.append(f"<pre>{e(b[1])}</pre>")
+        style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:1.4}"
+                 "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;"
+                 "text-align:right}th{background:#eee}img{max-width:100%}pre{background:#f6f6f6;padding:0.5em;"
+                 "overflow-x:auto}figcaption{font-style:italic;font-size:90%}")
+        return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
+                f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+def _privacy_text(privacy: dict) -> str:
+    if not privacy["differentially_private"]:
+        return "Privacy: " + NOT_DP + "."
+    return (f"Privacy: trained with differential privacy, (epsilon = {_fmt(privacy['epsilon'])}, delta = "
+            f"{_fmt(privacy['delta'])}) per the model's privacy ledger: any single training image changes the "
+            "probability of any synthetic output by at most a factor e^epsilon (plus delta).")
+
+
+def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
+    """The report of an audit's metrics (see :func:`augflow.audit.run_audit`) with its figures."""
+    doc = _Doc()
+    names = m["inputs"]["class_names"]
+    syn = m["inputs"]["synthetic"]
+    gate = m["gate"]
+    doc.h(1, f"Audit of {Path(syn['path']).name}")
+    verdict = "PASSED" if gate["passed"] else "FAILED (" + ", ".join(gate["failed"]) + ")"
+    doc.p(f"Release gate: {verdict}. {_privacy_text(m['privacy'])}")
+
+    doc.h(2, "Data card")
+    doc.h(3, "What the data is")
+    shape = "x".join(map(str, syn["image_shape"]))
+    doc.p(f"{syn['n']} synthetic 2D image slices of shape {shape} (C x H x W, intensities in [0, 1]) in augflow's "
+          f"HDF5 format, labelled with {len(names)} classes. They were sampled from a class-conditional generative "
+          "model trained on the real training file below; they show no real subject, but resemble the training "
+          "data by design.")
+    doc.table(["class", "synthetic", "real train", "real test"],
+              [[n, syn["class_counts"][n], m["inputs"]["train"]["class_counts"][n],
+                m["inputs"]["real"]["class_counts"][n]] for n in names])
+    doc.h(3, "How it was made")
+    prov = syn.get("provenance") or {}
+    model = m["inputs"].get("model")
+    doc.table(["item", "value"], [
+        ["generator", str(prov.get("generator", "unknown"))],
+        ["model file", str(prov.get("model", model["path"] if model else "unknown"))],
+        ["model SHA-256", str(prov.get("model_sha256", model["sha256"] if model else "unknown"))],
+        ["temperature", prov.get("temperature", "unknown")],
+        ["seed", prov.get("seed", "unknown")],
+        ["augflow version", str(prov.get("augflow_version", syn.get("augflow_version", "unknown")))],
+        ["created", str(syn.get("created_at", "unknown"))],
+        ["training file", f"{m['inputs']['train']['path']} (SHA-256 {m['inputs']['train']['sha256'][:16]}...)"],
+    ])
+    if prov.get("recipe") is not None:
+        doc.p("Training recipe of the model:")
+        doc.code(json.dumps(prov["recipe"], indent=1, sort_keys=True))
+    doc.h(3, "Privacy")
+    privacy = m["privacy"]
+    doc.p(_privacy_text(privacy))
+    if privacy.get("ledger"):
+        doc.code(json.dumps(privacy["ledger"], indent=1, sort_keys=True, default=str))
+    mia = m.get("membership_inference")
+    if mia is not None:
+        doc.p(f"Empirical check: a likelihood membership-inference attack reaches ROC AUC {mia['auc']:.3f}; the "
+              f"implied lower bound on epsilon is {mia['epsilon_lower_bound']:.3f} (95% confidence, delta "
+              f"{_fmt(mia['delta'])}). A lower bound from one attack: a small value is no proof of privacy.")
+    doc.h(3, "Audit summary")
+    summary = [f"Copying: copy_fraction {_fmt(m['memorization']['copy_fraction'])} (about 0.01 expected without "
+               f"copying), {m['memorization']['exact_copies']} exact and {m['memorization']['near_copies']} near "
+               "copies of training images."]
+    fo = m["fidelity"]["overall"]
+    summary.append(f"Fidelity ({m['feature_space']['name']} features): FID {_fmt(fo['synthetic']['fid'])} for "
+                   f"synthetic vs {_fmt(fo['real']['fid'])} for real training images (lower is better; the real "
+                   "value is the reachable floor at this sample size).")
+    div = m["diversity"]
+    summary.append(f"Diversity: intra-class {div['settings']['method'].upper()} {_fmt(div['synthetic']['intra'])} "
+                   f"synthetic vs {_fmt(div['real']['intra'])} real (higher means less diverse).")
+    ds = m.get("downstream")
+    if ds is not None:
+        parts = [f"{p} {_pm(v['summary']['balanced_accuracy'])}" for p, v in ds["protocols"].items()]
+        summary.append("Downstream CNN balanced accuracy on held-out real images: " + "; ".join(parts) + ".")
+    doc.items(summary)
+    doc.h(3, "Intended uses")
+    doc.items([
+        "Augmenting the training data of image classifiers for these classes, on data acquired and preprocessed "
+        "like the real training data, with evaluation on real held-out images.",
+        "Method development, benchmarking of augmentation and privacy techniques, teaching.",
+    ])
+    doc.h(3, "Unsuitable uses")
+    doc.items([
+        "Clinical diagnosis, or any decision about a patient.",
+        "Evaluating or validating models (test on real held-out data, never on synthetic images).",
+        "Inferring anatomy, pathology or prevalence: the images follow the model, not the population.",
+        "Other classes, scanners, modalities or preprocessing than those of the training data.",
+        "Release outside the data owner's governance when the release gate failed or the data is not "
+        "differentially private and the training data may not be shared.",
+    ])
+
+    doc.h(2, "Release gate")
+    doc.table(["check", "value", "threshold", "status"],
+              [[k, c["value"], c["threshold"], c["status"]] for k, c in gate["checks"].items()])
+    doc.p("Defaults: copy_fraction <= 0.05, exact copies 0, membership-inference AUC <= 0.6 "
+          "(change with --max-copy-fraction, --max-exact-copies, --max-mia-auc).")
+
+    doc.h(2, "Fidelity")
+    fs = m["feature_space"]
+    doc.p(f"Feature space: {fs['description']}. Reference set: the held-out real test images. Each row compares "
+          "an equally sized subsample of synthetic and of real training images against it; FID with its 95% "
+          "bootstrap interval, KID ± its standard deviation over subsets, PRDC with k = 5.")
+    header = ["set", "n", "FID [95% CI]", "KID", "precision", "recall", "density", "coverage"]
+    rows = []
+    for group, d in [("overall", fo), *m["fidelity"]["per_class"].items()]:
+        for cand in ("synthetic", "real"):
+            c = d[cand]
+            kid = "n/a" if c["kid"] is None else f"{_fmt(c['kid'])} ± {_fmt(c['kid_std'])}"
+            rows.append([f"{group}: {cand}", c["n_candidate"], _fmt(c["fid"]) + _ci(c["fid_ci95"]), kid,
+                         c["precision"], c["recall"], c["density"], c["coverage"]])
+    doc.table(header, rows)
+    if "samples" in figures:
+        doc.figure("samples", figures["samples"], "Synthetic (left) and real training (right) images per class")
+
+    doc.h(2, "Diversity")
+    st = div["settings"]
+    doc.p(f"Mean {st['method'].upper()} (window {st['win_size']}, {st['scales']} scale(s)) over {div['pairs']} "
+          "random pairs per class (intra) and across classes (inter); real reference: the training images.")
+    doc.table(["", "synthetic", "real"],
+              [["intra-class", div["synthetic"]["intra"], div["real"]["intra"]],
+               ["inter-class", div["synthetic"]["inter"], div["real"]["inter"]],
+               *[[f"intra {n}", div["synthetic"]["per_class"][n], div["real"]["per_class"][n]] for n in names]])
+
+    doc.h(2, "Memorization")
+    mem = m["memorization"]
+    doc.p("Distance of each synthetic image to its nearest training image (DCR) against the same distance for "
+          "held-out real images. A synthetic image closer than the closest 1% of held-out images is flagged.")
+    doc.table(["space", "copy fraction", "threshold", "median DCR synthetic", "median DCR held-out", "ratio"],
+              [[s, mem[s]["copy_fraction"], mem[s]["threshold"], mem[s]["median_synthetic"],
+                mem[s]["median_heldout"], mem[s]["ratio"]] for s in ("pixel", "feature")])
+    doc.p(f"Exact copies (pixel RMS <= half a grey level): {mem['exact_copies']}; near copies (closer than any "
+          f"held-out image): {mem['near_copies']}.")
+    for name, caption in (("dcr", "Distance to the closest training image"),
+                          ("closest_pairs", "The 16 closest synthetic-training pairs")):
+        if name in figures:
+            doc.figure(name, figures[name], caption)
+    if mia is not None:
+        doc.h(3, "Membership inference")
+        doc.table(["members", "non-members", "AUC", "TPR @ FPR 1%", "TPR @ FPR 0.1%", "epsilon lower bound"],
+                  [[mia["n_members"], mia["n_nonmembers"], mia["auc"], mia["tpr_at_fpr"]["0.01"],
+                    mia["tpr_at_fpr"]["0.001"], mia["epsilon_lower_bound"]]])
+        if not all(mia["fpr_resolvable"].values()):
+            doc.p("Fewer non-members than 1/FPR: at that FPR the TPR shown is the one at zero false positives.")
+        if "roc" in figures:
+            doc.figure("roc", figures["roc"], "Membership-inference ROC (log FPR)")
+
+    if ds is not None:
+        doc.h(2, "Downstream classification")
+        r = ds["recipe"]
+        budget = "no time limit" if r["budget_s"] is None else f"at most {r['budget_s']:g} s each"
+        doc.p(f"ResNet-18 from scratch ({r['epochs']} epochs, {budget}, batch {r['batch_size']}, "
+              f"lr {r['lr']}), mean ± std over {ds['seeds']} seed(s), tested on {ds['test_n']} held-out real "
+              "images. Minority classes (marked *): " + (", ".join(ds["minority_classes"]) or "none") + ".")
+        protocols = list(ds["protocols"])
+        rows = [[key] + [_pm(ds["protocols"][p]["summary"][key]) for p in protocols]
+                for key in ("accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro",
+                            "f1_macro")]
+        rows += [[f"recall {n}{' *' if n in ds['minority_classes'] else ''}"]
+                 + [_pm(ds["protocols"][p]["summary"]["per_class_recall"][n]) for p in protocols] for n in names]
+        rows.append(["training images"] + [str(ds["protocols"][p]["n_train"]) for p in protocols])
+        doc.table(["metric", *protocols], rows)
+    lk = m.get("likelihood_classifier")
+    if lk is not None:
+        doc.p(f"The model's own likelihood classifier on the same test images: accuracy {lk['accuracy']:.3f}, "
+              f"balanced accuracy {lk['balanced_accuracy']:.3f}, macro AUC {_fmt(lk['auc_macro'])}.")
+
+    doc.h(2, "Inputs")
+    doc.table(["role", "file", "images", "SHA-256"],
+              [[role, m["inputs"][role]["path"], m["inputs"][role]["n"], m["inputs"][role]["sha256"][:16] + "..."]
+               for role in ("real", "train", "synthetic")])
+    if m.get("command"):
+        doc.code(m["command"])
+    return doc
+
+
+def public(obj):
+    """A JSON-ready copy: drops keys starting with "_" (arrays for figures), converts numpy scalars."""
+    if isinstance(obj, dict):
+        return {str(k): public(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, list | tuple):
+        return [public(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return public(obj.tolist())
+    if isinstance(obj, np.floating | float):
+        return None if math.isnan(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def write_report(metrics: dict, out: str | Path, figures: dict[str, bytes]) -> dict[str, Path]:
+    """Write ``metrics.json``, ``report.md`` (+ ``figures/*.png``) and ``report.html`` into ``out`` atomically."""
+    out = Path(out)
+    doc = build_document(metrics, figures)
+    for name, png in figures.items():
+        with atomic_path(out / "figures" / f"{name}.png") as tmp:
+            tmp.write_bytes(png)
+    paths = {"metrics": out / "metrics.json", "markdown": out / "report.md", "html": out / "report.html"}
+    atomic_write_text(json.dumps(public(metrics), indent=2, sort_keys=False) + "\n", paths["metrics"])
+    atomic_write_text(doc.markdown(), paths["markdown"])
+    atomic_write_text(doc.html(f"augflow audit: {Path(metrics['inputs']['synthetic']['path']).name}"), paths["html"])
+    return paths

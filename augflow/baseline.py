@@ -1,0 +1,229 @@
+"""The downstream CNN: a ResNet-18 trained from scratch on single-channel slices.
+
+One fixed recipe, used wherever augflow needs "a standard classifier": the downstream utility protocol of the
+audit (train on real, real + synthetic, synthetic; test on held-out real) and the domain feature space of the
+fidelity metrics. torchvision's ``resnet18(weights=None)`` (He et al. 2016, arXiv 1512.03385) with one input
+channel, class-weighted cross-entropy (inverse class frequency), AdamW (Loshchilov & Hutter 2019, arXiv
+1711.05101) with a cosine learning-rate decay (Loshchilov & Hutter 2017, arXiv 1608.03983) and a light random
+shift. The same seed gives the same model (when no wall-clock budget cuts the run short).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18
+from tqdm.auto import tqdm
+
+from augflow.errors import ConfigError, DataError
+
+SMALL_IMAGE = 32  # up to this side the CIFAR-style stem (stride 1) is used
+MEDIUM_IMAGE = 64  # up to this side a 3x3 stride-2 stem without max-pool
+_RECALIBRATE = 512  # images over which BatchNorm statistics are recomputed after training
+
+
+def build_resnet18(num_classes: int, image_size: int, in_channels: int = 1) -> nn.Module:
+    """ResNet-18 for ``in_channels``-channel images of side ``image_size``, randomly initialised.
+
+    For small images (side <= 32) the 7x7 stride-2 stem and its max-pool are replaced by a 3x3 stride-1
+    convolution, as in ResNet's CIFAR variant: the standard stem downsamples 4x before the first residual
+    block, so a 32 px slice would reach layer4 as 1x1 and fine texture (noise, ringing, contrast) would be lost
+    before it is seen. Up to 64 px the stem is a 3x3 stride-2 convolution without max-pool: it still sees every
+    pixel, and costs a quarter of the stride-1 stem (measured at 64 px on 1 CPU thread: 0.125 s per training
+    image with stride 1, which left a ResNet-18 two epochs in a 5-minute budget). From 128 px on the ImageNet
+    stem is kept; it is what makes large images affordable.
+    """
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be at least 2, but is: {num_classes}")
+    model = resnet18(weights=None, num_classes=num_classes)
+    if image_size <= MEDIUM_IMAGE:
+        stride = 1 if image_size <= SMALL_IMAGE else 2
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=stride, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    else:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+    return model
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, normalised so that the weighted mean over the training images is 1.
+
+    ``w_k = N / (K' * n_k)`` over the K' classes present; absent classes get 0 (they never occur in the loss).
+    """
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(num_classes)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random integer translation by up to ``max_shift`` px per image, zero-filled (the background is 0).
+
+    No flips: left/right and up/down carry anatomy and orientation in medical images.
+    """
+    if max_shift == 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator)
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+
+
+def _check(images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None) -> None:
+    if images.ndim != 4:
+        raise DataError(f"images must be (N, C, H, W), but have shape {images.shape}")
+    if labels is not None:
+        if len(labels) != len(images):
+            raise DataError(f"labels ({len(labels)}) and images ({len(images)}) differ in length")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DataError(f"labels must be in [0, {num_classes}), but range over [{labels.min()}, {labels.max()}]")
+
+
+def train_cnn(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    epochs: int = 30,
+    budget_s: float | None = None,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+    weighted: bool = True,
+    weight_decay: float = 0.05,
+    clock: Callable[[], float] = time.perf_counter,
+) -> nn.Module:
+    """Train the baseline ResNet-18 from scratch; stop after ``epochs`` or ``budget_s`` seconds, whichever first.
+
+    The cosine decay follows the run's progress: the fraction of steps done, or of the wall-clock budget used
+    when that is larger, so a run cut by the budget still ends at a small learning rate.
+
+    Arguments:
+        images: float32 (N, C, H, W) in [0, 1].
+        labels: int (N,) in [0, num_classes).
+        num_classes: K.
+        epochs: Passes over the data.
+        budget_s: Wall-clock limit in seconds (None: none). A budget-limited run is not bitwise reproducible.
+        batch_size: Images per step (an epoch's batches are split evenly, never of size 1, for BatchNorm).
+        lr: Peak AdamW learning rate.
+        seed: Seeds the initialisation, the shuffling and the augmentation.
+        device: "cpu", "cuda" or "cuda:N".
+        progress: Show a progress bar over epochs.
+        weighted: Class-weighted cross-entropy (inverse class frequency); False for the plain loss.
+        weight_decay: AdamW's decoupled weight decay.
+        clock: The clock of ``budget_s``; ``time.process_time`` counts this process's CPU seconds, which a
+            busy shared machine does not inflate (a budget comparison between models run at different times).
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        ConfigError: on an invalid argument. DataError: on inconsistent images/labels.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    _check(images, labels, num_classes)
+    if len(images) < 2:
+        raise DataError(f"train_cnn needs at least 2 images, but got {len(images)}")
+    if epochs < 1 or batch_size < 2 or lr <= 0:
+        raise ConfigError(f"epochs >= 1, batch_size >= 2 and lr > 0 are required, but got {epochs}, {batch_size}, "
+                          f"{lr}")
+    if budget_s is not None and budget_s <= 0:
+        raise ConfigError(f"budget_s must be positive, but is: {budget_s}")
+    dev = torch.device(device)
+    start = clock()
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
+        torch.manual_seed(seed)
+        model = build_resnet18(num_classes, images.shape[-1], images.shape[1]).to(dev)
+    generator = torch.Generator().manual_seed(seed)
+    x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
+    weight = class_weights(labels, num_classes).to(dev) if weighted else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    n_batches = math.ceil(len(images) / batch_size)
+    total_steps = epochs * n_batches
+    max_shift = max(1, round(images.shape[-1] / 16))  # 2 px at 32 px
+
+    # BatchNorm statistics are recomputed after training on up to _RECALIBRATE images; that forward pass (a few
+    # seconds on a CPU) comes after the budget, which counts the training steps.
+    recalibrate = torch.randperm(len(images), generator=generator)[:_RECALIBRATE]
+    model.train()
+    step, stop = 0, False
+    for _ in tqdm(range(epochs), desc="cnn", unit="epoch", disable=not progress, dynamic_ncols=True, leave=False):
+        for rows in torch.randperm(len(images), generator=generator).tensor_split(n_batches):
+            used = 0.0
+            if budget_s is not None:
+                used = (clock() - start) / budget_s
+                if used >= 1:
+                    stop = True
+                    break
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * max(step / total_steps, used)))
+            x = _shift(x_all[rows], max_shift, generator).to(dev)
+            loss = F.cross_entropy(model(x), y_all[rows].to(dev), weight=weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        if stop:
+            break
+    _recalibrate_batchnorm(model, x_all[recalibrate], batch_size, dev)
+    return model.eval()
+
+
+@torch.no_grad()
+def _recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    """Replace BatchNorm's running statistics by their exact averages over the training images.
+
+    The exponential running average (momentum 0.1) is still far from the data's statistics after the few
+    hundred steps of a short run, and eval-mode predictions are then near chance; one forward pass with a
+    cumulative average fixes that ("precise BN", Wu & Johnson 2021, arXiv 2105.07576).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    for i in range(0, len(x), batch_size):
+        if len(x) - i >= 2:  # a batch of one has no variance
+            model(x[i:i + batch_size].to(device))
+    for m in norms:
+        m.momentum = 0.1
+
+
+@torch.inference_mode()
+def _batched(fn, model: nn.Module, images: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+    images = np.asarray(images, dtype=np.float32)
+    _check(images)
+    model = model.eval()
+    dev = torch.device(device)
+    model.to(dev)
+    out = [fn(model, torch.from_numpy(images[i:i + batch_size]).to(dev)).float().cpu().numpy()
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+    """Softmax class probabilities (N, K) of the trained CNN."""
+    return _batched(lambda m, x: m(x).softmax(dim=1), model, images, batch_size, device)
+
+
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``ResNet.forward`` up to, not including, ``fc``: (B, 512) pooled layer4 features."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    return torch.flatten(model.avgpool(x), 1)  # (B, 512)
+
+
+def features(model: nn.Module, images: np.ndarray, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+    """Penultimate-layer features (N, 512): the global-average-pooled output of layer4."""
+    return _batched(penultimate, model, images, batch_size, device)

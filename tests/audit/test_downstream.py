@@ -1,0 +1,64 @@
+"""The downstream protocol: never a test subject in training, the top-up reaches the largest class; the audit's
+input checks name the file and the problem."""
+
+import numpy as np
+import pytest
+from audit_helpers import blobs, one_thread, write_blobs  # noqa: F401 (autouse)
+
+from augflow.audit import run_audit
+from augflow.audit.downstream import check_subjects_disjoint, downstream, minority_classes, topup_rows
+from augflow.data.store import write_dataset
+from augflow.errors import DataError
+
+
+def test_shared_subjects_are_refused_before_training():
+    x, y = blobs([4, 4, 4])
+    subjects = np.array([f"s{i}" for i in range(12)])
+    check_subjects_disjoint(subjects[:6], subjects[6:])
+    with pytest.raises(DataError, match=r"share 1 subject\(s\) \(e.g. s5\)"):
+        check_subjects_disjoint(subjects[:6], subjects[5:])
+    with pytest.raises(DataError, match="never used for training"):
+        downstream(x, y, x, y, x, y, ["a", "b", "c"], train_subjects=subjects, test_subjects=subjects[:1], seeds=1,
+                   epochs=1)
+
+
+def test_run_audit_refuses_a_test_subject_in_the_training_file(tiny_h5, tmp_path):
+    # tests/conftest.py's tiny_h5 as both training and test file: every subject is shared
+    with pytest.raises(DataError, match="--real .* and --train .* share 12 subject"):
+        run_audit(tiny_h5, tiny_h5, tiny_h5, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_audit_names_mismatched_classes_and_shapes(tmp_path):
+    real = write_blobs(tmp_path / "real.h5", [4, 4, 4], seed=1, prefix="test")
+    train = write_blobs(tmp_path / "train.h5", [4, 4, 4], seed=0, prefix="train")
+    x, y = blobs([4, 4, 4])
+    other = write_dataset(tmp_path / "other.h5", x, y, ["x"] * 12, np.zeros(12), ["a", "b", "z"], source="synthetic")
+    with pytest.raises(DataError, match=r"--synthetic .*other.h5: class names \['a', 'b', 'z'\] differ"):
+        run_audit(real, train, other, tmp_path / "out", progress=False)
+    big = write_dataset(tmp_path / "big.h5", np.zeros((2, 1, 8, 8)), [0, 1], ["x", "y"], [0, 0], ["a", "b", "c"])
+    with pytest.raises(DataError, match=r"--synthetic .*big.h5: image shape \(1, 8, 8\) differs"):
+        run_audit(real, train, big, tmp_path / "out", progress=False)
+
+
+def test_topup_reaches_the_largest_real_class():
+    train = np.repeat([0, 1, 2], [10, 4, 7])
+    synthetic = np.repeat([1, 2], [8, 1])  # class 1 can be topped up fully, class 2 only by 1
+    rows = topup_rows(train, synthetic, 3, seed=0)
+    counts = np.bincount(train, minlength=3) + np.bincount(synthetic[rows], minlength=3)
+    assert counts.tolist() == [10, 10, 8] and len(set(rows)) == len(rows)
+    assert minority_classes(np.repeat([0, 1], [100, 20]), ["big", "small"]) == ["small"]
+
+
+def test_protocol_metrics_have_stable_keys():
+    x, y = blobs([12, 6, 4], seed=0)
+    xs, ys = blobs([0, 6, 8], seed=1)
+    xt, yt = blobs([6, 6, 6], seed=2)
+    out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=1, batch_size=16)
+    assert list(out["protocols"]) == ["real", "real+synthetic", "synthetic"]
+    assert out["protocols"]["real+synthetic"]["class_counts"] == {"a": 12, "b": 12, "c": 12}
+    assert out["topup_counts"] == {"a": 0, "b": 6, "c": 8}
+    summary = out["protocols"]["real"]["summary"]
+    for key in ("accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro"):
+        assert 0 <= summary[key]["mean"] <= 1 and summary[key]["std"] == 0
+    assert set(summary["per_class_recall"]) == {"a", "b", "c"}

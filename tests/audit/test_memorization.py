@@ -1,0 +1,72 @@
+"""Memorization and membership inference on known answers: planted copies are flagged, fresh samples are not;
+exchangeable members and non-members give AUC ~0.5; the epsilon bound matches Clopper-Pearson by hand."""
+
+import math
+
+import numpy as np
+import pytest
+from audit_helpers import blobs, one_thread  # noqa: F401 (autouse)
+from scipy.stats import beta
+
+from augflow.audit.memorization import epsilon_lower_bound, membership_inference, memorization
+
+
+def features(images, seed=0):
+    """A fixed random projection of the pixels: a stand-in feature space."""
+    flat = images.reshape(len(images), -1)
+    return flat @ np.random.default_rng(seed).normal(size=(flat.shape[1], 32))
+
+
+@pytest.fixture
+def sets():
+    train, _ = blobs([40, 40, 40], seed=0)
+    heldout, _ = blobs([30, 30, 30], seed=1)
+    return train, heldout
+
+
+def test_planted_exact_and_noised_copies_are_flagged(sets):
+    train, heldout = sets
+    rng = np.random.default_rng(2)
+    exact = train[:10]
+    noised = np.clip(train[10:20] + rng.normal(0, 0.01, train[10:20].shape), 0, 1).astype(np.float32)
+    synthetic = np.concatenate([exact, noised])
+    out = memorization(synthetic, heldout, train, features(synthetic), features(heldout), features(train))
+    assert out["copy_fraction"] >= 0.95 and out["pixel"]["copy_fraction"] >= 0.95
+    assert out["exact_copies"] == 10 and out["near_copies"] == 10
+    assert out["pixel"]["ratio"] < 0.2
+    pairs = out["closest_pairs"]
+    assert len(pairs) == 16 and [p["distance"] for p in pairs] == sorted(p["distance"] for p in pairs)
+    assert {(p["synthetic"], p["train"]) for p in pairs[:10]} == {(i, i) for i in range(10)}  # the exact ones
+
+
+def test_fresh_samples_are_not_flagged(sets):
+    train, heldout = sets
+    fresh, _ = blobs([30, 30, 30], seed=3)
+    out = memorization(fresh, heldout, train, features(fresh), features(heldout), features(train))
+    assert out["copy_fraction"] < 0.05 and out["exact_copies"] == 0 and out["near_copies"] <= 1
+    assert out["pixel"]["ratio"] == pytest.approx(1, abs=0.1)
+
+
+def test_exchangeable_members_and_nonmembers_give_auc_one_half():
+    rng = np.random.default_rng(0)
+    out = membership_inference(rng.normal(size=2000), rng.normal(size=2000), seed=0)
+    assert out["auc"] == pytest.approx(0.5, abs=0.03)
+    assert out["epsilon_lower_bound"] < 0.3 and out["tpr_at_fpr"]["0.01"] < 0.05
+    assert out["fpr_resolvable"] == {"0.01": True, "0.001": True}
+
+
+def test_separable_members_give_a_large_auc_and_a_positive_bound():
+    rng = np.random.default_rng(0)
+    out = membership_inference(rng.normal(4, 1, 1000), rng.normal(0, 1, 1000), seed=0)
+    assert out["auc"] > 0.99 and out["tpr_at_fpr"]["0.01"] > 0.8 and out["epsilon_lower_bound"] > 2
+
+
+def test_epsilon_bound_by_hand():
+    # A perfect test on 1000 + 1000 examples; each Clopper-Pearson bound at 97.5% (Bonferroni over the pair).
+    n, delta = 1000, 1e-5
+    tpr_lo = beta.ppf(0.025, n, 1)  # = 0.025 ** (1 / n)
+    fpr_hi = beta.ppf(0.975, 1, n)  # = 1 - 0.025 ** (1 / n)
+    expected = math.log((tpr_lo - delta) / fpr_hi)
+    assert epsilon_lower_bound(n, 0, 0, n, delta)[()] == pytest.approx(expected)
+    assert expected == pytest.approx(math.log(0.025 ** (1 / n) / (1 - 0.025 ** (1 / n))), abs=1e-3)
+    assert epsilon_lower_bound(500, 500, 500, 500, delta)[()] == 0  # a coin flip proves nothing

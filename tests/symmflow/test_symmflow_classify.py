@@ -1,0 +1,83 @@
+"""MedSymmFlow classification: a separable toy is learned, uncertainty flags errors, metrics keep their keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from augflow.classify import Predictions, classification_metrics
+from augflow.data.store import write_dataset
+from augflow.errors import ConfigError
+from augflow.symmflow import SymmFlow, SymmFlowConfig
+from augflow.symmflow.classify import classify_file, classify_images, error_auroc
+
+
+def brightness_toy(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class 0: dark images (mean brightness in [0.10, 0.55]); class 1: bright ([0.45, 0.90]); 16 px.
+
+    Images with brightness in the overlap [0.45, 0.55] are ambiguous, so a good classifier errs on some of them.
+    """
+    y = torch.arange(n) % 2
+    u = torch.rand(n, generator=generator)
+    b = torch.where(y == 0, 0.10 + 0.45 * u, 0.45 + 0.45 * u)
+    x = (b[:, None, None, None] + 0.05 * torch.randn(n, 1, 16, 16, generator=generator)).clamp(0, 1)
+    return x, y, b
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model trained for 150 steps (about 5 s on a quiet core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # oversubscribing 2 shared cores is many times slower
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = SymmFlow(SymmFlowConfig(image_shape=(1, 16, 16), num_classes=2, base_channels=8, channel_mult=(1, 2),
+                                    attention_resolutions=(), num_heads=1, steps=10))
+    x, y, _ = brightness_toy(512, g)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        loss = model.training_loss(x[idx], y[idx]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    yield model.eval(), g
+    torch.set_num_threads(before)
+
+
+def test_separable_classes_are_learned_and_uncertainty_flags_errors(trained):
+    model, g = trained
+    x, y, b = brightness_toy(200, g)
+    result = classify_images(model, x, passes=1, batch_size=100)
+    correct = result.predicted == y.numpy()
+    clear = ((b < 0.4) | (b > 0.6)).numpy()  # trivially separable images
+    assert correct[clear].mean() >= 0.9
+    assert not correct.all()  # the ambiguous band makes errors
+    # The paper's uncertainty (distance to the predicted colour) ranks wrong predictions above right ones.
+    assert error_auroc(~correct, result.uncertainty) > 0.7
+    assert result.scores.shape == (200, 2) and np.array_equal(result.scores.argmax(1), result.predicted)
+
+
+def test_multi_pass_spread_and_file_metrics(trained, tmp_path):
+    model, g = trained
+    x, y, _ = brightness_toy(64, g)
+    result = classify_images(model, x, passes=3, batch_size=64, rank_by="spread")
+    assert result.spread.shape == (64,) and np.all(result.spread >= 0) and np.array_equal(result.uncertainty,
+                                                                                           result.spread)
+    with pytest.raises(ConfigError, match="passes >= 2"):
+        classify_images(model, x, passes=1, rank_by="spread")
+
+    names = ["dark", "bright"]
+    data = write_dataset(tmp_path / "test.h5", x.numpy(), y.numpy(), [f"s{i}" for i in range(64)],
+                         np.zeros(64, dtype=np.int64), names, provenance={"test": True})
+    model.save(tmp_path / "model.pt", meta={"class_names": names, "class_counts": [256, 256]})
+    out = classify_file(tmp_path / "model.pt", data, calibrate_on=data, batch_size=64, device="cpu")
+    reference = classification_metrics(y.numpy(), Predictions(np.zeros((64, 2)), np.full((64, 2), 0.5),
+                                                              np.zeros(64, dtype=np.int64), np.zeros(64)), names)
+    assert set(reference) <= set(out["metrics"])  # the MAGIC-Flow classifier's keys, plus a few
+    metrics = out["metrics"]
+    assert metrics["accuracy"] > 0.75 and metrics["auc_macro"] > 0.8 and metrics["temperature"] > 0
+    curve = metrics["selective_prediction"]
+    assert len(curve["accuracy"]) == 20 and curve["accuracy"][-1] >= curve["accuracy"][0]
+    assert out["predictions"].probs.shape == (64, 2)

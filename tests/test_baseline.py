@@ -1,0 +1,94 @@
+"""The baseline ResNet-18: determinism, learning a separable toy task, class weighting, the wall-clock budget."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score
+
+from augflow.baseline import build_resnet18, class_weights, features, predict_proba, train_cnn
+from augflow.errors import DataError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread (module-wide, so module fixtures get it too): on this 2-core machine a second busy
+    process makes 2-thread training ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy(counts, size=16, seed=0, amp=0.5, noise=0.15):
+    """Class k is noise plus a bright square in quadrant k: separable, and robust to the 1 px shifts."""
+    rng = np.random.default_rng(seed)
+    xs, ys, q = [], [], size // 2
+    for k, n in enumerate(counts):
+        x = rng.normal(0.3, noise, (n, 1, size, size))
+        r, c = divmod(k, 2)
+        x[:, :, r * q + 2:r * q + q - 2, c * q + 2:c * q + q - 2] += amp
+        xs.append(x)
+        ys.append(np.full(n, k))
+    return np.clip(np.concatenate(xs), 0, 1).astype(np.float32), np.concatenate(ys)
+
+
+def test_stem_depends_on_image_size():
+    small, large = build_resnet18(3, 32), build_resnet18(3, 128)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, torch.nn.Identity)
+    assert large.conv1.kernel_size == (7, 7) and large.conv1.stride == (2, 2) and large.conv1.in_channels == 1
+    assert not isinstance(large.maxpool, torch.nn.Identity)
+
+
+def test_class_weights_are_inverse_frequency_with_mean_one():
+    labels = np.array([0] * 6 + [1] * 2 + [2] * 0)
+    w = class_weights(labels, 3).numpy()
+    assert w[2] == 0 and np.isclose(w[1] / w[0], 3)
+    assert np.isclose(w[labels].mean(), 1)
+
+
+def test_same_seed_same_model_other_seed_other_model():
+    x, y = toy([8, 8, 8])
+    runs = [predict_proba(train_cnn(x, y, 3, epochs=2, batch_size=8, seed=s), x) for s in (0, 0, 1)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.allclose(runs[0], runs[2])
+
+
+def test_learns_a_separable_toy_task():
+    x, y = toy([20, 20, 20])
+    xt, yt = toy([30, 30, 30], seed=1)
+    model = train_cnn(x, y, 3, epochs=5, batch_size=16)
+    assert not model.training
+    p = predict_proba(model, xt)
+    assert p.shape == (90, 3) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert (p.argmax(1) == yt).mean() > 0.9  # chance is 1/3
+    f = features(model, xt)
+    assert f.shape == (90, 512) and np.isfinite(f).all()
+
+
+def test_class_weighting_helps_the_minority():
+    # 60:4, a faint minority signal: the plain loss predicts the majority only (balanced accuracy ~0.5).
+    x, y = toy([60, 4], amp=0.2, noise=0.3)
+    xt, yt = toy([100, 100], seed=1, amp=0.2, noise=0.3)
+    scores = {w: balanced_accuracy_score(yt, predict_proba(train_cnn(x, y, 2, epochs=3, batch_size=16,
+                                                                     weighted=w), xt).argmax(1))
+              for w in (True, False)}
+    assert scores[True] > scores[False] + 0.08, scores
+
+
+def test_budget_is_respected():
+    x, y = toy([30, 30])
+    start = time.perf_counter()
+    model = train_cnn(x, y, 2, epochs=10_000, budget_s=1.0, batch_size=16)
+    assert time.perf_counter() - start < 2.5  # the budget, plus building the model and one step
+    assert predict_proba(model, x[:4]).shape == (4, 2)
+
+
+def test_bad_inputs_are_named():
+    x, y = toy([4, 4])
+    with pytest.raises(DataError, match="labels must be in"):
+        train_cnn(x, y + 5, 2, epochs=1)
+    with pytest.raises(DataError, match=r"\(N, C, H, W\)"):
+        train_cnn(x[:, 0], y, 2, epochs=1)
