@@ -382,7 +382,7 @@ def explain(model, data, rows, class_name, contrast, prior, out, device):
               help="torch-fidelity Inception-v3 weights file (nothing is downloaded).")
 @click.option("--gate", is_flag=True, help="Exit with an error if the release gate fails.")
 @click.option("--max-copy-fraction", type=float, default=0.05, show_default=True,
-              help="Gate: largest fraction of synthetic images closer to a training image than 1%% of held-out ones.")
+              help="Gate: largest fraction of synthetic images closer to a training image than 1% of held-out ones.")
 @click.option("--max-mia-auc", type=float, default=0.6, show_default=True,
               help="Gate: largest membership-inference ROC AUC (needs --model).")
 @click.option("--max-exact-copies", type=int, default=0, show_default=True,

@@ -76,9 +76,11 @@ def _describe(info) -> dict:
 
 
 @torch.inference_mode()
-def label_log_likelihoods(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 64,
-                          device: str = "cpu") -> np.ndarray:
-    """``log p(x_i | y_i)`` (N,) of images under their own labels, in batches."""
+def membership_scores(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 64, device: str = "cpu",
+                      draws: int = 4, seed: int = 0) -> np.ndarray:
+    """Membership score (N,) of images under their own labels, higher = more member-like: ``log p(x_i | y_i)``
+    for a flow with exact likelihood, else minus the model's per-image training loss (mean of ``draws`` seeded
+    draws of its noise; MedSymmFlow's flow-matching loss)."""
     dev = torch.device(device)
     model = model.to(dev).eval()
     dtype = next(model.parameters()).dtype
@@ -86,7 +88,14 @@ def label_log_likelihoods(model, images: np.ndarray, labels: np.ndarray, batch_s
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(images[i:i + batch_size]).to(dev, dtype)
         y = torch.from_numpy(np.asarray(labels[i:i + batch_size], dtype=np.int64)).to(dev)
-        out.append(model.log_prob(x, y).double().cpu().numpy())
+        if hasattr(model, "log_prob"):
+            out.append(model.log_prob(x, y).double().cpu().numpy())
+            continue
+        losses = []
+        for d in range(draws):
+            torch.manual_seed(seed + 1000 * d + i)
+            losses.append(model.training_loss(x, y).double().cpu().numpy())
+        out.append(-np.mean(losses, axis=0))
     return np.concatenate(out)
 
 
@@ -227,16 +236,17 @@ def run_audit(
     metrics["membership_inference"] = metrics["likelihood_classifier"] = None
     if flow is not None:
         with stage("membership"):
-            members = label_log_likelihoods(flow, x["train"], y["train"], device=device)
-            test_ll = dataset_log_likelihoods(flow, real, device=device)  # (N, K), also for the classifier
-            nonmembers = test_ll[np.arange(len(y["real"])), y["real"]]
+            members = membership_scores(flow, x["train"], y["train"], device=device)
+            nonmembers = membership_scores(flow, x["real"], y["real"], device=device)
             delta = metrics["privacy"]["delta"] or DEFAULT_DELTA
             mia = membership_inference(members, nonmembers, delta=delta, seed=seed)
             metrics["membership_inference"] = mia
             figures["roc"] = figure_roc(mia["_roc"], mia["auc"])
-            counts = meta.get("class_counts") or np.bincount(y["train"], minlength=len(names)).tolist()
-            preds = predict(test_ll, log_prior(counts))
-            metrics["likelihood_classifier"] = classification_metrics(y["real"], preds, names)
+            if hasattr(flow, "log_prob"):  # the likelihood classifier on the same test images
+                test_ll = dataset_log_likelihoods(flow, real, device=device)
+                counts = meta.get("class_counts") or np.bincount(y["train"], minlength=len(names)).tolist()
+                preds = predict(test_ll, log_prior(counts))
+                metrics["likelihood_classifier"] = classification_metrics(y["real"], preds, names)
 
     metrics["downstream"] = None
     if run_downstream:

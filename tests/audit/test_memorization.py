@@ -70,3 +70,25 @@ def test_epsilon_bound_by_hand():
     assert epsilon_lower_bound(n, 0, 0, n, delta)[()] == pytest.approx(expected)
     assert expected == pytest.approx(math.log(0.025 ** (1 / n) / (1 - 0.025 ** (1 / n))), abs=1e-3)
     assert epsilon_lower_bound(500, 500, 500, 500, delta)[()] == 0  # a coin flip proves nothing
+
+
+def test_membership_scores_cover_both_families():
+    import torch
+
+    from augflow.audit import membership_scores
+    from augflow.flows import MagicFlow, MagicFlowConfig
+    from augflow.symmflow import SymmFlow
+    from augflow.symmflow.model import SymmFlowConfig
+
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 1, 8, 8), dtype=np.float32)
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    flow = MagicFlow(MagicFlowConfig(image_shape=(1, 8, 8), num_classes=2, full_res_steps=("checkerboard",),
+                                     channel_steps=1, checker_steps=(1,), hidden_channels=(4, 4), embed_dim=4))
+    expected = flow.log_prob(torch.from_numpy(images), torch.from_numpy(labels)).detach().double().numpy()
+    np.testing.assert_allclose(membership_scores(flow, images, labels, batch_size=4), expected, rtol=1e-5)
+    symm = SymmFlow(SymmFlowConfig(image_shape=(1, 8, 8), num_classes=2, base_channels=8, channel_mult=(1, 2),
+                                   attention_resolutions=(), num_heads=1).validate())
+    scores = membership_scores(symm, images, labels, batch_size=4)  # minus the flow-matching loss: no likelihood
+    assert scores.shape == (6,) and np.all(np.isfinite(scores)) and np.all(scores < 0)
+    np.testing.assert_array_equal(scores, membership_scores(symm, images, labels, batch_size=4))  # seeded draws
