@@ -154,6 +154,9 @@ def check_model(model: nn.Module) -> None:
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
+    blocker = getattr(model, "dp_blocker", None)  # a family's own reason (MedSymmFlow's non-private autoencoder)
+    if blocker:
+        raise PrivacyError(f"--dp: {type(model).__name__}: {blocker}")
     for name, module in model.named_modules():
         reason = None
         if isinstance(module, nn.modules.batchnorm._BatchNorm):

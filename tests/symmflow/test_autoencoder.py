@@ -64,6 +64,10 @@ def test_trained_autoencoder_beats_the_mean_image_and_drives_a_latent_flow(tmp_p
     flow = SymmFlow(config)
     assert flow.flow_shape == (2, 8, 8)
     assert "without differential privacy" in flow.dp_blocker  # the autoencoder saw the training images
+    from augflow.train.privacy import PrivacyError, check_model
+
+    with pytest.raises(PrivacyError, match="without differential privacy"):
+        check_model(flow)  # augflow train --dp refuses the latent mode
     x, y = torch.rand(3, 1, 16, 16), torch.tensor([0, 1, 1])
     flow.training_loss(x, y).mean().backward()
     assert all(p.grad is None for p in flow.autoencoder.parameters())  # frozen
