@@ -23,7 +23,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +37,13 @@ from augflow.errors import ConfigError
 from augflow.flows.coupling import COUPLING_KINDS, AffineCoupling, make_coupling_net
 from augflow.flows.layers import FlowStep, Split, Squeeze, unsqueeze2d
 from augflow.flows.masks import MASK_KINDS, as_app_mask, ellipse_mask, make_mask
+from augflow.model_config import ModelConfig, is_int
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 @dataclass
-class MagicFlowConfig:
+class MagicFlowConfig(ModelConfig):
     """Architecture of a :class:`MagicFlow`; defaults reproduce the paper's 24-step hierarchy.
 
     Attributes:
@@ -79,12 +75,6 @@ class MagicFlowConfig:
     dropout: float = 0.3
     log_scale_bound: float = 0.5
 
-    def __post_init__(self) -> None:
-        for name in ("image_shape", "full_res_steps", "checker_steps", "hidden_channels"):
-            value = getattr(self, name)
-            if isinstance(value, list):  # recipes and checkpoints store lists
-                setattr(self, name, tuple(value))
-
     def validate(self) -> MagicFlowConfig:
         """Check every field; return ``self``.
 
@@ -92,10 +82,10 @@ class MagicFlowConfig:
             ConfigError: Naming the field, the allowed values and the value received.
         """
         shape = self.image_shape
-        if not (isinstance(shape, tuple) and len(shape) == 3 and all(_is_int(v, 1) for v in shape)):
+        if not (isinstance(shape, tuple) and len(shape) == 3 and all(is_int(v, 1) for v in shape)):
             raise ConfigError(f"image_shape must be (C, H, W) of positive ints, got {shape!r}")
         checker = self.checker_steps
-        if not (isinstance(checker, tuple) and all(_is_int(v, 0) for v in checker)):
+        if not (isinstance(checker, tuple) and all(is_int(v, 0) for v in checker)):
             raise ConfigError(
                 f"checker_steps must be a tuple of ints >= 0, got {self.checker_steps!r}"
             )
@@ -105,7 +95,7 @@ class MagicFlowConfig:
                 f"image_shape H and W must be divisible by {factor} (2 ** number of levels), "
                 f"got {shape!r}"
             )
-        if not _is_int(self.num_classes, 1):
+        if not is_int(self.num_classes, 1):
             raise ConfigError(f"num_classes must be an int >= 1, got {self.num_classes!r}")
         if self.coupling not in COUPLING_KINDS:
             raise ConfigError(f"coupling must be one of {COUPLING_KINDS}, got {self.coupling!r}")
@@ -116,46 +106,27 @@ class MagicFlowConfig:
             raise ConfigError(
                 f"full_res_steps may use 'channel' only with C >= 2, got image_shape {shape!r}"
             )
-        if not _is_int(self.channel_steps, 0):
+        if not is_int(self.channel_steps, 0):
             raise ConfigError(f"channel_steps must be an int >= 0, got {self.channel_steps!r}")
         widths = self.hidden_channels
         if not (
             isinstance(widths, tuple)
             and len(widths) == 1 + len(self.checker_steps)
-            and all(_is_int(v, 1) for v in widths)
+            and all(is_int(v, 1) for v in widths)
         ):
             raise ConfigError(
                 f"hidden_channels must hold {1 + len(self.checker_steps)} ints >= 1 (full "
                 f"resolution, then one per level), got {widths!r}"
             )
-        if not _is_int(self.embed_dim, 1):
+        if not is_int(self.embed_dim, 1):
             raise ConfigError(f"embed_dim must be an int >= 1, got {self.embed_dim!r}")
-        if not _is_int(self.num_blocks, 1):
+        if not is_int(self.num_blocks, 1):
             raise ConfigError(f"num_blocks must be an int >= 1, got {self.num_blocks!r}")
         if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not (isinstance(self.log_scale_bound, int | float) and self.log_scale_bound > 0):
             raise ConfigError(f"log_scale_bound must be > 0, got {self.log_scale_bound!r}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of primitives (tuples as lists), loadable with ``weights_only=True``."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MagicFlowConfig:
-        """Build a config from :meth:`to_dict` output or a recipe table; unknown keys are errors.
-
-        Raises:
-            ConfigError: For unknown keys or invalid values.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data).validate()
 
 
 def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:

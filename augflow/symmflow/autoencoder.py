@@ -16,7 +16,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -31,17 +30,14 @@ from torch import Tensor, nn
 
 from augflow.atomic import atomic_save, atomic_write_text
 from augflow.errors import ConfigError
+from augflow.model_config import ModelConfig, is_int
 from augflow.symmflow.unet import group_norm, zero_module
 
 AUTOENCODER = "autoencoder.pt"
 
 
-def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(ModelConfig):
     """Architecture of an :class:`Autoencoder`.
 
     Attributes:
@@ -52,15 +48,13 @@ class AutoencoderConfig:
         kl_weight: Weight of the KL term (0: a plain autoencoder).
     """
 
+    kind = "autoencoder config"
+
     image_shape: tuple[int, int, int] = (1, 128, 128)
     latent_channels: int = 4
     downsample: int = 4
     channels: int = 32
     kl_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.image_shape, list):
-            self.image_shape = tuple(self.image_shape)
 
     def validate(self) -> AutoencoderConfig:
         """Check every field; return ``self``.
@@ -69,16 +63,16 @@ class AutoencoderConfig:
             ConfigError: Naming the field, the allowed values and the value received.
         """
         shape = self.image_shape
-        if not (isinstance(shape, tuple) and len(shape) == 3 and all(_is_int(v, 1) for v in shape)):
+        if not (isinstance(shape, tuple) and len(shape) == 3 and all(is_int(v, 1) for v in shape)):
             raise ConfigError(f"image_shape must be (C, H, W) of positive ints, but is: {shape!r}")
         d = self.downsample
-        if not (_is_int(d, 2) and d & (d - 1) == 0):
+        if not (is_int(d, 2) and d & (d - 1) == 0):
             raise ConfigError(f"--downsample must be a power of two >= 2, but is: {d!r}")
         if shape[1] % d or shape[2] % d:
             raise ConfigError(f"image height and width must be divisible by --downsample {d}, but are: {shape[1:]}")
-        if not _is_int(self.latent_channels, 1):
+        if not is_int(self.latent_channels, 1):
             raise ConfigError(f"--latent-channels must be an int >= 1, but is: {self.latent_channels!r}")
-        if not _is_int(self.channels, 1):
+        if not is_int(self.channels, 1):
             raise ConfigError(f"--channels must be an int >= 1, but is: {self.channels!r}")
         if not (isinstance(self.kl_weight, int | float) and self.kl_weight >= 0):
             raise ConfigError(f"--kl-weight must be >= 0, but is: {self.kl_weight!r}")
@@ -87,17 +81,6 @@ class AutoencoderConfig:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.latent_channels, self.image_shape[1] // self.downsample, self.image_shape[2] // self.downsample)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AutoencoderConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown autoencoder config keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data).validate()
 
 
 class _Res(nn.Module):
@@ -267,7 +250,7 @@ def train_autoencoder(
     from augflow.train.checkpoint import write_json
     from augflow.train.loop import resolve_device
 
-    if not _is_int(epochs, 1) or not _is_int(batch_size, 1) or not lr > 0:
+    if not is_int(epochs, 1) or not is_int(batch_size, 1) or not lr > 0:
         raise ConfigError(f"--epochs and --batch-size must be >= 1 and --lr > 0, but are: {epochs}, {batch_size}, "
                           f"{lr}")
     out = Path(out)

@@ -20,7 +20,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from augflow.atomic import atomic_save
 from augflow.errors import ConfigError
 from augflow.flows.masks import ellipse_mask
+from augflow.model_config import ModelConfig, is_int
 from augflow.symmflow.autoencoder import Autoencoder, AutoencoderConfig, load_autoencoder
 from augflow.symmflow.palette import (
     MASK_CHANNELS,
@@ -47,16 +47,12 @@ SPACES = ("auto", "pixel", "latent")
 LATENT_FROM_SIZE = 128  # "auto" runs the flow in an autoencoder's latents from this image side up
 
 
-def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass
-class SymmFlowConfig:
+class SymmFlowConfig(ModelConfig):
     """Architecture and method settings of a :class:`SymmFlow` (recipe table ``[model]``, family ``symmflow``).
 
     Attributes:
@@ -97,12 +93,6 @@ class SymmFlowConfig:
     space: str = "auto"
     autoencoder: str = ""
 
-    def __post_init__(self) -> None:
-        for name in ("image_shape", "channel_mult", "attention_resolutions"):
-            value = getattr(self, name)
-            if isinstance(value, list):  # recipes and checkpoints store lists
-                setattr(self, name, tuple(value))
-
     @property
     def latent(self) -> bool:
         """Whether the flow runs in an autoencoder's latent space."""
@@ -117,24 +107,24 @@ class SymmFlowConfig:
             ConfigError: Naming the field, the allowed values and the value received.
         """
         shape = self.image_shape
-        if not (isinstance(shape, tuple) and len(shape) == 3 and all(_is_int(v, 1) for v in shape)):
+        if not (isinstance(shape, tuple) and len(shape) == 3 and all(is_int(v, 1) for v in shape)):
             raise ConfigError(f"image_shape must be (C, H, W) of positive ints, but is: {shape!r}")
-        if not _is_int(self.num_classes, 2):
+        if not is_int(self.num_classes, 2):
             raise ConfigError(f"num_classes must be an int >= 2, but is: {self.num_classes!r}")
         if self.num_classes > 64:
             raise ConfigError(f"num_classes must be <= 64 (the palette's colours), but is: {self.num_classes}")
-        if not _is_int(self.base_channels, 1):
+        if not is_int(self.base_channels, 1):
             raise ConfigError(f"model.base_channels must be an int >= 1, but is: {self.base_channels!r}")
         mult = self.channel_mult
-        if not (isinstance(mult, tuple) and mult and all(_is_int(v, 1) for v in mult)):
+        if not (isinstance(mult, tuple) and mult and all(is_int(v, 1) for v in mult)):
             raise ConfigError(f"model.channel_mult must be a non-empty list of ints >= 1, but is: {mult!r}")
-        if not _is_int(self.num_res_blocks, 1):
+        if not is_int(self.num_res_blocks, 1):
             raise ConfigError(f"model.num_res_blocks must be an int >= 1, but is: {self.num_res_blocks!r}")
         att = self.attention_resolutions
-        if not (isinstance(att, tuple) and all(_is_int(v, 1) for v in att)):
+        if not (isinstance(att, tuple) and all(is_int(v, 1) for v in att)):
             raise ConfigError(f"model.attention_resolutions must be a list of downsample factors (ints >= 1), "
                               f"but is: {att!r}")
-        if not _is_int(self.num_heads, 1) or any(m * self.base_channels % self.num_heads for m in mult):
+        if not is_int(self.num_heads, 1) or any(m * self.base_channels % self.num_heads for m in mult):
             raise ConfigError(f"model.num_heads must be an int >= 1 dividing every level's width "
                               f"(base_channels x channel_mult), but is: {self.num_heads!r}")
         if not (_is_number(self.dropout) and 0 <= self.dropout < 1):
@@ -147,7 +137,7 @@ class SymmFlowConfig:
             raise ConfigError(f"model.sigma_min must be in [0, 1), but is: {self.sigma_min!r}")
         if not (_is_number(self.beta) and self.beta >= 0):
             raise ConfigError(f"model.beta must be >= 0, but is: {self.beta!r}")
-        if not _is_int(self.steps, 1):
+        if not is_int(self.steps, 1):
             raise ConfigError(f"model.steps must be an int >= 1, but is: {self.steps!r}")
         if self.solver not in SOLVERS:
             raise ConfigError(f"model.solver must be one of {SOLVERS}, but is: {self.solver!r}")
@@ -169,23 +159,6 @@ class SymmFlowConfig:
                 raise ConfigError(f"image height and width must be divisible by {factor} (2 ** (len(channel_mult) "
                                   f"- 1)), but image_shape is {shape}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of primitives (tuples as lists), loadable with ``weights_only=True``."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SymmFlowConfig:
-        """Build a config from :meth:`to_dict` output or a recipe table; unknown keys are errors.
-
-        Raises:
-            ConfigError: For unknown keys or invalid values.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data).validate()
 
 
 def interpolate(z: Tensor, m: Tensor, eps_z: Tensor, eps_m: Tensor, t: Tensor,
@@ -341,7 +314,7 @@ class SymmFlow(nn.Module):
         """Integrate the joint state from ``t0`` to ``t1`` with fixed steps (Euler or Heun)."""
         steps = self.config.steps if steps is None else steps
         solver = self.config.solver if solver is None else solver
-        if solver not in SOLVERS or not _is_int(steps, 1):
+        if solver not in SOLVERS or not is_int(steps, 1):
             raise ConfigError(f"solver must be in {SOLVERS} and steps >= 1, but are: {solver!r}, {steps!r}")
         dt = (t1 - t0) / steps
         for i in range(steps):
@@ -402,7 +375,7 @@ class SymmFlow(nn.Module):
             uncertainty); ``spread`` is the standard deviation over the passes of the distance to the predicted
             colour (beyond the paper; 0 for one pass).
         """
-        if not _is_int(passes, 1):
+        if not is_int(passes, 1):
             raise ConfigError(f"passes must be an int >= 1, but is: {passes!r}")
         per_pass = torch.stack([colour_distances(self.integrated_mask(x, generator), self.colours, self.region)
                                 for _ in range(passes)])  # (S, B, K)
