@@ -108,14 +108,24 @@ def predict(log_likelihoods: np.ndarray, log_pi: np.ndarray, temperature: float 
     return Predictions(log_likelihoods, probs, probs.argmax(axis=1), entropy(probs))
 
 
-def classification_metrics(labels: np.ndarray, preds: Predictions, class_names: list[str]) -> dict:
-    """The metrics of ``augflow classify --json`` (scikit-learn), with stable keys."""
+def macro_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Macro one-vs-rest AUC (scikit-learn's "ovr"/"macro" definition) over the classes present in the labels."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        return float("nan")
+    return float(np.mean([skm.roc_auc_score(labels == c, scores[:, c]) for c in present]))
+
+
+def classification_metrics(labels: np.ndarray, preds: Predictions, class_names: list[str],
+                           scores: np.ndarray | None = None, uncertainty: np.ndarray | None = None) -> dict:
+    """The metrics of ``augflow classify --json`` (scikit-learn), with stable keys.
+
+    Arguments:
+        scores: (N, K) class scores for the AUC; the posterior ``preds.probs`` when omitted.
+        uncertainty: (N,) ranking of the selective-prediction curve; the posterior's entropy when omitted.
+    """
     k = len(class_names)
     y, yhat = np.asarray(labels), preds.predicted
-    # Macro one-vs-rest AUC (scikit-learn's "ovr"/"macro" definition), over the classes present in the labels.
-    present = np.unique(y)
-    auc = float(np.mean([skm.roc_auc_score(y == c, preds.probs[:, c]) for c in present])) \
-        if len(present) > 1 else float("nan")
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
         y, yhat, labels=np.arange(k), average="macro", zero_division=0)
     per_class_recall = skm.recall_score(y, yhat, labels=np.arange(k), average=None, zero_division=0)
@@ -123,14 +133,14 @@ def classification_metrics(labels: np.ndarray, preds: Predictions, class_names: 
         "n": int(len(y)),
         "accuracy": float(skm.accuracy_score(y, yhat)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y, yhat)),
-        "auc_macro": auc,
+        "auc_macro": macro_auc(y, preds.probs if scores is None else scores),
         "precision_macro": float(precision),
         "recall_macro": float(recall),
         "f1_macro": float(f1),
         "per_class_recall": dict(zip(class_names, map(float, per_class_recall), strict=True)),
         "confusion_matrix": skm.confusion_matrix(y, yhat, labels=np.arange(k)).tolist(),
         "ece": expected_calibration_error(preds.probs, y),
-        "selective_prediction": selective_prediction(yhat == y, preds.entropy),
+        "selective_prediction": selective_prediction(yhat == y, preds.entropy if uncertainty is None else uncertainty),
     }
 
 
@@ -236,15 +246,21 @@ def classify_file(model_path, data, prior: str = "train", calibrate_on=None, bat
     result_metrics["temperature"] = temperature
     result_metrics["temperature_source"] = source
     result_metrics["prior"] = prior
-    return {"class_names": class_names, "predictions": preds, "labels": info.labels, "metrics": result_metrics}
+    return {"class_names": class_names, "predictions": preds, "labels": info.labels, "metrics": result_metrics,
+            "score_column": "logp_x_given"}
 
 
 def write_predictions(result: dict, path) -> None:
-    """Per-image CSV (atomic): row, label, predicted class, entropy, posterior and log p(x|y) per class."""
+    """Per-image CSV (atomic): row, label, predicted class, entropy, posterior and the class scores.
+
+    The scores are ``log p(x|y)`` for MAGIC-Flow (columns ``logp_x_given_*``) and minus the mask's distance to
+    each class colour for MedSymmFlow (``minus_distance_to_*``), as named by ``result["score_column"]``.
+    """
     from augflow.atomic import atomic_write_text
 
     names, preds = result["class_names"], result["predictions"]
-    header = ["row", "label", "predicted", "entropy", *[f"p_{c}" for c in names], *[f"logp_x_given_{c}" for c in names]]
+    header = ["row", "label", "predicted", "entropy", *[f"p_{c}" for c in names],
+              *[f"{result['score_column']}_{c}" for c in names]]
     rows = [",".join(header)]
     for i in range(len(preds.predicted)):
         rows.append(",".join([str(i), names[result["labels"][i]], names[preds.predicted[i]], f"{preds.entropy[i]:.6g}",

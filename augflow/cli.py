@@ -258,32 +258,37 @@ def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, 
 @click.option("--n", type=int, default=None, help="Number of images of --class.")
 @click.option("--balance", is_flag=True, help="Top up every class to the largest training class.")
 @click.option("--target-count", type=int, default=None, help="With --balance: the per-class target instead.")
+@click.option("--per-class", type=int, default=None,
+              help="N images of every class (a set to audit, or to train on synthetic data only).")
 @click.option("--temperature", type=float, default=None, help="Latent temperature (default: the model's, 0.8).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @_device_option
 @_threads_option
 @_library_errors
-def synthesize(model, out, class_name, n, balance, target_count, temperature, seed, batch_size, device):
+def synthesize(model, out, class_name, n, balance, target_count, per_class, temperature, seed, batch_size, device):
     """Write synthetic images of a trained model to a dataset file.
 
     \b
     Example:
         augflow synthesize --model runs/scanner --class Prisma --n 500 --out prisma.h5
         augflow synthesize --model runs/scanner --balance --out topup.h5
+        augflow synthesize --model runs/scanner --per-class 200 --out audit-set.h5
     """
-    from augflow.synthesize import balanced_counts
+    from augflow.synthesize import balanced_counts, model_class_names
     from augflow.synthesize import synthesize as run_synthesis
 
-    if balance == (class_name is not None):
-        raise click.UsageError("give either --class NAME --n N, or --balance [--target-count N]")
+    if [class_name is not None, balance, per_class is not None].count(True) != 1:
+        raise click.UsageError("give one of --class NAME --n N, --balance [--target-count N], or --per-class N")
+    if n is not None and class_name is None:
+        raise click.UsageError("--n goes with --class; use --target-count with --balance")
     if class_name is not None:
         if n is None:
             raise click.UsageError("--class needs --n")
         counts = {class_name: n}
+    elif per_class is not None:
+        counts = dict.fromkeys(model_class_names(model), per_class)
     else:
-        if n is not None:
-            raise click.UsageError("--n goes with --class; use --target-count with --balance")
         counts = balanced_counts(model, target_count)
     result = run_synthesis(model, out, counts, temperature=temperature, seed=seed, batch_size=batch_size,
                            device=device)

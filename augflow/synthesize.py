@@ -57,6 +57,11 @@ def balance_counts(class_counts: list[int], target: int | None = None) -> list[i
     return [max(0, target - c) for c in class_counts]
 
 
+def model_class_names(model: str | Path) -> list[str]:
+    """The class names of a run folder or model file, in label order."""
+    return load_model(model_file(model), with_meta=True)[1]["class_names"]
+
+
 def balanced_counts(model: str | Path, target: int | None = None) -> dict[str, int]:
     """Per-class counts that top a model's training classes up to ``target`` (default: the largest class)."""
     _, meta = load_model(model_file(model), with_meta=True)

@@ -9,6 +9,16 @@ from augflow.data.store import write_dataset
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny models gain
+    nothing from threads, and a second busy process on 2 shared cores makes 2-thread training ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_dataset(path, n_subjects=12, slices=3, num_classes=3, shape=(1, 8, 8), seed=0):
     """A random dataset: ``n_subjects`` subjects with ``slices`` slices each, classes round-robin."""
     rng = np.random.default_rng(seed)

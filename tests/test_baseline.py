@@ -10,15 +10,7 @@ from sklearn.metrics import balanced_accuracy_score
 from augflow.baseline import build_resnet18, class_weights, features, predict_proba, train_cnn
 from augflow.errors import DataError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread (module-wide, so module fixtures get it too): on this 2-core machine a second busy
-    process makes 2-thread training ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy(counts, size=16, seed=0, amp=0.5, noise=0.15):

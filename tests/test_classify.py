@@ -142,3 +142,10 @@ def test_metrics_agree_with_scikit_learn():
     assert m["auc_macro"] == pytest.approx(roc_auc_score(labels, preds.probs, multi_class="ovr", average="macro"))
     assert m["accuracy"] == pytest.approx(np.mean(preds.predicted == labels))
     assert np.trace(m["confusion_matrix"]) == np.sum(preds.predicted == labels)
+    # Other scores and uncertainties (MedSymmFlow's distances) replace the posterior and its entropy.
+    scores, uncertainty = rng.normal(size=(300, 3)), rng.random(300)
+    other = classification_metrics(labels, preds, ["a", "b", "c"], scores=scores, uncertainty=uncertainty)
+    assert other["auc_macro"] == pytest.approx(roc_auc_score(labels, scores, multi_class="ovr", average="macro"))
+    assert other["auc_macro"] != pytest.approx(m["auc_macro"])
+    assert other["selective_prediction"] == selective_prediction(preds.predicted == labels, uncertainty)
+    assert other["accuracy"] == m["accuracy"]

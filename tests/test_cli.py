@@ -52,7 +52,10 @@ def test_split_command(tmp_path):
 
 def test_synthesize_argument_rules(tmp_path):
     result = CliRunner().invoke(cli, ["synthesize", "--model", str(tmp_path), "--out", str(tmp_path / "s.h5")])
-    assert result.exit_code == 2 and "either --class NAME --n N, or --balance" in result.output
+    assert result.exit_code == 2 and "give one of --class NAME --n N, --balance" in result.output
+    result = CliRunner().invoke(cli, ["synthesize", "--model", str(tmp_path), "--out", str(tmp_path / "s.h5"),
+                                      "--balance", "--per-class", "3"])
+    assert result.exit_code == 2 and "--per-class N" in result.output
     result = CliRunner().invoke(cli, ["synthesize", "--model", str(tmp_path), "--out", str(tmp_path / "s.h5"),
                                       "--class", "a", "--n", "3"])
     assert result.exit_code == 1 and "no trained model" in result.output

@@ -25,13 +25,7 @@ DP = [*TINY, "train.epochs=2", "train.ema_decay=0.0", "privacy.enabled=true", "p
       "privacy.microbatch=8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # vmap is overhead-bound at these sizes; two threads on a shared 2-core machine only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _losses(run):

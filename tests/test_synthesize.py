@@ -43,6 +43,19 @@ def test_same_seed_same_images(run, tmp_path):
     assert not np.array_equal(read_images(a), read_images(c))
 
 
+def test_cli_per_class_equals_the_api(run, tmp_path):
+    from click.testing import CliRunner
+
+    from augflow.cli import cli
+
+    result = CliRunner().invoke(cli, ["synthesize", "--model", str(run), "--per-class", "2", "--seed", "3", "--out",
+                                      str(tmp_path / "cli.h5")])
+    assert result.exit_code == 0, result.output
+    api = synthesize(run, tmp_path / "api.h5", {f"class{k}": 2 for k in range(4)}, seed=3, progress=False).out
+    assert list(np.bincount(read_info(tmp_path / "cli.h5").labels)) == [2, 2, 2, 2]
+    assert np.array_equal(read_images(tmp_path / "cli.h5"), read_images(api))
+
+
 def test_unknown_class_lists_valid_names_and_writes_nothing(run, tmp_path):
     with pytest.raises(ConfigError, match="unknown class 'Prism'; valid classes: class0, class1, class2, class3"):
         synthesize(run, tmp_path / "x.h5", {"Prism": 3}, progress=False)

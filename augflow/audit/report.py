@@ -104,8 +104,8 @@ def _ci(ci) -> str:
     return "" if not ci else f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
-def _pm(stat: dict) -> str:
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+def _pm(stat: dict, seeds: int) -> str:
+    return f"{stat['mean']:.3f}" if seeds == 1 else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
 # ----------------------------------------------------------------------------------------------------- figures
@@ -291,9 +291,13 @@ class _Doc:
 def _privacy_text(privacy: dict) -> str:
     if not privacy["differentially_private"]:
         return "Privacy: " + NOT_DP + "."
+    # The ledger's unit of privacy: a slice, or a subject (all of one patient's slices) with --dp-unit subject.
+    unit = (privacy["ledger"] or {}).get("unit", "slice")
+    who = "any single training subject (all of a patient's slices)" if unit == "subject" else \
+        "any single training image (slice; a patient with k slices is protected only at about k * epsilon)"
     return (f"Privacy: trained with differential privacy, (epsilon = {_fmt(privacy['epsilon'])}, delta = "
-            f"{_fmt(privacy['delta'])}) per the model's privacy ledger: any single training image changes the "
-            "probability of any synthetic output by at most a factor e^epsilon (plus delta).")
+            f"{_fmt(privacy['delta'])}) per the model's privacy ledger: {who} changes the probability of any "
+            "synthetic output by at most a factor e^epsilon (plus delta).")
 
 
 def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
@@ -355,7 +359,7 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
                    f"synthetic vs {_fmt(div['real']['intra'])} real (higher means less diverse).")
     ds = m.get("downstream")
     if ds is not None:
-        parts = [f"{p} {_pm(v['summary']['balanced_accuracy'])}" for p, v in ds["protocols"].items()]
+        parts = [f"{p} {_pm(v['summary']['balanced_accuracy'], ds['seeds'])}" for p, v in ds["protocols"].items()]
         summary.append("Downstream CNN balanced accuracy on held-out real images: " + "; ".join(parts) + ".")
     doc.items(summary)
     doc.h(3, "Intended uses")
@@ -433,15 +437,18 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
         doc.h(2, "Downstream classification")
         r = ds["recipe"]
         budget = "no time limit" if r["budget_s"] is None else f"at most {r['budget_s']:g} s each"
-        doc.p(f"ResNet-18 from scratch ({r['epochs']} epochs, {budget}, batch {r['batch_size']}, "
-              f"lr {r['lr']}), mean ± std over {ds['seeds']} seed(s), tested on {ds['test_n']} held-out real "
-              "images. Minority classes (marked *): " + (", ".join(ds["minority_classes"]) or "none") + ".")
+        seeds = ds["seeds"]
+        doc.p(f"ResNet-18 from scratch ({r['epochs']} epochs, {budget}, batch {r['batch_size']}, lr {r['lr']}), "
+              + ("one seed" if seeds == 1 else f"mean ± std over {seeds} seeds")
+              + f", tested on {ds['test_n']} held-out real images. Minority classes (marked *): "
+              + (", ".join(ds["minority_classes"]) or "none") + ".")
         protocols = list(ds["protocols"])
-        rows = [[key] + [_pm(ds["protocols"][p]["summary"][key]) for p in protocols]
+        rows = [[key] + [_pm(ds["protocols"][p]["summary"][key], seeds) for p in protocols]
                 for key in ("accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro",
                             "f1_macro")]
         rows += [[f"recall {n}{' *' if n in ds['minority_classes'] else ''}"]
-                 + [_pm(ds["protocols"][p]["summary"]["per_class_recall"][n]) for p in protocols] for n in names]
+                 + [_pm(ds["protocols"][p]["summary"]["per_class_recall"][n], seeds) for p in protocols]
+                 for n in names]
         rows.append(["training images"] + [str(ds["protocols"][p]["n_train"]) for p in protocols])
         doc.table(["metric", *protocols], rows)
     lk = m.get("likelihood_classifier")

@@ -31,7 +31,6 @@ from augflow.classify import (
     expected_calibration_error,
     fit_temperature,
     predict,
-    selective_prediction,
 )
 from augflow.errors import ConfigError
 
@@ -114,14 +113,6 @@ def classify_images(model, images: torch.Tensor | np.ndarray, passes: int = 1, b
         rank_by=rank_by)
 
 
-def score_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Macro one-vs-rest AUC of the scores (minus distances), over the classes present in the labels."""
-    present = np.unique(labels)
-    if len(present) < 2:
-        return float("nan")
-    return float(np.mean([skm.roc_auc_score(labels == c, scores[:, c]) for c in present]))
-
-
 def symmflow_metrics(labels: np.ndarray, result: SymmFlowClassification, class_names: list[str],
                      temperature: float = 1.0) -> dict:
     """The metrics of ``augflow classify`` (keys of :func:`augflow.classify.classification_metrics`).
@@ -129,9 +120,8 @@ def symmflow_metrics(labels: np.ndarray, result: SymmFlowClassification, class_n
     ``auc_macro`` is computed from the scores and ``selective_prediction`` ranks by ``result.uncertainty``.
     """
     labels = np.asarray(labels)
-    metrics = classification_metrics(labels, result.predictions(temperature), class_names)
-    metrics["auc_macro"] = score_auc(labels, result.scores)
-    metrics["selective_prediction"] = selective_prediction(result.predicted == labels, result.uncertainty)
+    metrics = classification_metrics(labels, result.predictions(temperature), class_names, scores=result.scores,
+                                     uncertainty=result.uncertainty)
     metrics["selective_prediction_by"] = result.rank_by
     metrics["passes"] = result.passes
     metrics["uncertainty_error_auroc"] = error_auroc(result.predicted != labels, result.uncertainty)
@@ -192,4 +182,4 @@ def classify_file(model_path, data, passes: int = 1, calibrate_on=None, batch_si
     metrics["temperature_source"] = f"fitted on {calibrate_on}" if calibrate_on is not None else "none (temperature 1)"
     metrics["prior"] = "none"
     return {"class_names": class_names, "predictions": result.predictions(temperature), "labels": info.labels,
-            "metrics": metrics, "classification": result}
+            "metrics": metrics, "classification": result, "score_column": "minus_distance_to"}

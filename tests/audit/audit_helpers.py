@@ -1,23 +1,11 @@
 """Helpers of the audit tests: tiny class-structured images, dataset files with distinct subjects, a tiny flow."""
 
 import numpy as np
-import pytest
 import torch
 
 from augflow.data.store import write_dataset
 
 CLASSES = ["a", "b", "c"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread (module-wide, so module fixtures get it too): on this 2-core machine a second busy
-    process makes 2-thread training ~10x slower. Test modules import it; a conftest.py here would shadow
-    tests/conftest.py for ``from conftest import ...``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def blobs(counts, size=16, seed=0, noise=0.1):

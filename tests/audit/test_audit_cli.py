@@ -4,13 +4,15 @@ import json
 
 import numpy as np
 import pytest
-from audit_helpers import blobs, one_thread, tiny_flow, write_blobs  # noqa: F401 (autouse)
+from audit_helpers import blobs, tiny_flow, write_blobs
 from click.testing import CliRunner
 
 from augflow.cli import cli
 
 TOP_LEVEL = {"schema", "command", "inputs", "privacy", "feature_space", "fidelity", "diversity", "memorization",
              "membership_inference", "likelihood_classifier", "downstream", "settings", "gate", "timings_s"}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_audit_help_has_an_example():
@@ -52,7 +54,8 @@ def test_audit_end_to_end_and_gate(tmp_path):
     copies = write_blobs(tmp_path / "copies.h5", None, seed=0, prefix="synthetic", source="synthetic",
                          images=x[::2], labels=y[::2])
     # ... and a model with a DP ledger: its epsilon is reported, and its delta used for the empirical bound.
-    dp_model = tiny_flow(tmp_path / "dp.pt", [16, 10, 6], privacy={"dp": True, "epsilon": 8.0, "delta": 1e-6})
+    dp_model = tiny_flow(tmp_path / "dp.pt", [16, 10, 6], privacy={"dp": True, "epsilon": 8.0, "delta": 1e-6,
+                                                                         "unit": "subject"})
     result = CliRunner().invoke(cli, ["audit", *common, "--model", str(dp_model), "--synthetic", str(copies), "--out",
                                       str(tmp_path / "r2"), "--no-downstream", "--gate"])
     assert result.exit_code == 1
@@ -61,7 +64,8 @@ def test_audit_end_to_end_and_gate(tmp_path):
     metrics = json.loads((tmp_path / "r2" / "metrics.json").read_text())
     assert metrics["privacy"]["differentially_private"] and metrics["privacy"]["epsilon"] == 8.0
     assert metrics["membership_inference"]["delta"] == 1e-6 and metrics["downstream"] is None
-    assert "epsilon = 8" in (tmp_path / "r2" / "report.md").read_text()
+    report = (tmp_path / "r2" / "report.md").read_text()
+    assert "epsilon = 8" in report and "any single training subject" in report
     gate = metrics["gate"]
     assert gate["failed"] == ["copy_fraction", "exact_copies"] and np.isclose(
         gate["checks"]["copy_fraction"]["value"], 1.0)

@@ -3,9 +3,11 @@ generator has intra-class MS-SSIM 1, above the real images'."""
 
 import numpy as np
 import pytest
-from audit_helpers import CLASSES, blobs, one_thread  # noqa: F401 (autouse)
+from audit_helpers import CLASSES, blobs
 
 from augflow.audit.diversity import diversity, random_pairs, similarity, ssim_settings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("side", "method", "win", "scales"), [

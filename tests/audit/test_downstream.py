@@ -3,12 +3,14 @@ input checks name the file and the problem."""
 
 import numpy as np
 import pytest
-from audit_helpers import blobs, one_thread, write_blobs  # noqa: F401 (autouse)
+from audit_helpers import blobs, write_blobs
 
 from augflow.audit import run_audit
 from augflow.audit.downstream import check_subjects_disjoint, downstream, minority_classes, topup_rows
 from augflow.data.store import write_dataset
 from augflow.errors import DataError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shared_subjects_are_refused_before_training():

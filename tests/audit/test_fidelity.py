@@ -4,7 +4,7 @@ a collapsed generator, the cached domain encoder and the Inception path from a l
 import numpy as np
 import prdc
 import pytest
-from audit_helpers import blobs, one_thread, write_blobs  # noqa: F401 (autouse)
+from audit_helpers import blobs, write_blobs
 
 from augflow.audit.features import EncoderRecipe, domain_encoder_path, encoder_key, feature_space
 from augflow.audit.fidelity import (
@@ -17,6 +17,8 @@ from augflow.audit.fidelity import (
     torch_fidelity_metrics,
 )
 from augflow.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian(n, d=16, shift=0.0, seed=0):

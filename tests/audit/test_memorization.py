@@ -5,10 +5,12 @@ import math
 
 import numpy as np
 import pytest
-from audit_helpers import blobs, one_thread  # noqa: F401 (autouse)
+from audit_helpers import blobs
 from scipy.stats import beta
 
 from augflow.audit.memorization import epsilon_lower_bound, membership_inference, memorization
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def features(images, seed=0):

@@ -128,3 +128,14 @@ def test_read_images_any_order_with_repeats(tmp_path):
     images = read_images(path)
     np.testing.assert_array_equal(read_images(path, [5, 1, 5, 0]), images[[5, 1, 5, 0]])
     assert read_images(path, []).shape == (0, 1, 8, 8)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        path = make_dataset(tmp_path / "d.h5")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640  # not mkstemp's 0600

@@ -15,14 +15,7 @@ from augflow.models import load_model
 from augflow.symmflow import Autoencoder, AutoencoderConfig, SymmFlow, SymmFlowConfig, train_autoencoder
 from augflow.train.loop import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and oversubscribing 2 shared cores is many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(path, n=48, size=16, seed=0):

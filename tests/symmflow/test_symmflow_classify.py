@@ -12,6 +12,8 @@ from augflow.errors import ConfigError
 from augflow.symmflow import SymmFlow, SymmFlowConfig
 from augflow.symmflow.classify import classify_file, classify_images, error_auroc
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def brightness_toy(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class 0: dark images (mean brightness in [0.10, 0.55]); class 1: bright ([0.45, 0.90]); 16 px.
@@ -26,10 +28,8 @@ def brightness_toy(n: int, generator: torch.Generator) -> tuple[torch.Tensor, to
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(one_thread):
     """A tiny model trained for 150 steps (about 5 s on a quiet core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # oversubscribing 2 shared cores is many times slower
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     model = SymmFlow(SymmFlowConfig(image_shape=(1, 16, 16), num_classes=2, base_channels=8, channel_mult=(1, 2),
@@ -42,8 +42,7 @@ def trained():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    yield model.eval(), g
-    torch.set_num_threads(before)
+    return model.eval(), g
 
 
 def test_separable_classes_are_learned_and_uncertainty_flags_errors(trained):

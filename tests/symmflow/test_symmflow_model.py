@@ -12,14 +12,7 @@ from augflow.models import load_model, model_config
 from augflow.symmflow import SymmFlow, SymmFlowConfig, class_colours, interpolate, palette, velocity_targets
 from augflow.symmflow.palette import class_masks, colour_distances, palette_indices
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and oversubscribing 2 shared cores is many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2,

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import make_dataset
 
@@ -19,14 +18,7 @@ from augflow.symmflow import SymmFlow
 from augflow.synthesize import synthesize
 from augflow.train.loop import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and oversubscribing 2 shared cores is many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["model.base_channels=8", "model.channel_mult=[1, 2]", "model.attention_resolutions=[2]",
@@ -86,3 +78,8 @@ def test_cli_train_and_synthesize(tmp_path):
     metrics = json.loads(result.output)
     assert {"accuracy", "balanced_accuracy", "auc_macro", "selective_prediction", "confusion_matrix"} <= set(metrics)
     assert np.sum(metrics["confusion_matrix"]) == 36
+    result = runner.invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(data), "--out",
+                                 str(tmp_path / "pred.csv")])
+    assert result.exit_code == 0, result.output
+    header = (tmp_path / "pred.csv").read_text().splitlines()[0].split(",")
+    assert "minus_distance_to_class0" in header and not any(h.startswith("logp_x_given") for h in header)
