@@ -392,12 +392,17 @@ def explain(model, data, rows, class_name, contrast, prior, out, device):
               help="Gate: largest membership-inference ROC AUC (needs --model).")
 @click.option("--max-exact-copies", type=int, default=0, show_default=True,
               help="Gate: largest number of exact copies.")
-@click.option("--seeds", type=int, default=3, show_default=True, help="Downstream CNN trainings per protocol.")
-@click.option("--epochs", type=int, default=30, show_default=True, help="Epochs per downstream CNN training.")
-@click.option("--budget", type=float, default=None, help="Wall-clock seconds per downstream CNN training.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Downstream CNN trainings per protocol.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Epochs per downstream CNN training.")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Wall-clock seconds per downstream CNN training.")
 @click.option("--no-downstream", is_flag=True, help="Skip the downstream classification protocol (the slowest stage).")
-@click.option("--encoder-epochs", type=int, default=10, show_default=True, help="Epochs of the domain encoder.")
-@click.option("--bootstraps", type=int, default=100, show_default=True, help="FID bootstrap resamples.")
+@click.option("--encoder-epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Epochs of the domain encoder.")
+@click.option("--bootstraps", type=click.IntRange(min=0), default=100, show_default=True,
+              help="FID bootstrap resamples.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Encoder cache (default: $AUGFLOW_CACHE_DIR/encoders or ~/.cache/augflow/encoders).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -446,10 +451,12 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
               show_default=True)
 @click.option("--task", type=click.Choice(["scanner", "modality"]), default="scanner", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--seeds", type=int, default=3, show_default=True,
-              help="Downstream CNN trainings per protocol in the audit (20 s each).")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Downstream CNN trainings per protocol in the audit.")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+              help="Wall-clock seconds per downstream CNN training (3 protocols x --seeds trainings).")
 @_library_errors
-def demo(out_dir, task, seed, seeds):
+def demo(out_dir, task, seed, seeds, budget):
     """Run the whole pipeline on the built-in brain-MRI data (about 5 minutes on 2 CPU cores).
 
     \b
@@ -458,7 +465,7 @@ def demo(out_dir, task, seed, seeds):
     """
     from augflow.demo import run_demo
 
-    run_demo(out_dir, task=task, seed=seed, echo=click.echo, audit_seeds=seeds)
+    run_demo(out_dir, task=task, seed=seed, echo=click.echo, audit_seeds=seeds, audit_budget_s=budget)
 
 
 @cli.command("train-autoencoder")

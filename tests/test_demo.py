@@ -10,7 +10,8 @@ from augflow.data.store import read_images, read_info
 
 
 def test_demo_end_to_end(tmp_path):
-    result = CliRunner().invoke(cli, ["demo", "--out-dir", str(tmp_path), "--seeds", "1"], catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["demo", "--out-dir", str(tmp_path), "--seeds", "1", "--budget", "10"],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     train = read_info(tmp_path / "data" / "train.h5")
     synthetic = read_info(tmp_path / "synthetic.h5")

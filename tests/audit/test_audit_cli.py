@@ -20,6 +20,18 @@ def test_audit_help_has_an_example():
     assert result.exit_code == 0 and "Example:" in result.output and "--gate" in result.output
 
 
+@pytest.mark.parametrize("command, option, value", [("audit", "--seeds", "0"), ("audit", "--budget", "0"),
+                                                     ("audit", "--bootstraps", "-1"), ("demo", "--seeds", "0"),
+                                                     ("demo", "--budget", "-5")])
+def test_counts_and_budgets_out_of_range_are_refused_before_any_work(tmp_path, command, option, value):
+    data = write_blobs(tmp_path / "d.h5", [4, 4, 4], seed=0, prefix="d")
+    files = ["--real", str(data), "--train", str(data), "--synthetic", str(data)] if command == "audit" else []
+    result = CliRunner().invoke(cli, [command, *files, "--out" if command == "audit" else "--out-dir",
+                                      str(tmp_path / "out"), option, value])
+    assert result.exit_code == 2 and option in result.output and "range" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_audit_end_to_end_and_gate(tmp_path):
     real = write_blobs(tmp_path / "test.h5", [8, 8, 8], seed=1, prefix="test")
     train = write_blobs(tmp_path / "train.h5", [16, 10, 6], seed=0, prefix="train")
