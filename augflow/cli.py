@@ -258,7 +258,7 @@ def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, 
 @click.option("--n", type=int, default=None, help="Number of images of --class.")
 @click.option("--balance", is_flag=True, help="Top up every class to the largest training class.")
 @click.option("--target-count", type=int, default=None, help="With --balance: the per-class target instead.")
-@click.option("--per-class", type=int, default=None,
+@click.option("--per-class", type=click.IntRange(min=1), default=None,
               help="N images of every class (a set to audit, or to train on synthetic data only).")
 @click.option("--temperature", type=float, default=None, help="Latent temperature (default: the model's, 0.8).")
 @click.option("--seed", type=int, default=0, show_default=True)

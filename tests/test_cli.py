@@ -57,6 +57,9 @@ def test_synthesize_argument_rules(tmp_path):
                                       "--balance", "--per-class", "3"])
     assert result.exit_code == 2 and "--per-class N" in result.output
     result = CliRunner().invoke(cli, ["synthesize", "--model", str(tmp_path), "--out", str(tmp_path / "s.h5"),
+                                      "--per-class", "0"])
+    assert result.exit_code == 2 and "--per-class" in result.output and "range" in result.output
+    result = CliRunner().invoke(cli, ["synthesize", "--model", str(tmp_path), "--out", str(tmp_path / "s.h5"),
                                       "--class", "a", "--n", "3"])
     assert result.exit_code == 1 and "no trained model" in result.output
 
