@@ -457,7 +457,7 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
               help="Wall-clock seconds per downstream CNN training (3 protocols x --seeds trainings).")
 @_library_errors
 def demo(out_dir, task, seed, seeds, budget):
-    """Run the whole pipeline on the built-in brain-MRI data (about 5 minutes on 2 CPU cores).
+    """Run the whole pipeline on the built-in brain-MRI data (5-10 minutes on 2 CPU cores).
 
     \b
     Example:

@@ -2,7 +2,7 @@
 
 Generates the built-in scanner data at 32 px, splits it by subject, trains the ``quick`` recipe, writes a
 balanced synthetic top-up of the under-represented scanners and audits it (``augflow audit`` with a smaller
-downstream protocol: a 20 s budget per CNN, a 2-epoch domain encoder). About five minutes on 2 CPU cores.
+downstream protocol: a 20 s budget per CNN, a 2-epoch domain encoder). 5-10 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
