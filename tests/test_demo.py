@@ -22,10 +22,10 @@ def test_cli_passes_its_options_to_the_demo(tmp_path, monkeypatch):
 
 
 def test_demo_end_to_end(tmp_path):
-    # The demo's pipeline with a lighter audit (one seed, 5 s per CNN, a 1-epoch domain encoder) to keep the
+    # The demo's pipeline with a lighter audit (one seed, 10 s per CNN, a 1-epoch domain encoder) to keep the
     # suite fast; `augflow demo` itself runs 3 seeds of 20 s and a 2-epoch encoder.
     lines = []
-    run_demo(tmp_path, echo=lines.append, progress=False, audit_seeds=1, audit_budget_s=5, encoder_epochs=1,
+    run_demo(tmp_path, echo=lines.append, progress=False, audit_seeds=1, audit_budget_s=10, encoder_epochs=1,
              bootstraps=10)
     result = SimpleNamespace(output="\n".join(lines))
     train = read_info(tmp_path / "data" / "train.h5")
