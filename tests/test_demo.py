@@ -1,7 +1,6 @@
 """One small end-to-end run: `augflow demo` generates, splits, trains the quick recipe, tops up classes and audits."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 from click.testing import CliRunner
@@ -27,7 +26,7 @@ def test_demo_end_to_end(tmp_path):
     lines = []
     run_demo(tmp_path, echo=lines.append, progress=False, audit_seeds=1, audit_budget_s=10, encoder_epochs=1,
              bootstraps=10)
-    result = SimpleNamespace(output="\n".join(lines))
+    output = "\n".join(lines)
     train = read_info(tmp_path / "data" / "train.h5")
     synthetic = read_info(tmp_path / "synthetic.h5")
     assert synthetic.source == "synthetic" and synthetic.class_names == train.class_names
@@ -41,11 +40,11 @@ def test_demo_end_to_end(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "runs" / "quick" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(val) == 3 and min(val) < val[0] and np.isfinite(val).all()
-    assert "best validation" in result.output and "wrote 1473 images" in result.output
+    assert "best validation" in output and "wrote 1473 images" in output
 
     # The audit: report files, stable keys, sane values.
     audit = tmp_path / "audit"
-    assert f"report: {audit / 'report.html'}" in result.output
+    assert f"report: {audit / 'report.html'}" in output
     metrics = json.loads((audit / "metrics.json").read_text())
     assert {"inputs", "privacy", "feature_space", "fidelity", "diversity", "memorization", "membership_inference",
             "likelihood_classifier", "downstream", "gate"} <= set(metrics)
