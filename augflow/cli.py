@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from augflow import __version__
 from augflow.errors import AugflowError
+from augflow.version import __version__
 
 
 def _library_errors(fn):
@@ -121,16 +121,19 @@ def split(data, out_dir, val, test, seed):
         _print_summary(read_info(path, check_values=False).summary())
 
 
-def _print_ledger(ledger: dict | None) -> None:
-    if not ledger:
+def _print_ledger(stored: dict | None) -> None:
+    from augflow.train.privacy.ledger import Ledger
+
+    ledger = Ledger.from_dict(stored or None)
+    if ledger is None:
         click.echo("privacy: no ledger (not made by an augflow model)")
-    elif not ledger.get("dp"):
+    elif not ledger.dp:
         click.echo("privacy: trained without differential privacy (no guarantee)")
     else:
-        click.echo(f"privacy: ({ledger['epsilon']:.3g}, {ledger['delta']:.0e})-DP per {ledger['unit']} "
-                   f"({ledger['accountant']}, noise multiplier {ledger['noise_multiplier']:.3g}, sample rate "
-                   f"{ledger['sample_rate']:.3g}, {ledger['steps']} steps, clipping norm {ledger['max_grad_norm']:g}; "
-                   f"class counts: {ledger['class_counts_release']['release']})")
+        click.echo(f"privacy: ({ledger.epsilon:.3g}, {ledger.delta:.0e})-DP per {ledger.unit} "
+                   f"({ledger.accountant}, noise multiplier {ledger.noise_multiplier:.3g}, sample rate "
+                   f"{ledger.sample_rate:.3g}, {ledger.steps} steps, clipping norm {ledger.max_grad_norm:g}; "
+                   f"class counts: {ledger.class_counts_release['release']})")
 
 
 @cli.command()
@@ -147,7 +150,7 @@ def info(data, as_json):
         augflow info runs/scanner-dp          # the privacy ledger of a model
     """
     from augflow.data.store import read_info
-    from augflow.train.privacy import model_summary
+    from augflow.models import model_summary
 
     if data.is_dir() or data.suffix == ".pt":
         summary = model_summary(data)
@@ -226,10 +229,9 @@ def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, 
         augflow train --data data/train.h5 --recipe recipes/scanner.toml --out runs/scanner --resume
         augflow train --data data/train.h5 --recipe scanner --out runs/dp --dp --epsilon 8 --dp-unit subject
     """
-    import sys
-
-    from augflow.config import load_recipe
+    from augflow.runs import command_line
     from augflow.train.loop import train as run_training
+    from augflow.train.recipe import load_recipe
 
     dp_options = {"epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
                   "unit": dp_unit}
@@ -238,13 +240,13 @@ def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, 
     if dp_overrides and not loaded.privacy.enabled:
         raise click.UsageError("--epsilon, --delta, --max-grad-norm, --accountant and --dp-unit need --dp "
                                "(or a recipe with [privacy] enabled = true)")
-    result = run_training(data, out, loaded, val=val, resume=resume, device=device,
-                          seed=seed, command=" ".join(["augflow", *sys.argv[1:]]))
-    if result.privacy and result.privacy.get("dp"):
+    result = run_training(data, out, loaded, val=val, resume=resume, device=device, seed=seed,
+                          command=command_line())
+    if result.ledger.dp:
         last = "n/a" if result.last_val_loss is None else f"{result.last_val_loss:.4f}"
         click.echo(f"trained {result.steps} steps; last validation {result.loss_name} {last}; model (last weights): "
                    f"{result.model_path}")
-        _print_ledger(result.privacy)
+        _print_ledger(result.ledger.to_dict())
         return
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
     click.echo(f"trained {result.steps} steps; best validation {result.loss_name} {best}; model: {result.model_path}")
@@ -275,7 +277,7 @@ def synthesize(model, out, class_name, n, balance, target_count, per_class, temp
         augflow synthesize --model runs/scanner --balance --out topup.h5
         augflow synthesize --model runs/scanner --per-class 200 --out audit-set.h5
     """
-    from augflow.synthesize import balanced_counts, model_class_names
+    from augflow.synthesize import balance_counts, training_counts
     from augflow.synthesize import synthesize as run_synthesis
 
     if [class_name is not None, balance, per_class is not None].count(True) != 1:
@@ -287,9 +289,9 @@ def synthesize(model, out, class_name, n, balance, target_count, per_class, temp
             raise click.UsageError("--class needs --n")
         counts = {class_name: n}
     elif per_class is not None:
-        counts = dict.fromkeys(model_class_names(model), per_class)
+        counts = dict.fromkeys(training_counts(model), per_class)
     else:
-        counts = balanced_counts(model, target_count)
+        counts = balance_counts(training_counts(model), target_count)
     result = run_synthesis(model, out, counts, temperature=temperature, seed=seed, batch_size=batch_size,
                            device=device)
     made = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
@@ -422,9 +424,8 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
         augflow audit --real data/test.h5 --train data/train.h5 --synthetic topup.h5 \\
             --model runs/scanner --out reports/audit-scanner --gate
     """
-    import sys
-
     from augflow.audit import EncoderRecipe, GateThresholds, run_audit
+    from augflow.runs import command_line
 
     thresholds = GateThresholds(max_copy_fraction=max_copy_fraction, max_mia_auc=max_mia_auc,
                                 max_exact_copies=max_exact_copies)
@@ -432,7 +433,7 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
                        inception_weights=inception_weights, gate=thresholds, seeds=seeds, downstream_epochs=epochs,
                        downstream_budget_s=budget, run_downstream=not no_downstream,
                        encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=cache_dir, bootstraps=bootstraps,
-                       seed=seed, device=device, command=" ".join(["augflow", *sys.argv[1:]]))
+                       seed=seed, device=device, command=command_line())
     verdict = result["gate"]
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -496,13 +497,12 @@ def train_autoencoder(data, out, val, latent_channels, downsample, channels, kl_
     Example:
         augflow train-autoencoder --data data/train.h5 --val data/val.h5 --out ae/ --epochs 20
     """
-    import sys
-
-    from augflow.symmflow.autoencoder import train_autoencoder as run
+    from augflow.runs import command_line
+    from augflow.train.autoencoder import train_autoencoder as run
 
     result = run(data, out, val=val, latent_channels=latent_channels, downsample=downsample, channels=channels,
                  kl_weight=kl_weight, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                 command=" ".join(["augflow", *sys.argv[1:]]))
+                 command=command_line())
     val_text = "n/a" if result.val_mse is None else f"{result.val_mse:.5f}"
     click.echo(f"reconstruction MSE: train {result.train_mse:.5f}, validation {val_text} (mean image "
                f"{result.mean_image_mse:.5f}); autoencoder: {result.path}")

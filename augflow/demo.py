@@ -11,12 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from augflow.audit import EncoderRecipe, run_audit
-from augflow.config import load_recipe
 from augflow.data.phantom import generate_demo_data
 from augflow.data.splits import split_file
 from augflow.data.store import read_info
-from augflow.synthesize import balanced_counts, synthesize
+from augflow.runs import CHECKPOINT
+from augflow.synthesize import balance_counts, synthesize, training_counts
 from augflow.train.loop import train
+from augflow.train.recipe import load_recipe
 
 DEMO_SIZE = 32
 
@@ -52,12 +53,12 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
     echo(f"[3/{steps}] training MAGIC-Flow with the quick recipe")
     run = out_dir / "runs" / "quick"
     result = train(parts["train"], run, load_recipe("quick"), val=parts["val"], seed=seed,
-                   resume=(run / "checkpoint.pt").exists(), command="augflow demo", progress=progress)
+                   resume=(run / CHECKPOINT).exists(), command="augflow demo", progress=progress)
     echo(f"  {result.steps} steps, best validation {result.best_val_loss:.3f} {result.loss_name} "
          f"-> {result.model_path}")
 
     echo(f"[4/{steps}] synthesizing a balanced top-up of the under-represented classes")
-    counts = balanced_counts(result.model_path)
+    counts = balance_counts(training_counts(result.model_path))
     synthetic = synthesize(result.model_path, out_dir / "synthetic.h5", counts, seed=seed, progress=progress)
     echo(f"  wrote {sum(synthetic.counts.values())} images to {synthetic.out}: "
          + ", ".join(f"{k} {v}" for k, v in synthetic.counts.items() if v))

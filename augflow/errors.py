@@ -20,3 +20,11 @@ class ManifestError(AugflowError):
 
 class ConfigError(AugflowError):
     """A recipe, config key or command-line value is invalid."""
+
+
+class PrivacyError(ConfigError):
+    """A differential-privacy setting or model cannot give the promised guarantee."""
+
+
+class PrivacyWarning(UserWarning):
+    """The guarantee holds, but may protect less than the user expects (e.g. per slice, not per subject)."""

@@ -1,7 +1,8 @@
 """``augflow explain``: likelihood attribution maps of a class-conditional flow, drawn over the images.
 
 The map ``H(x, y)`` splits the exact ``log p(x | y)`` over pixels (MAGIC-Flow, arXiv 2510.22070, section 5;
-:meth:`augflow.flows.MagicFlow.attribution`, whose elements sum to ``log p(x | y)``). Shown centred on the
+:meth:`augflow.flows.MagicFlow.attribution` of a model with ``has_likelihood``, whose elements sum to
+``log p(x | y)``). Shown centred on the
 image's mean contribution, a pixel in red is more typical of class ``y`` than the image's average pixel, one in
 blue less. The contrast ``H(x, a) - H(x, b)`` sums to ``log p(x | a) - log p(x | b)``: red where the image looks
 more like class ``a`` than like class ``b`` (centred on 0). Maps are masked to the brain (Otsu on each image).
@@ -15,9 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augflow.classify import class_log_likelihoods, log_prior, posterior, stored_temperature
+from augflow.atomic import atomic_path
+from augflow.classify.calibration import calibration_temperature
+from augflow.classify.likelihood import class_log_likelihoods, log_prior
+from augflow.classify.metrics import posterior
+from augflow.data.store import read_images, read_info
 from augflow.errors import ConfigError
-from augflow.flows import MagicFlow, brain_mask_from_images
+from augflow.flows import brain_mask_from_images
+from augflow.models import ModelFamily, load_model
+from augflow.runs import check_classes, resolve_class, resolve_device
 
 
 @dataclass
@@ -37,7 +44,7 @@ class Explanation:
 
 
 @torch.no_grad()
-def attribution_maps(model: MagicFlow, x: torch.Tensor, target: torch.Tensor,
+def attribution_maps(model: ModelFamily, x: torch.Tensor, target: torch.Tensor,
                      contrast: torch.Tensor | None = None) -> torch.Tensor:
     """``H(x, target)``, or ``H(x, target) - H(x, contrast)`` when ``contrast`` is given: ``(B, C, H, W)``."""
     maps = model.attribution(x, target)
@@ -62,19 +69,13 @@ def explain_file(model_path, data, rows: list[int], class_name: str | None = Non
     Raises:
         ConfigError: For a model without likelihood, unknown classes, or rows outside the file.
     """
-    from augflow.data.store import read_images, read_info
-    from augflow.models import load_model
-    from augflow.synthesize import model_file, resolve_class
-    from augflow.train.loop import resolve_device
-
-    model, meta = load_model(model_file(model_path), with_meta=True)
-    if not isinstance(model, MagicFlow):
-        raise ConfigError(f"--model {model_path}: likelihood attribution needs a MAGIC-Flow (exact likelihood), "
-                          f"but the model is of family {model.family!r}")
+    model, meta = load_model(model_path, with_meta=True)
+    if not model.has_likelihood:
+        raise ConfigError(f"--model {model_path}: likelihood attribution needs a model with an exact likelihood "
+                          f"(MAGIC-Flow), but the model is of family {model.family!r}")
     names = meta["class_names"]
     info = read_info(data, check_values=False)
-    if info.class_names != names:
-        raise ConfigError(f"--data {data}: classes {info.class_names} differ from the model's {names}")
+    check_classes(info.class_names, names, f"--data {data}")
     if not rows:
         raise ConfigError("give at least one --index")
     bad = [r for r in rows if not 0 <= r < len(info)]
@@ -85,7 +86,7 @@ def explain_file(model_path, data, rows: list[int], class_name: str | None = Non
     images = read_images(data, np.asarray(rows))
     x = torch.from_numpy(images).to(dev)
     log_lik = class_log_likelihoods(model, x, len(names)).double().cpu().numpy()
-    temperature = stored_temperature(model_path, prior) or 1.0
+    temperature = calibration_temperature(model_path, prior) or 1.0
     probs = posterior(log_lik, log_prior(meta["class_counts"], prior), temperature)
     predicted = probs.argmax(axis=1)
     target = np.full(len(rows), resolve_class(class_name, names)) if class_name else predicted
@@ -110,8 +111,6 @@ def plot_explanation(explanation: Explanation, out: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from augflow.atomic import atomic_path
 
     e, names = explanation, explanation.class_names
     contrast = e.contrast is not None

@@ -1,30 +1,62 @@
-"""Model families behind the same commands: the registry, configs from recipes, and loading saved models.
+"""Model families behind the same commands: the protocol their models follow, the registry, and loading.
 
 A recipe picks a family with ``[model] family = "magic"`` (MAGIC-Flow, the default) or ``"symmflow"``
-(MedSymmFlow); the other keys of ``[model]`` are the fields of that family's config dataclass. Every family's
-model is an ``nn.Module`` with:
-
-- ``config`` (``image_shape``, ``num_classes``, ``to_dict()``; the class has ``from_dict``),
-- ``training_loss(x, y, ce_weight=0.0) -> (B,)``: the per-sample training objective of dequantised images in
-  ``[0, 1]`` (its mean is what the loop minimises; per-sample so DP-SGD can clip it), with ``loss_name``,
-- ``initialize(x, y)``: data-dependent initialisation before training (a no-op where there is none),
-- ``sample(y, temperature=..., generator=...) -> (B, C, H, W)`` in ``[0, 1]``,
-- ``save(path, meta)``, writing ``{"family", "config", "state_dict", "meta"}`` for :func:`load_model`.
+(MedSymmFlow); the other keys of ``[model]`` are the fields of that family's config dataclass. Jobs ask a model
+what it can do through :class:`ModelFamily` (its likelihood, its default temperature, whether DP-SGD can train it),
+never by its class or family name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
+from torch import Tensor
 
 from augflow.errors import ConfigError
 from augflow.flows import MagicFlow, MagicFlowConfig
+from augflow.runs import model_file
 from augflow.symmflow import SymmFlow, SymmFlowConfig
 
 DEFAULT_FAMILY = "magic"
+
+
+class ModelFamily(Protocol):
+    """What every family's model is (an ``nn.Module``; :class:`augflow.model_base.FamilyModel` gives the defaults).
+
+    Attributes:
+        family: The name it is registered under (``"magic"``, ``"symmflow"``).
+        loss_name: What :meth:`training_loss` measures (``"bits/dim"``), for logs.
+        has_likelihood: Whether it has an exact ``log_prob(x, y)`` (and ``attribution(x, y)``, its per-pixel
+            split): the likelihood classifier, attribution maps and exact membership scores need it. A family
+            without one classifies by its own read-out (MedSymmFlow: ``classify(x, passes, generator)``).
+        default_temperature: Sampling temperature when the model's metadata names none.
+        config: Its config dataclass (``image_shape``, ``num_classes``, ``uses_app_mask``, ``to_dict()``).
+        dp_blocker: Why DP-SGD training would not be private (e.g. a non-private pretrained part), or None.
+    """
+
+    family: ClassVar[str]
+    loss_name: ClassVar[str]
+    has_likelihood: ClassVar[bool]
+    default_temperature: ClassVar[float]
+    config: Any
+
+    @property
+    def dp_blocker(self) -> str | None: ...
+
+    def training_loss(self, x: Tensor, y: Tensor, ce_weight: float = 0.0) -> Tensor:
+        """Per-sample objective ``(B,)`` of dequantised images in ``[0, 1]`` (per sample, so DP-SGD can clip it)."""
+
+    def initialize(self, x: Tensor, y: Tensor) -> None:
+        """Data-dependent initialisation before training (a no-op where there is none)."""
+
+    def sample(self, y: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """Class-conditional images ``(B, C, H, W)``, nominally in ``[0, 1]``."""
+
+    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
+        """Write ``{"family", "config", "state_dict", "meta"}`` for :func:`load_model`."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +74,11 @@ FAMILIES: dict[str, Family] = {
 
 
 def family(name: str) -> Family:
-    """The family registered under ``name``, or a ConfigError listing the valid ones."""
+    """The family registered under ``name``.
+
+    Raises:
+        ConfigError: For an unknown name, listing the valid ones.
+    """
     if name not in FAMILIES:
         raise ConfigError(f"model.family must be one of {sorted(FAMILIES)}, but is: {name!r}")
     return FAMILIES[name]
@@ -58,19 +94,34 @@ def model_config(model_table: dict, image_shape, num_classes: int):
 def load_model(path: str | Path, map_location: str | torch.device = "cpu", with_meta: bool = False):
     """Load a model written by any family's ``save`` (``weights_only=True``), in eval mode.
 
+    Arguments:
+        path: A run folder (its ``model.pt``) or a model file: what every ``--model`` option accepts.
+        map_location: Where to put its tensors.
+        with_meta: Also return its metadata.
+
     Returns:
         The model, or ``(model, meta)`` when ``with_meta`` is true.
 
     Raises:
-        ConfigError: If the file is missing, is not an augflow model, or names an unknown family.
+        ConfigError: If there is no model, it is not an augflow model, or it names an unknown family.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model file {str(path)!r} does not exist")
-    ckpt: Any = torch.load(path, map_location=map_location, weights_only=True)
-    if not (isinstance(ckpt, dict) and {"config", "state_dict"} <= set(ckpt)):
+    path = model_file(path)
+    payload: Any = torch.load(path, map_location=map_location, weights_only=True)
+    if not (isinstance(payload, dict) and {"config", "state_dict"} <= set(payload)):
         raise ConfigError(f"{str(path)!r} is not an augflow model (needs keys 'config' and 'state_dict')")
-    fam = family(ckpt.get("family", DEFAULT_FAMILY))
-    model = fam.model.from_checkpoint(ckpt)
+    model = family(payload.get("family", DEFAULT_FAMILY)).model.from_checkpoint(payload)
     model.eval()
-    return (model, ckpt.get("meta") or {}) if with_meta else model
+    return (model, payload.get("meta") or {}) if with_meta else model
+
+
+def model_summary(path: str | Path) -> dict:
+    """What ``augflow info`` shows of a trained model (a run folder or a model file): family, image shape, classes,
+    training step and the privacy ledger (``meta["privacy"]``; None for models from before the ledger existed).
+
+    Raises:
+        ConfigError: If there is no model at ``path``.
+    """
+    model, meta = load_model(path, with_meta=True)
+    return {"path": str(model_file(path)), "family": model.family, "image_shape": list(model.config.image_shape),
+            "class_names": meta.get("class_names"), "class_counts": meta.get("class_counts"),
+            "step": meta.get("step"), "loss_name": meta.get("loss_name"), "privacy": meta.get("privacy")}

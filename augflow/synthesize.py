@@ -1,7 +1,8 @@
-"""``augflow synthesize``: class-conditional samples of a trained flow, streamed into the shared HDF5 schema.
+"""``augflow synthesize``: class-conditional samples of a trained model, streamed into the shared HDF5 schema.
 
 Use it to top up under-represented classes (``--balance``) or to draw N images of one class. Samples are drawn
-at a reduced temperature (Kingma & Dhariwal 2018, Glow, arXiv 1807.03039), clipped to [0, 1]; non-finite samples
+at the temperature stored with the model (MAGIC-Flow: a reduced one, Kingma & Dhariwal 2018, Glow,
+arXiv 1807.03039), clipped to [0, 1]; non-finite samples
 are rejected, redrawn and counted in the provenance. Batches are written as they are made, so memory stays
 flat in N, and the file appears under its name only when complete.
 """
@@ -14,58 +15,45 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from augflow import __version__
 from augflow.data.store import DatasetWriter, sha256_file
 from augflow.errors import ConfigError
-from augflow.models import load_model
-from augflow.train.checkpoint import MODEL
-from augflow.train.loop import derive_seed, resolve_device
+from augflow.models import ModelFamily, load_model
+from augflow.runs import derive_seed, model_file, resolve_class, resolve_device
+from augflow.train.privacy.ledger import Ledger
+from augflow.version import __version__
 
 _MAX_REDRAWS = 20
 
 
 @dataclass
 class SynthesisResult:
+    """What :func:`synthesize` wrote."""
+
     out: Path
     counts: dict[str, int]
     rejected_nonfinite: int
 
 
-def model_file(model: str | Path) -> Path:
-    """A run folder (its ``model.pt``) or a model file."""
-    path = Path(model)
-    if path.is_dir():
-        path = path / MODEL
-    if not path.is_file():
-        raise ConfigError(f"--model: no trained model at {path} (expected a run folder or a model .pt file)")
-    return path
+def training_counts(model: str | Path) -> dict[str, int]:
+    """The training class counts stored with a model (run folder or model file), by class name in label order."""
+    _, meta = load_model(model, with_meta=True)
+    return dict(zip(meta["class_names"], meta["class_counts"], strict=True))
 
 
-def resolve_class(name: str, class_names: list[str]) -> int:
-    """Index of a class by case-insensitive name; an unknown name lists the valid ones."""
-    matches = [i for i, c in enumerate(class_names) if c.casefold() == name.strip().casefold()]
-    if not matches:
-        raise ConfigError(f"--class: unknown class {name!r}; valid classes: {', '.join(class_names)}")
-    return matches[0]
+def balance_counts(counts: dict[str, int], target: int | None = None) -> dict[str, int]:
+    """Synthetic images per class so that real + synthetic reaches ``target`` (default: the largest class).
 
+    Arguments:
+        counts: Real images per class (:func:`training_counts` of a model).
+        target: The per-class total to reach.
 
-def balance_counts(class_counts: list[int], target: int | None = None) -> list[int]:
-    """Synthetic images per class so that real + synthetic reaches ``target`` (default: the largest class)."""
-    target = max(class_counts) if target is None else target
+    Raises:
+        ConfigError: If ``target`` is not positive.
+    """
+    target = max(counts.values()) if target is None else target
     if target < 1:
         raise ConfigError(f"--target-count must be positive, but is: {target}")
-    return [max(0, target - c) for c in class_counts]
-
-
-def model_class_names(model: str | Path) -> list[str]:
-    """The class names of a run folder or model file, in label order."""
-    return load_model(model_file(model), with_meta=True)[1]["class_names"]
-
-
-def balanced_counts(model: str | Path, target: int | None = None) -> dict[str, int]:
-    """Per-class counts that top a model's training classes up to ``target`` (default: the largest class)."""
-    _, meta = load_model(model_file(model), with_meta=True)
-    return dict(zip(meta["class_names"], balance_counts(meta["class_counts"], target), strict=True))
+    return {name: max(0, target - n) for name, n in counts.items()}
 
 
 @torch.inference_mode()
@@ -101,7 +89,7 @@ def synthesize(
         per_class[resolve_class(name, class_names)] += int(n)
     if sum(per_class) == 0:
         raise ConfigError("nothing to synthesize: every class already has the requested count")
-    temperature = meta.get("temperature", 0.8) if temperature is None else temperature
+    temperature = meta.get("temperature", flow.default_temperature) if temperature is None else temperature
     if not 0 < temperature <= 2:
         raise ConfigError(f"--temperature must be in range (0, 2], but is: {temperature}")
     if batch_size < 1:
@@ -114,7 +102,7 @@ def synthesize(
         "generator": "augflow synthesize", "model": str(path.resolve()), "model_sha256": sha256_file(path),
         "recipe": meta.get("recipe"), "training_fingerprint": meta.get("fingerprint"),
         "temperature": temperature, "seed": seed, "counts": dict(zip(class_names, per_class, strict=True)),
-        "augflow_version": __version__, "privacy": meta.get("privacy"),
+        "augflow_version": __version__, "privacy": _ledger(meta.get("privacy")),
     }
     bar = tqdm(total=sum(per_class), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True)
     with DatasetWriter(out, flow.config.image_shape, class_names, "synthetic", provenance) as writer:
@@ -140,7 +128,13 @@ class _Batch:
     rejected: int
 
 
-def _finite_batch(flow, k: int, b: int, temperature: float, generator, device) -> _Batch:
+def _ledger(stored: dict | None) -> dict | None:
+    """The model's privacy ledger, for the provenance of everything made from it."""
+    ledger = Ledger.from_dict(stored)
+    return None if ledger is None else ledger.to_dict()
+
+
+def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float, generator, device) -> _Batch:
     """Draw b samples of class k, redrawing non-finite ones."""
     y = torch.full((b,), k, dtype=torch.long, device=device)
     images = flow.sample(y, temperature=temperature, generator=generator)

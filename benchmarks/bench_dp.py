@@ -32,21 +32,21 @@ REPORT = ROOT / "reports" / "benchmarks-dp.md"
 
 
 def _model(recipe_name: str, size: int, num_classes: int = 7):
-    from augflow.config import load_recipe
     from augflow.flows import MagicFlow
-    from augflow.train import privacy as dp
+    from augflow.train.privacy.public import public_initialize, template_mask
+    from augflow.train.recipe import load_recipe
 
     recipe = load_recipe(recipe_name)
     torch.manual_seed(0)
-    model = MagicFlow(recipe.model_config((1, size, size), num_classes), app_mask=dp.template_mask(size, size))
-    dp.public_initialize(model, "template", (1, size, size), num_classes)
+    model = MagicFlow(recipe.model_config((1, size, size), num_classes), app_mask=template_mask(size, size))
+    public_initialize(model, "template")
     return model.train()
 
 
 def _batch(size: int, batch: int, num_classes: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    from augflow.train import privacy as dp
+    from augflow.train.privacy.public import template_images
 
-    template = dp.template_images((1, size, size))  # brain-like inputs, so the losses are realistic
+    template = template_images((1, size, size))  # brain-like inputs, so the losses are realistic
     generator = torch.Generator().manual_seed(0)
     x = template[torch.arange(batch) % len(template)]
     x = (x + 0.02 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
@@ -59,8 +59,9 @@ def _load() -> str:
 
 def speed(args: argparse.Namespace) -> None:
     """Median step time of DP-SGD (per-sample gradients + DPOptimizer) vs a non-private step, same batch."""
-    from augflow.train import privacy as dp
-    from augflow.train.loop import _Objective
+    from augflow.train.loop import Objective
+    from augflow.train.privacy.accounting import PrivacyPlan
+    from augflow.train.privacy.gradients import PrivateStep
 
     torch.set_num_threads(args.threads)
     lines = [f"\n## Step time, DP vs non-private ({time.strftime('%Y-%m-%d %H:%M')}, {args.threads} thread(s), "
@@ -71,10 +72,10 @@ def speed(args: argparse.Namespace) -> None:
              "| --- | --- | --- | --- |"]
     model = _model(args.recipe, args.size)
     x, y = _batch(args.size, args.batch)
-    objective = _Objective(model, 0.0)
+    objective = Objective(model, 0.0)
     params = [p for p in model.parameters() if p.numel()]
     plain = torch.optim.AdamW(params, lr=1e-4)
-    plan = dp.PrivacyPlan(8.0, 0.0, 1e-5, "", "rdp", 1.0, 0.01, 1000, 1.0, "slice", 10_000, args.batch)
+    plan = PrivacyPlan(8.0, 0.0, 1e-5, "", "rdp", 1.0, 0.01, 1000, 1.0, "slice", 10_000, args.batch)
 
     def plain_step() -> None:
         plain.zero_grad(set_to_none=True)
@@ -84,7 +85,7 @@ def speed(args: argparse.Namespace) -> None:
 
     print(f"{sum(p.numel() for p in params):,} parameters; load {_load()}", flush=True)
     for chunk in args.microbatch:
-        private = dp.PrivateStep(objective, torch.optim.AdamW(params, lr=1e-4), plan, chunk)
+        private = PrivateStep(objective, torch.optim.AdamW(params, lr=1e-4), plan, chunk)
         times: dict[str, list[float]] = {"plain": [], "dp": []}
         plain_step(), private.step(x, y, 0)  # warm-up
         for r in range(args.repeats):  # interleaved, so load changes hit both
@@ -107,9 +108,9 @@ def _peak_rss(recipe: str, size: int, chunk: int) -> float:
     """Peak resident memory (bytes) of a fresh process that takes one DP step of ``chunk`` examples."""
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import resource, torch;"
             f"torch.set_num_threads(1);"
-            f"from bench_dp import _model, _batch; from augflow.train.loop import _Objective;"
-            f"from augflow.train import privacy as dp; m = _model({recipe!r}, {size}); x, y = _batch({size}, {chunk});"
-            f"g, _ = dp.PerSampleGradients(_Objective(m, 0.0))(x, y);"
+            f"from bench_dp import _model, _batch; from augflow.train.loop import Objective;"
+            f"from augflow.train.privacy.gradients import PerSampleGradients; m = _model({recipe!r}, {size}); "
+            f"x, y = _batch({size}, {chunk}); g, _ = PerSampleGradients(Objective(m, 0.0))(x, y);"
             f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     return float(out.stdout.strip().splitlines()[-1])

@@ -60,8 +60,8 @@ def measure(mode: str, recipe: str, batch: int, seconds: float, channels_last: b
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from augflow.config import load_recipe
     from augflow.flows import MagicFlow
+    from augflow.train.recipe import load_recipe
 
     torch.manual_seed(0)
     config = load_recipe(recipe).model_config((1, 64, 64), 7)
@@ -122,7 +122,7 @@ def synthesize_rss(recipe: str, n: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         script = (
             "import sys, time, resource, json, torch\n"
-            "from augflow.config import load_recipe\nfrom augflow.flows import MagicFlow\n"
+            "from augflow.train.recipe import load_recipe\nfrom augflow.flows import MagicFlow\n"
             "from augflow.synthesize import synthesize\n"
             f"torch.set_num_threads({threads}); torch.manual_seed(0)\n"
             f"model = MagicFlow(load_recipe('{recipe}').model_config((1, 64, 64), 7))\n"

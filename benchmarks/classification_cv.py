@@ -4,7 +4,7 @@ The protocol of the MAGIC-Flow paper's Table 3 on augflow's built-in scanner dat
 folds by subject, stratified by scanner (scikit-learn ``StratifiedGroupKFold``). Per fold, the flow
 (``recipes/scanner-classify.toml``, conditional maximum likelihood) trains on the training subjects, keeps its
 best-validation weights and fits its posterior temperature on a subject-wise validation part of them; the
-ResNet-18 (``augflow.baseline``: one channel, from scratch, class-weighted loss) trains on the same training
+ResNet-18 (``augflow.audit.baseline``: one channel, from scratch, class-weighted loss) trains on the same training
 subjects (validation part included, it needs no selection) for the same wall-clock time the flow's training
 took, on the same number of threads (measured as this process's CPU time, which other jobs on a shared machine
 do not inflate; with one thread it is the wall-clock time of a dedicated core). Both are scored on the
@@ -31,24 +31,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augflow.baseline import predict_proba, train_cnn
-from augflow.classify import (
+from augflow.audit.baseline import predict_proba, train_cnn
+from augflow.classify.calibration import fit_temperature
+from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
+from augflow.classify.metrics import (
     Predictions,
     classification_metrics,
-    dataset_log_likelihoods,
     entropy,
     expected_calibration_error,
-    fit_temperature,
-    log_prior,
     posterior,
     predict,
 )
-from augflow.config import load_recipe
 from augflow.data.phantom import generate_demo_data
 from augflow.data.splits import subject_kfold, subject_split, write_subset
 from augflow.data.store import read_images, read_info
 from augflow.models import load_model
 from augflow.train.loop import train
+from augflow.train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "reports"

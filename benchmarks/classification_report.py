@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from augflow.classify import REJECTION_GRID  # noqa: E402
+from augflow.classify.metrics import REJECTION_GRID  # noqa: E402
 from augflow.data.store import read_info  # noqa: E402
 from augflow.explain import explain_file, plot_explanation  # noqa: E402
 
@@ -98,7 +98,7 @@ def write_report(work: Path, reports: Path, command: str) -> Path:
         f"built-in scanner data at {results[0]['image_size']} px (1352 slices, 338 subjects). Per fold the flow "
         "(`recipes/scanner-classify.toml`, conditional maximum likelihood, "
         f"{results[0]['flow_steps']} steps) trains on the training subjects, keeps its best-validation weights and "
-        "fits its posterior temperature on a 10% subject-wise validation part; the ResNet-18 (augflow.baseline: "
+        "fits its posterior temperature on a 10% subject-wise validation part; the ResNet-18 (augflow.audit.baseline: "
         "one input channel, from scratch, class-weighted cross-entropy) trains on all training subjects for the same "
         "CPU time the flow's training took, on one thread each. Both are scored on the held-out subjects.",
         "",

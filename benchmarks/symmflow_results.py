@@ -9,8 +9,8 @@ stores its results in ``WORK/results.json`` and is skipped when already there (`
 report can be rebuilt without recomputing.
 
 Stages:
-- classify: MedSymmFlow's mask readout (``augflow.symmflow.classify.classify_file``, 1 and 4 passes) and
-  MAGIC-Flow's Bayes classifier (``augflow.classify.classify_file``), both calibrated on the validation split.
+- classify: MedSymmFlow's mask readout and MAGIC-Flow's Bayes classifier (both ``augflow.classify.classify_file``;
+  the read-out with 1 and 4 passes), both calibrated on the validation split.
 - synthesize: 100 images per class from each model (``augflow synthesize``), timed.
 - audit: ``augflow audit`` of each synthetic file against the held-out test images (domain features; the
   downstream CNN protocol only with ``--downstream``).
@@ -70,10 +70,11 @@ def classify_symmflow(work: Path, run_name: str, prefix: str) -> dict:
     """MedSymmFlow's readout of the test split with 1 and 4 passes (temperature fitted on the validation split)."""
     import dataclasses
 
-    from augflow.classify import expected_calibration_error, fit_temperature
+    from augflow.classify.calibration import fit_temperature
+    from augflow.classify.metrics import expected_calibration_error
+    from augflow.classify.readout import classify_images, readout_metrics
     from augflow.data.store import read_images, read_info
     from augflow.models import load_model
-    from augflow.symmflow.classify import classify_images, symmflow_metrics
 
     data = work / "data"
     val, test = read_info(data / "val.h5"), read_info(data / "test.h5")
@@ -82,7 +83,7 @@ def classify_symmflow(work: Path, run_name: str, prefix: str) -> dict:
     names = meta["class_names"]
     out = {}
     for passes in (1, 4):
-        # The same calls as augflow.symmflow.classify.classify_file(..., calibrate_on=val), with the test pass timed.
+        # The same calls as augflow.classify.classify_file(..., calibrate_on=val), with the test pass timed.
         temperature = fit_temperature(classify_images(model, x_val, passes=passes, batch_size=64).scores,
                                       val.labels, np.zeros(len(names)))
         start = time.perf_counter()
@@ -91,12 +92,12 @@ def classify_symmflow(work: Path, run_name: str, prefix: str) -> dict:
         for rank_by in ("distance", "spread") if passes > 1 else ("distance",):
             r = dataclasses.replace(result, rank_by=rank_by,
                                     uncertainty=result.distance if rank_by == "distance" else result.spread)
-            metrics = symmflow_metrics(test.labels, r, names, temperature)
+            metrics = readout_metrics(test.labels, r, names, temperature)
             metrics["ece_uncalibrated"] = expected_calibration_error(r.predictions(1.0).probs, test.labels)
             metrics["temperature"] = temperature
             key = prefix + ("" if passes == 1 else "-4pass") + ("-spread" if rank_by == "spread" else "")
             out[key] = {"metrics": metrics, "images_per_s": len(x_test) / seconds,
-                        "call": f"augflow.symmflow.classify.classify_file('runs/{run_name}', 'data/test.h5', "
+                        "call": f"augflow.classify.classify_file('runs/{run_name}', 'data/test.h5', "
                                 f"passes={passes}, calibrate_on='data/val.h5', rank_by='{rank_by}')",
                         "uncertainty": r.uncertainty.tolist(), "correct": (r.predicted == test.labels).tolist()}
         print(f"  {run_name} {passes} pass(es): accuracy {out[key]['metrics']['accuracy']:.3f}", flush=True)
@@ -106,10 +107,10 @@ def classify_symmflow(work: Path, run_name: str, prefix: str) -> dict:
 def stage_classify(work: Path, threads: int) -> dict:
 
     from augflow.classify import classify_file as magic_classify
-    from augflow.classify import dataset_log_likelihoods
+    from augflow.classify.likelihood import dataset_log_likelihoods
+    from augflow.classify.metrics import error_auroc
     from augflow.data.store import read_info
     from augflow.models import load_model
-    from augflow.symmflow.classify import error_auroc
 
     torch.set_num_threads(threads)
     data = work / "data"

@@ -8,6 +8,14 @@ from augflow.data.store import write_dataset
 
 torch.set_num_threads(2)
 
+# A tiny MAGIC-Flow recipe (``load_recipe(None, TINY)``): two epochs of a 3-level flow on 8 px images.
+TINY = [
+    'model.full_res_steps=["application", "checkerboard"]', "model.channel_steps=1", "model.checker_steps=[1, 1, 1]",
+    "model.hidden_channels=[8, 8, 8, 8]", "model.embed_dim=8", "model.dropout=0.0",
+    "train.epochs=2", "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=3", "train.val_fraction=0.25",
+    "train.ema_decay=0.9",
+]
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -2,14 +2,13 @@
 
 import numpy as np
 import pytest
-from conftest import make_dataset
-from test_train import TINY
+from conftest import TINY, make_dataset
 
-from augflow.config import load_recipe
 from augflow.data.store import read_images, read_info, sha256_file
 from augflow.errors import ConfigError
 from augflow.synthesize import balance_counts, synthesize
 from augflow.train.loop import train
+from augflow.train.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +62,10 @@ def test_unknown_class_lists_valid_names_and_writes_nothing(run, tmp_path):
 
 
 def test_balance_counts():
-    assert balance_counts([10, 4, 7]) == [0, 6, 3]
-    assert balance_counts([10, 4, 7], target=8) == [0, 4, 1]
+    assert balance_counts({"a": 10, "b": 4, "c": 7}) == {"a": 0, "b": 6, "c": 3}
+    assert balance_counts({"a": 10, "b": 4, "c": 7}, target=8) == {"a": 0, "b": 4, "c": 1}
     with pytest.raises(ConfigError):
-        balance_counts([1, 2], target=0)
+        balance_counts({"a": 1, "b": 2}, target=0)
 
 
 def test_non_finite_samples_are_redrawn_and_counted(run, tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Downstream utility: does adding synthetic images help a standard classifier on held-out real images?
 
 The leakage-free protocol of synthetic-data papers (train on synthetic, test on real; Esteban et al. 2017,
-arXiv 1706.02633, "TSTR"): the same CNN (:func:`augflow.baseline.train_cnn`, one fixed recipe) is trained on
+arXiv 1706.02633, "TSTR"): the same CNN (:func:`augflow.audit.baseline.train_cnn`, one fixed recipe) is trained on
 
 - ``real``: the real training images only,
 - ``real+synthetic``: the real training images plus, per class, as many synthetic images as it takes to reach
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from augflow.baseline import predict_proba, train_cnn
-from augflow.classify import Predictions, classification_metrics, entropy
+from augflow.audit.baseline import predict_proba, train_cnn
+from augflow.classify.metrics import Predictions, classification_metrics, entropy
 from augflow.errors import DataError
 
 PROTOCOLS = ("real", "real+synthetic", "synthetic")
@@ -60,7 +60,7 @@ def topup_rows(train_labels: np.ndarray, synthetic_labels: np.ndarray, num_class
 
 
 def cnn_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
-    """The metrics of :func:`augflow.classify.classification_metrics` for softmax outputs (N, K)."""
+    """The metrics of :func:`augflow.classify.metrics.classification_metrics` for softmax outputs (N, K)."""
     log_p = np.log(np.maximum(probs, 1e-300))
     preds = Predictions(log_likelihoods=log_p, probs=probs, predicted=probs.argmax(axis=1), entropy=entropy(probs))
     return classification_metrics(labels, preds, class_names)

@@ -3,7 +3,7 @@
 FID, KID and precision/recall are only as meaningful as the feature space they are computed in. ImageNet
 Inception-v3 features (the FID standard, Heusel et al. 2017) describe natural photographs, not single-channel
 brain slices, and need weights that cannot be downloaded here. The default space is therefore a *domain
-encoder*: the baseline ResNet-18 (:mod:`augflow.baseline`) trained with a fixed recipe and seed on the real
+encoder*: the baseline ResNet-18 (:mod:`augflow.audit.baseline`) trained with a fixed recipe and seed on the real
 training images, supervised by their labels; its 512-d penultimate layer is the feature. The encoder is cached
 on disk under a hash of (training file SHA-256, recipe), so audits of the same training data share one space
 and their numbers are comparable between runs. Both spaces are registered as torch-fidelity feature
@@ -27,7 +27,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from augflow.atomic import atomic_save
-from augflow.baseline import build_resnet18, penultimate, train_cnn
+from augflow.audit.baseline import build_resnet18, penultimate, train_cnn
 from augflow.data.store import read_images, read_info, sha256_file
 from augflow.errors import ConfigError
 
@@ -39,7 +39,7 @@ ENCODER_VERSION = 1  # bump when the encoder's architecture or training code cha
 
 @dataclass(frozen=True)
 class EncoderRecipe:
-    """The fixed training recipe of the domain encoder (arguments of :func:`augflow.baseline.train_cnn`).
+    """The fixed training recipe of the domain encoder (arguments of :func:`augflow.audit.baseline.train_cnn`).
 
     No wall-clock budget: the same recipe and training file must give the same encoder on every machine.
     """

@@ -21,6 +21,7 @@ import numpy as np
 
 from augflow.atomic import atomic_path, atomic_write_text
 from augflow.errors import ConfigError
+from augflow.train.privacy.ledger import Ledger
 
 NOT_DP = ("not differentially private: the generator was trained without differential privacy, so nothing "
           "formally limits what the synthetic images reveal about individual training subjects")
@@ -289,14 +290,15 @@ class _Doc:
 
 
 def _privacy_text(privacy: dict) -> str:
-    if not privacy["differentially_private"]:
+    """The model's privacy in words, from its ledger (the metrics' ``privacy["ledger"]``)."""
+    ledger = Ledger.from_dict(privacy["ledger"])
+    if ledger is None or not ledger.differentially_private:
         return "Privacy: " + NOT_DP + "."
     # The ledger's unit of privacy: a slice, or a subject (all of one patient's slices) with --dp-unit subject.
-    unit = (privacy["ledger"] or {}).get("unit", "slice")
-    who = "any single training subject (all of a patient's slices)" if unit == "subject" else \
+    who = "any single training subject (all of a patient's slices)" if ledger.unit == "subject" else \
         "any single training image (slice; a patient with k slices is protected only at about k * epsilon)"
-    return (f"Privacy: trained with differential privacy, (epsilon = {_fmt(privacy['epsilon'])}, delta = "
-            f"{_fmt(privacy['delta'])}) per the model's privacy ledger: {who} changes the probability of any "
+    return (f"Privacy: trained with differential privacy, (epsilon = {_fmt(ledger.epsilon)}, delta = "
+            f"{_fmt(ledger.delta)}) per the model's privacy ledger: {who} changes the probability of any "
             "synthetic output by at most a factor e^epsilon (plus delta).")
 
 

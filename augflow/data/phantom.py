@@ -282,6 +282,30 @@ def template_dir() -> Path:
     return Path(nilearn.__file__).parent / "datasets" / "data"
 
 
+def template_slices(key: str, size: int) -> np.ndarray:
+    """The 11 central coronal slices of one MNI152 template volume, as the built-in data frame them.
+
+    Superior up, neurological, a 197 mm square field of view, resampled with anti-aliasing to ``size`` pixels.
+
+    Arguments:
+        key: The volume, ``"t1"``, ``"gm"`` or ``"wm"``.
+        size: The output side in pixels.
+
+    Returns:
+        ``(11, size, size)`` float64: the template values / 255 (T1 intensities, or tissue fractions).
+
+    Raises:
+        ConfigError: If the template file is missing.
+    """
+    import nibabel as nib
+
+    path = template_dir() / _TEMPLATE_FILES[key]
+    if not path.is_file():
+        raise ConfigError(f"the template file {path} is missing; reinstall nilearn (>= 0.10)")
+    slab = np.asarray(nib.load(path).dataobj[:, CENTRE_Y - MAX_OFFSET:CENTRE_Y + MAX_OFFSET + 1, :], np.float64)
+    return _to_grid(slab / 255.0, size)
+
+
 def generate_demo_data(
     task: str,
     out: str | os.PathLike,

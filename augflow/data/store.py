@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from augflow import __version__
 from augflow.atomic import atomic_path
 from augflow.errors import DataError
+from augflow.version import __version__
 
 SCHEMA_VERSION = 1
 SOURCES = ("real", "synthetic")
@@ -283,6 +283,37 @@ def read_images(path: str | os.PathLike, indices=None) -> np.ndarray:
     """Read images (all, or the given row indices) into memory as float32 (n, C, H, W)."""
     with h5py.File(path, "r") as f:
         return f["images"][:] if indices is None else read_rows(f["images"], indices)
+
+
+class RowReader:
+    """Batches of a subset of one file's rows as tensors, with the file kept open (the training loop's reader).
+
+    Arguments:
+        path: The dataset file.
+        rows: The subset: position ``i`` of the reader is row ``rows[i]`` of the file.
+        labels: The labels of those rows.
+    """
+
+    _MEAN_BLOCK = 512  # images per read when averaging, keeps memory flat
+
+    def __init__(self, path: str | os.PathLike, rows: np.ndarray, labels: np.ndarray):
+        self.path, self.rows, self.labels = Path(path), rows, labels
+        self._images = h5py.File(path, "r")["images"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (float32) and labels (int64) at the given positions of the subset."""
+        images = read_rows(self._images, self.rows[positions])
+        return torch.from_numpy(images), torch.from_numpy(self.labels[positions]).long()
+
+    def mean_image(self) -> np.ndarray:
+        """The mean image of the subset, float32 (C, H, W)."""
+        total = np.zeros(self._images.shape[1:], dtype=np.float64)
+        for start in range(0, len(self.rows), self._MEAN_BLOCK):
+            total += self.batch(np.arange(start, min(start + self._MEAN_BLOCK, len(self.rows))))[0].sum(0).numpy()
+        return (total / len(self.rows)).astype(np.float32)
 
 
 class SliceDataset(Dataset):

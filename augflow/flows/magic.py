@@ -25,19 +25,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from augflow.atomic import atomic_save
 from augflow.errors import ConfigError
 from augflow.flows.coupling import COUPLING_KINDS, AffineCoupling, make_coupling_net
 from augflow.flows.layers import FlowStep, Split, Squeeze, unsqueeze2d
 from augflow.flows.masks import MASK_KINDS, as_app_mask, ellipse_mask, make_mask
-from augflow.model_config import ModelConfig, is_int
+from augflow.model_base import FamilyModel, ModelConfig, is_int
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -81,20 +78,11 @@ class MagicFlowConfig(ModelConfig):
         Raises:
             ConfigError: Naming the field, the allowed values and the value received.
         """
-        shape = self.image_shape
-        if not (isinstance(shape, tuple) and len(shape) == 3 and all(is_int(v, 1) for v in shape)):
-            raise ConfigError(f"image_shape must be (C, H, W) of positive ints, got {shape!r}")
         checker = self.checker_steps
         if not (isinstance(checker, tuple) and all(is_int(v, 0) for v in checker)):
-            raise ConfigError(
-                f"checker_steps must be a tuple of ints >= 0, got {self.checker_steps!r}"
-            )
-        factor = 2 ** len(self.checker_steps)
-        if shape[1] % factor or shape[2] % factor:
-            raise ConfigError(
-                f"image_shape H and W must be divisible by {factor} (2 ** number of levels), "
-                f"got {shape!r}"
-            )
+            raise ConfigError(f"checker_steps must be a tuple of ints >= 0, got {checker!r}")
+        self.check_image_shape(2 ** len(checker), "2 ** number of levels")
+        shape = self.image_shape
         if not is_int(self.num_classes, 1):
             raise ConfigError(f"num_classes must be an int >= 1, got {self.num_classes!r}")
         if self.coupling not in COUPLING_KINDS:
@@ -128,6 +116,11 @@ class MagicFlowConfig(ModelConfig):
             raise ConfigError(f"log_scale_bound must be > 0, got {self.log_scale_bound!r}")
         return self
 
+    @property
+    def uses_app_mask(self) -> bool:
+        """Whether a step uses the application-specific (brain) mask."""
+        return "application" in self.full_res_steps
+
 
 def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Uniform dequantisation of 8-bit data in ``[0, 1]``: ``(x * 255 + u) / 256``, ``u ~ U(0, 1)``.
@@ -147,7 +140,7 @@ def _gaussian_map(z: Tensor) -> Tensor:
     return -0.5 * (z * z + _LOG_2PI)
 
 
-class MagicFlow(nn.Module):
+class MagicFlow(FamilyModel):
     """Class-conditional multiscale normalizing flow (MAGIC-Flow).
 
     ``forward(x, y)`` is :meth:`log_prob`, so ``torch.func.functional_call(model, params, (x, y))``
@@ -162,6 +155,12 @@ class MagicFlow(nn.Module):
     Raises:
         ConfigError: If the config or ``app_mask`` is invalid.
     """
+
+    family = "magic"
+    loss_name = "bits/dim"
+    has_likelihood = True
+    default_temperature = 0.8  # a reduced temperature gives cleaner samples (Glow)
+    config_class = MagicFlowConfig
 
     def __init__(self, config: MagicFlowConfig, app_mask: Tensor | np.ndarray | None = None):
         super().__init__()
@@ -287,9 +286,6 @@ class MagicFlow(nn.Module):
 
     forward = log_prob
 
-    family = "magic"
-    loss_name = "bits/dim"
-
     def training_loss(self, x: Tensor, y: Tensor, ce_weight: float = 0.0) -> Tensor:
         """Per-sample objective ``(B,)``: bits/dim of dequantised ``x``, plus ``ce_weight`` times the
         cross-entropy of the Bayes posterior under a uniform prior (the hybrid objective; 0 = the paper's
@@ -381,25 +377,3 @@ class MagicFlow(nn.Module):
     def initialized(self) -> bool:
         """Whether :meth:`initialize` has been run (the flags are saved with the model)."""
         return all(bool(m.actnorm.initialized) for m in self.layers if isinstance(m, FlowStep))
-
-    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
-        """Write ``{"family", "config", "state_dict", "meta"}`` atomically (temp file + ``os.replace``).
-
-        Arguments:
-            path: Destination file; parent folders are created.
-            meta: Optional metadata of primitives (dicts, lists, str, numbers, None), e.g. class
-                names or the privacy ledger; read back with ``augflow.models.load_model(..., with_meta=True)``.
-        """
-        payload: dict[str, Any] = {"family": self.family, "config": self.config.to_dict(),
-                                   "state_dict": self.state_dict(), "meta": {} if meta is None else meta}
-        atomic_save(payload, path)
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any]) -> MagicFlow:
-        """The model of a loaded :meth:`save` payload, on the device and dtype of its tensors."""
-        state = ckpt["state_dict"]
-        model = cls(MagicFlowConfig.from_dict(ckpt["config"]))
-        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-        model.to(device=state["app_mask"].device, dtype=dtype)
-        model.load_state_dict(state)
-        return model

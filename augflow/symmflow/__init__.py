@@ -5,7 +5,7 @@ References:
     Lipman et al., "Flow Matching for Generative Modeling", 2023, arXiv:2210.02747.
 """
 
-from augflow.symmflow.autoencoder import Autoencoder, AutoencoderConfig, load_autoencoder, train_autoencoder
+from augflow.symmflow.autoencoder import Autoencoder, AutoencoderConfig, load_autoencoder
 from augflow.symmflow.model import SymmFlow, SymmFlowConfig, Uncertainty, interpolate, velocity_targets
 from augflow.symmflow.palette import class_colours, palette, palette_indices
 
@@ -20,6 +20,5 @@ __all__ = [
     "load_autoencoder",
     "palette",
     "palette_indices",
-    "train_autoencoder",
     "velocity_targets",
 ]

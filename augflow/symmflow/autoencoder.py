@@ -1,4 +1,4 @@
-"""A small convolutional autoencoder for latent MedSymmFlow, and its training (``augflow train-autoencoder``).
+"""A small convolutional autoencoder for latent MedSymmFlow (trained by :mod:`augflow.train.autoencoder`).
 
 MedSymmFlow runs its flow in the latent space of a frozen Stable Diffusion VAE for large images. Those weights
 cannot be downloaded here, so augflow trains its own autoencoder on the real training images: a GroupNorm conv
@@ -16,24 +16,18 @@ References:
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from augflow.atomic import atomic_save, atomic_write_text
 from augflow.errors import ConfigError
-from augflow.model_config import ModelConfig, is_int
+from augflow.model_base import ModelConfig, SavedModule, is_int
+from augflow.runs import autoencoder_file
 from augflow.symmflow.unet import group_norm, zero_module
-
-AUTOENCODER = "autoencoder.pt"
 
 
 @dataclass
@@ -62,14 +56,10 @@ class AutoencoderConfig(ModelConfig):
         Raises:
             ConfigError: Naming the field, the allowed values and the value received.
         """
-        shape = self.image_shape
-        if not (isinstance(shape, tuple) and len(shape) == 3 and all(is_int(v, 1) for v in shape)):
-            raise ConfigError(f"image_shape must be (C, H, W) of positive ints, but is: {shape!r}")
         d = self.downsample
         if not (is_int(d, 2) and d & (d - 1) == 0):
             raise ConfigError(f"--downsample must be a power of two >= 2, but is: {d!r}")
-        if shape[1] % d or shape[2] % d:
-            raise ConfigError(f"image height and width must be divisible by --downsample {d}, but are: {shape[1:]}")
+        self.check_image_shape(d, "--downsample")
         if not is_int(self.latent_channels, 1):
             raise ConfigError(f"--latent-channels must be an int >= 1, but is: {self.latent_channels!r}")
         if not is_int(self.channels, 1):
@@ -96,12 +86,14 @@ class _Res(nn.Module):
         return x + self.block(x)
 
 
-class Autoencoder(nn.Module):
+class Autoencoder(SavedModule):
     """GroupNorm conv encoder/decoder; images in ``[0, 1]``, latents standardised per channel.
 
     Arguments:
         config: The architecture (validated here).
     """
+
+    config_class = AutoencoderConfig
 
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
@@ -156,16 +148,8 @@ class Autoencoder(nn.Module):
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).mean(1)
         return mse + self.config.kl_weight * kl
 
-    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
-        """Write ``{"kind": "autoencoder", "config", "state_dict", "meta"}`` atomically."""
-        atomic_save({"kind": "autoencoder", "config": self.config.to_dict(), "state_dict": self.state_dict(),
-                     "meta": meta or {}}, path)
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any]) -> Autoencoder:
-        model = cls(AutoencoderConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["state_dict"])
-        return model
+    def header(self) -> dict[str, Any]:
+        return {"kind": "autoencoder"}
 
 
 def load_autoencoder(path: str | Path) -> Autoencoder:
@@ -174,9 +158,7 @@ def load_autoencoder(path: str | Path) -> Autoencoder:
     Raises:
         ConfigError: If the file is missing or is not an augflow autoencoder.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / AUTOENCODER
+    path = autoencoder_file(path)
     if not path.is_file():
         raise ConfigError(f"model.autoencoder: no file {str(path)!r}; train one with "
                           f"`augflow train-autoencoder --data train.h5 --out ae/`")
@@ -184,135 +166,3 @@ def load_autoencoder(path: str | Path) -> Autoencoder:
     if not (isinstance(ckpt, dict) and ckpt.get("kind") == "autoencoder"):
         raise ConfigError(f"model.autoencoder: {str(path)!r} is not an augflow autoencoder")
     return Autoencoder.from_checkpoint(ckpt).eval()
-
-
-@dataclass
-class AutoencoderResult:
-    path: Path
-    train_mse: float
-    val_mse: float | None
-    mean_image_mse: float | None  # reconstruction error of the training mean image, for reference
-
-
-@torch.no_grad()
-def _mse(model: Autoencoder, images: Tensor, batch_size: int) -> float:
-    """Mean squared reconstruction error in ``[0, 1]`` units."""
-    total = 0.0
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        total += (model.decode(model.encode(x)) - x).square().sum().item()
-    return total / max(1, images.numel())
-
-
-def train_autoencoder(
-    data: str | Path,
-    out: str | Path,
-    val: str | Path | None = None,
-    latent_channels: int = 4,
-    downsample: int = 4,
-    channels: int = 32,
-    kl_weight: float = 0.0,
-    epochs: int = 20,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-    command: str | None = None,
-) -> AutoencoderResult:
-    """Train an autoencoder on the images of a dataset file; write ``out/autoencoder.pt`` and a run log.
-
-    AdamW with cosine decay; after training, the latent mean and standard deviation of the training images are
-    stored in the model. ``out`` also gets ``config.json``, ``metrics.jsonl`` and ``command.txt``.
-
-    Arguments:
-        data: Training file (augflow HDF5); the images are held in memory.
-        out: Output folder.
-        val: Optional validation file (its reconstruction MSE is reported).
-        latent_channels, downsample, channels, kl_weight: See :class:`AutoencoderConfig`.
-        epochs: Passes over the data.
-        batch_size: Images per step.
-        lr: Peak learning rate.
-        seed: Seed of initialisation, order and sampling.
-        device: "auto", "cpu" or "cuda[:N]".
-        progress: Show a progress bar.
-        command: The command line, written to ``command.txt``.
-
-    Returns:
-        An :class:`AutoencoderResult` (MSE in ``[0, 1]`` units).
-
-    Raises:
-        ConfigError: For invalid options or data.
-    """
-    from tqdm.auto import tqdm
-
-    from augflow.data.store import read_images, read_info
-    from augflow.train.checkpoint import write_json
-    from augflow.train.loop import resolve_device
-
-    if not is_int(epochs, 1) or not is_int(batch_size, 1) or not lr > 0:
-        raise ConfigError(f"--epochs and --batch-size must be >= 1 and --lr > 0, but are: {epochs}, {batch_size}, "
-                          f"{lr}")
-    out = Path(out)
-    dev = resolve_device(device)
-    info = read_info(data)
-    config = AutoencoderConfig(tuple(info.image_shape), latent_channels, downsample, channels, kl_weight).validate()
-    images = torch.from_numpy(read_images(data)).to(dev)
-    val_images = None
-    if val is not None:
-        val_info = read_info(val)
-        if tuple(val_info.image_shape) != config.image_shape:
-            raise ConfigError(f"--val {val}: image shape {val_info.image_shape} differs from --data's "
-                              f"{config.image_shape}")
-        val_images = torch.from_numpy(read_images(val)).to(dev)
-
-    torch.manual_seed(seed)
-    model = Autoencoder(config).to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    steps_per_epoch = math.ceil(len(images) / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch,
-                                                           eta_min=lr / 100)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json({"autoencoder": config.to_dict(), "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                "seed": seed, "data": str(Path(data).resolve()), "val": str(Path(val).resolve()) if val else None},
-               out / "config.json")
-    atomic_write_text((command or " ".join(sys.argv)) + "\n", out / "command.txt")
-    order_rng = np.random.default_rng(seed)
-    bar = tqdm(total=epochs * steps_per_epoch, desc="train-autoencoder", unit="step", disable=not progress,
-               dynamic_ncols=True)
-    started = time.perf_counter()
-    lines = []
-    for epoch in range(epochs):
-        model.train()
-        order = torch.from_numpy(order_rng.permutation(len(images))).to(dev)
-        total = 0.0
-        for start in range(0, len(images), batch_size):
-            loss = model.loss(images[order[start:start + batch_size]]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * min(batch_size, len(images) - start)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        model.eval()
-        record = {"epoch": epoch + 1, "loss": total / len(images), "elapsed_s": round(time.perf_counter() - started, 2)}
-        if val_images is not None:
-            record["val_mse"] = _mse(model, val_images, batch_size)
-        lines.append(json.dumps(record))
-        atomic_write_text("\n".join(lines) + "\n", out / "metrics.jsonl")
-    bar.close()
-
-    with torch.no_grad():  # standardise the latents by their training statistics
-        latents = torch.cat([model.encode_raw(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
-        model.latent_mean.copy_(latents.mean(dim=(0, 2, 3)))
-        model.latent_std.copy_(latents.std(dim=(0, 2, 3)).clamp_min(1e-6))
-    train_mse = _mse(model, images, batch_size)
-    val_mse = _mse(model, val_images, batch_size) if val_images is not None else None
-    mean_mse = float((images - images.mean(0, keepdim=True)).square().mean())
-    meta = {"data": str(Path(data).resolve()), "class_names": info.class_names, "train_mse": train_mse,
-            "val_mse": val_mse, "mean_image_mse": mean_mse, "epochs": epochs, "seed": seed}
-    path = out / AUTOENCODER
-    model.cpu().save(path, meta)
-    return AutoencoderResult(path, train_mse, val_mse, mean_mse)

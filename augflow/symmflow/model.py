@@ -21,16 +21,14 @@ References:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from augflow.atomic import atomic_save
 from augflow.errors import ConfigError
 from augflow.flows.masks import ellipse_mask
-from augflow.model_config import ModelConfig, is_int
+from augflow.model_base import FamilyModel, ModelConfig, is_int
 from augflow.symmflow.autoencoder import Autoencoder, AutoencoderConfig, load_autoencoder
 from augflow.symmflow.palette import (
     MASK_CHANNELS,
@@ -106,9 +104,8 @@ class SymmFlowConfig(ModelConfig):
         Raises:
             ConfigError: Naming the field, the allowed values and the value received.
         """
+        self.check_image_shape()
         shape = self.image_shape
-        if not (isinstance(shape, tuple) and len(shape) == 3 and all(is_int(v, 1) for v in shape)):
-            raise ConfigError(f"image_shape must be (C, H, W) of positive ints, but is: {shape!r}")
         if not is_int(self.num_classes, 2):
             raise ConfigError(f"num_classes must be an int >= 2, but is: {self.num_classes!r}")
         if self.num_classes > 64:
@@ -154,10 +151,7 @@ class SymmFlowConfig(ModelConfig):
                 f"--out ae/` and set model.autoencoder = \"ae/autoencoder.pt\" in the recipe (or --set "
                 f"model.space=pixel to stay in pixel space)")
         if not self.latent:
-            factor = 2 ** (len(mult) - 1)
-            if shape[1] % factor or shape[2] % factor:
-                raise ConfigError(f"image height and width must be divisible by {factor} (2 ** (len(channel_mult) "
-                                  f"- 1)), but image_shape is {shape}")
+            self.check_image_shape(2 ** (len(mult) - 1), "2 ** (len(channel_mult) - 1)")
         return self
 
 
@@ -183,7 +177,7 @@ class Uncertainty(NamedTuple):
     spread: Tensor  # standard deviation over the passes of the distance to the predicted colour (0 for one)
 
 
-class SymmFlow(nn.Module):
+class SymmFlow(FamilyModel):
     """MedSymmFlow: a symmetrical flow-matching model of images and class masks (generation + classification).
 
     Images enter and leave in ``[0, 1]``. In latent mode the frozen autoencoder maps them to standardised
@@ -199,6 +193,8 @@ class SymmFlow(nn.Module):
 
     family = "symmflow"
     loss_name = "flow-matching loss"
+    default_temperature = 1.0  # flow matching samples its own distribution at temperature 1
+    config_class = SymmFlowConfig
 
     def __init__(self, config: SymmFlowConfig, autoencoder: Autoencoder | None = None):
         super().__init__()
@@ -303,10 +299,6 @@ class SymmFlow(nn.Module):
         t = torch.rand(z.shape[0], device=z.device, dtype=z.dtype)
         return self.flow_matching_loss(z, m, t, torch.randn_like(z), torch.randn_like(m))
 
-    @torch.no_grad()
-    def initialize(self, x: Tensor, y: Tensor) -> None:
-        """No data-dependent initialisation (the loop's interface)."""
-
     # ------------------------------------------------------------------------------------- integration
 
     def integrate(self, state: Tensor, t0: float, t1: float, steps: int | None = None,
@@ -392,29 +384,13 @@ class SymmFlow(nn.Module):
 
     # ------------------------------------------------------------------------------------- persistence
 
-    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
-        """Write ``{"family", "config", "state_dict", "meta"}`` (+ the autoencoder's config) atomically.
-
-        Arguments:
-            path: Destination file; parent folders are created.
-            meta: Optional metadata of primitives (class names, counts, recipe, privacy ledger, ...).
-        """
-        payload: dict[str, Any] = {"family": self.family, "config": self.config.to_dict(),
-                                   "state_dict": self.state_dict(), "meta": {} if meta is None else meta}
-        if self.autoencoder is not None:
-            payload["autoencoder_config"] = self.autoencoder.config.to_dict()
-        atomic_save(payload, path)
+    def parts(self) -> dict[str, Any]:
+        """The autoencoder's config beside its weights, so a saved model does not need the autoencoder file."""
+        return {} if self.autoencoder is None else {"autoencoder_config": self.autoencoder.config.to_dict()}
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any]) -> SymmFlow:
-        """The model of a loaded :meth:`save` payload (self-contained: the autoencoder file is not needed)."""
-        state = ckpt["state_dict"]
-        config = ckpt["config"]
+    def build(cls, payload: dict[str, Any]) -> SymmFlow:
         autoencoder = None
-        if "autoencoder_config" in ckpt:
-            autoencoder = Autoencoder(AutoencoderConfig.from_dict(ckpt["autoencoder_config"]))
-        model = cls(SymmFlowConfig.from_dict(config), autoencoder=autoencoder)
-        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-        model.to(device=state["colours"].device, dtype=dtype)
-        model.load_state_dict(state)
-        return model
+        if "autoencoder_config" in payload:
+            autoencoder = Autoencoder(AutoencoderConfig.from_dict(payload["autoencoder_config"]))
+        return cls(SymmFlowConfig.from_dict(payload["config"]), autoencoder=autoencoder)

@@ -1,2 +1,3 @@
-"""Training: one loop (:mod:`augflow.train.loop`), atomic and resumable checkpoints, and differentially private
-training with its privacy ledger (:mod:`augflow.train.privacy`)."""
+"""Training: one loop (:mod:`augflow.train.loop`) for every family, run by a plain or a private session
+(:mod:`augflow.train.session`, :mod:`augflow.train.privacy`), its recipe (:mod:`augflow.train.recipe`), resumable
+checkpoints, and the training of latent MedSymmFlow's autoencoder (:mod:`augflow.train.autoencoder`)."""

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from augflow.config import AugmentConfig
+from augflow.train.recipe import AugmentConfig
 
 
 def augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

@@ -9,235 +9,53 @@ Objective: the family's ``training_loss`` of uniformly dequantised images; for M
 log-likelihood in bits per dimension (Kingma & Dhariwal 2018, Glow, arXiv 1807.03039; MAGIC-Flow,
 arXiv 2510.22070), optionally plus ``train.ce_weight`` times the Bayes posterior's cross-entropy.
 
-With ``[privacy] enabled`` the same loop runs DP-SGD (:mod:`augflow.train.privacy`): Poisson-sampled batches,
-exact per-sample gradients clipped and noised by Opacus' DPOptimizer, an accountant continued across resumes,
-public-only initialisation and mask, and the last weights released with their privacy ledger. Every checkpoint and
-model records ``privacy`` (``{"dp": False, ...}`` without DP: never a made-up epsilon).
+How batches are drawn and steps taken is the run's session (:mod:`augflow.train.session`). With ``[privacy]
+enabled`` it is a :class:`~augflow.train.privacy.session.PrivacySession` and the same loop runs DP-SGD:
+Poisson-sampled batches, exact per-sample gradients clipped and noised by Opacus' DPOptimizer, an accountant
+continued across resumes, public-only initialisation and mask, and the last weights released with their privacy
+ledger. Every checkpoint and model records the ledger (``{"dp": False, ...}`` without DP: never a made-up epsilon).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from augflow import __version__
-from augflow.atomic import atomic_save, atomic_write_text
-from augflow.config import PrivacyConfig, Recipe
-from augflow.data.splits import subject_split
-from augflow.data.store import read_info, read_rows, sha256_file
-from augflow.errors import ConfigError
-from augflow.flows import MagicFlow, brain_mask_from_images, dequantize, load_mask
-from augflow.models import family
-from augflow.train import privacy as dp
+from augflow.atomic import atomic_save
+from augflow.data.store import RowReader, read_info
+from augflow.flows import dequantize, load_mask
+from augflow.models import ModelFamily, family
+from augflow.runs import CHECKPOINT, METRICS, MODEL, derive_seed, resolve_device, start_run
 from augflow.train.augment import augment
-from augflow.train.checkpoint import CHECKPOINT, MODEL, rng_states, set_rng_states, write_json
-
-_MEAN_BLOCK = 512
+from augflow.train.checkpoint import resume_state, rng_states, set_rng_states
+from augflow.train.optim import make_optimizer
+from augflow.train.privacy.ledger import Ledger
+from augflow.train.recipe import Recipe
+from augflow.train.rows import TrainingRows
+from augflow.train.session import PlainSession, Session
+from augflow.version import __version__
 
 
 @dataclass
 class TrainResult:
+    """What :func:`train` made."""
+
     run_dir: Path
     steps: int
     best_val_loss: float | None
     last_val_loss: float | None
     model_path: Path
     loss_name: str
-    privacy: dict | None = None  # the ledger stored with the model
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present (under torchrun: the process's ``LOCAL_RANK`` GPU), else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"--device must be auto, cpu or cuda[:N], but is: {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(device)
-
-
-def _distributed(device: torch.device) -> tuple[int, int]:
-    """``(rank, world size)``: under ``torchrun`` join the process group (NCCL on GPUs, Gloo on CPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
-
-
-def derive_seed(seed: int, *parts: int) -> int:
-    """An independent 32-bit seed for one purpose of a run (numpy SeedSequence of seed and parts)."""
-    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
-
-
-class _Rows:
-    """Reads batches of rows of one HDF5 file (kept open) as float tensors."""
-
-    def __init__(self, path: Path, rows: np.ndarray, labels: np.ndarray):
-        self.path, self.rows, self.labels = path, rows, labels
-        self._images = h5py.File(path, "r")["images"]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        images = read_rows(self._images, self.rows[positions])
-        return torch.from_numpy(images), torch.from_numpy(self.labels[positions]).long()
-
-    def mean_image(self) -> np.ndarray:
-        total = np.zeros(self._images.shape[1:], dtype=np.float64)
-        for start in range(0, len(self.rows), _MEAN_BLOCK):
-            total += self.batch(np.arange(start, min(start + _MEAN_BLOCK, len(self.rows))))[0].sum(0).numpy()
-        return (total / len(self.rows)).astype(np.float32)
-
-
-def _epoch_order(n: int, labels: np.ndarray, num_classes: int, balanced: bool, seed: int, epoch: int) -> np.ndarray:
-    """Positions of one epoch: a permutation, or class-balanced draws with replacement."""
-    rng = np.random.default_rng(derive_seed(seed, 1, epoch))
-    if not balanced:
-        return rng.permutation(n)
-    counts = np.bincount(labels, minlength=num_classes)
-    weights = 1.0 / counts[labels]
-    return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
-
-
-def _ema_with_warmup(decay: float):
-    """EMA update with the decay warmed up as ``min(decay, (1 + n) / (10 + n))`` after n updates.
-
-    Without the warm-up, a 0.999 average after 2,000 steps still holds 0.999**2000 = 13% of the first weights,
-    which ruins a flow trained for a CPU budget (measured: validation 5.02 vs 3.55 bits/dim of the raw weights).
-    """
-
-    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        if not averaged.is_floating_point():  # flags and index buffers are copied, not averaged
-            return current
-        n = float(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        return d * averaged + (1 - d) * current
-
-    return update
-
-
-def _lr_factor(step: int, total: int, warmup: int, start: float, min_ratio: float) -> float:
-    """Linear warm-up from ``start`` to 1, then cosine decay to ``min_ratio``."""
-    if step < warmup:
-        return start + (1 - start) * step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-class _Objective(torch.nn.Module):
-    """The model's per-sample training loss as a module's forward, for DDP's gradient hooks (and DP-SGD)."""
-
-    def __init__(self, model: torch.nn.Module, ce_weight: float):
-        super().__init__()
-        self.model, self.ce_weight = model, ce_weight
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model.training_loss(x, y, ce_weight=self.ce_weight)
-
-
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, rows: _Rows, batch_size: int, device: torch.device, seed: int) -> float:
-    """Mean training loss (without the hybrid term) of dequantised images; the noise is fixed by ``seed``, so the
-    value is comparable across epochs (bits/dim for MAGIC-Flow)."""
-    model.eval()
-    generator = torch.Generator(device).manual_seed(seed)
-    torch.manual_seed(seed)  # families whose loss draws its own noise (flow matching's t and epsilon)
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        x, y = rows.batch(np.arange(start, min(start + batch_size, len(rows))))
-        x, y = x.to(device), y.to(device)
-        total += model.training_loss(dequantize(x, generator=generator), y).sum().item()
-        count += len(x)
-    return total / max(1, count)
-
-
-def dataset_loss(model: torch.nn.Module, path: str | Path, batch_size: int = 64, device: str = "cpu",
-                 seed: int = 0) -> float:
-    """Mean training loss of every image of a dataset file (bits/dim for MAGIC-Flow; fixed noise)."""
-    info = read_info(path, check_values=False)
-    return evaluate_loss(model, _Rows(Path(path), np.arange(len(info)), info.labels), batch_size,
-                         resolve_device(device), seed)
-
-
-def _build_model(recipe: Recipe, info, train_set: _Rows, resuming: bool) -> torch.nn.Module:
-    """The recipe's model for the data; MAGIC-Flow also needs its application-specific (brain) mask: a user file
-    (``train.app_mask``), else Otsu on the training mean image, or under DP on the public template."""
-    config = recipe.model_config(info.image_shape, info.num_classes)
-    model_class = family(recipe.family).model
-    if model_class is not MagicFlow:
-        return model_class(config)
-    if resuming:  # the mask is a buffer: the checkpoint's state overwrites this placeholder
-        return MagicFlow(config)
-    if recipe.train.app_mask:  # under DP the user declares the file public
-        return MagicFlow(config, app_mask=load_mask(recipe.train.app_mask, *info.image_shape[1:]))
-    if recipe.privacy.enabled:  # never the private images' mean
-        return MagicFlow(config, app_mask=dp.template_mask(*info.image_shape[1:]))
-    return MagicFlow(config, app_mask=brain_mask_from_images(torch.from_numpy(train_set.mean_image())[None]))
-
-
-def _initial_model(recipe: Recipe, info, train_set: _Rows, seed: int, device: torch.device) -> torch.nn.Module:
-    """The model before its first step: built from ``seed``, then initialised from a fixed batch of the training
-    data (MAGIC-Flow's ActNorm), or under DP from public data only (:func:`augflow.train.privacy.public_initialize`).
-    """
-    torch.manual_seed(seed)
-    model = _build_model(recipe, info, train_set, resuming=False).to(device)
-    if recipe.privacy.enabled:
-        dp.public_initialize(model, recipe.privacy.actnorm_init, info.image_shape, info.num_classes)
-        return model
-    init = np.random.default_rng(derive_seed(seed, 0)).permutation(len(train_set))[: max(64, recipe.train.batch_size)]
-    x, y = train_set.batch(np.sort(init))
-    with torch.no_grad():
-        model.initialize(dequantize(x.to(device)), y.to(device))
-    return model
-
-
-def _public_inputs(recipe: Recipe, model: torch.nn.Module) -> dict:
-    """What the DP model took from outside the private training data (for the ledger)."""
-    uses_mask = isinstance(model, MagicFlow) and "application" in model.config.full_res_steps
-    if not uses_mask:
-        mask = "not used by this model"
-    elif recipe.train.app_mask:
-        mask = f"user file {recipe.train.app_mask} (declared public)"
-    else:
-        mask = "MNI152 ICBM 2009a template (nilearn), Otsu on its 11 central coronal slices"
-    init = {"identity": "identity (no data)", "template": "MNI152 template slices (public)"}
-    return {"app_mask": mask, "initialization": init[recipe.privacy.actnorm_init]}
-
-
-def _fingerprint(data: Path, val: Path | None, train_rows: np.ndarray, val_rows: np.ndarray) -> dict:
-    return {
-        "data": str(data.resolve()), "data_sha256": sha256_file(data),
-        "val": str(val.resolve()) if val else None, "val_sha256": sha256_file(val) if val else None,
-        "train_rows": len(train_rows), "val_rows": len(val_rows),
-    }
-
-
-def _comparable(recipe_dict: dict) -> dict:
-    """The recipe without the keys a resumed run may change (its stopping point and logging)."""
-    train = {k: v for k, v in recipe_dict["train"].items() if k not in ("max_steps", "log_every", "epochs")}
-    privacy = recipe_dict.get("privacy") or dataclasses.asdict(PrivacyConfig())  # runs from before [privacy]
-    return {**recipe_dict, "train": train, "privacy": privacy}
+    ledger: Ledger  # the privacy ledger stored with the model
 
 
 def train(
@@ -270,169 +88,33 @@ def train(
 
     Raises:
         ConfigError: For unusable data, recipes, run folders or privacy settings
-            (:class:`~augflow.train.privacy.PrivacyError`).
+            (:class:`~augflow.errors.PrivacyError`).
     """
-    data, out = Path(data), Path(out)
+    out, cfg = Path(out), recipe.train
     device = resolve_device(device)
     rank, world = _distributed(device)
-    progress = progress and rank == 0
-    cfg, pcfg = recipe.train, recipe.privacy
-    private = pcfg.enabled
-    info = read_info(data)
-    if val is None:
-        parts = subject_split(info.labels, info.subjects, val=cfg.val_fraction, test=0.0, seed=seed)
-        train_rows, val_rows, val_path, val_labels = parts["train"], parts["val"], data, info.labels[parts["val"]]
-    else:
-        val = Path(val)
-        val_info = read_info(val)
-        if val_info.class_names != info.class_names or val_info.image_shape != info.image_shape:
-            raise ConfigError(f"--val {val}: classes {val_info.class_names} and shape {val_info.image_shape} must "
-                              f"match --data {data}: {info.class_names}, {info.image_shape}")
-        train_rows, val_rows = np.arange(len(info)), np.arange(len(val_info))
-        val_path, val_labels = val, val_info.labels
-    if len(train_rows) == 0:
-        raise ConfigError(f"--data {data}: no training images")
-    train_set = _Rows(data, train_rows, info.labels[train_rows])
-    val_set = _Rows(val_path, val_rows, val_labels)
-    fingerprint = _fingerprint(data, val, train_rows, val_rows)
-    recipe_dict = recipe.to_dict()
-
-    units = None
-    if private:
-        dp.validate_config(pcfg)
-        if world > 1:
-            raise dp.PrivacyError("DP training runs in one process: under torchrun every process would need its "
-                                  "share of one Poisson sample and of the noise, which augflow does not implement; "
-                                  "run augflow train --dp without torchrun")
-        if cfg.balanced_sampling:
-            raise dp.PrivacyError("train.balanced_sampling cannot be combined with DP: the accountant's analysis "
-                                  "needs uniform Poisson sampling, and class-weighted draws depend on the private "
-                                  "labels; set train.balanced_sampling = false (synthesize --balance tops up classes)")
-        if cfg.amp:
-            raise dp.PrivacyError("train.amp is not supported under DP (per-sample gradients are taken in float32)")
-        units = dp.make_units(pcfg.unit, info.subjects[train_rows])
-        most = int(dp.make_units("subject", info.subjects[train_rows]).sizes.max())
-        if pcfg.unit == "slice" and most > 1:
-            warnings.warn(f"DP protects one slice, but subjects of {data} have up to {most} slices: a subject is "
-                          f"protected only at the group-privacy level (about {most} x epsilon). Use --dp-unit "
-                          f"subject for a per-subject guarantee.", dp.PrivacyWarning, stacklevel=2)
-    population = units.count if private else len(train_set)
-    steps_per_epoch = math.ceil(population / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-
-    checkpoint_path = out / CHECKPOINT
-    state = None
-    if resume:
-        if not checkpoint_path.is_file():
-            raise ConfigError(f"--resume: no checkpoint in {out}")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            raise ConfigError(f"--resume: the data differ from the run's ({state['fingerprint']} vs {fingerprint})")
-        if _comparable(state["recipe"]) != _comparable(recipe_dict) or state["seed"] != seed:
-            raise ConfigError("--resume: the recipe or seed differ from the run's; only train.epochs, "
-                              "train.max_steps and train.log_every may change")
-    elif checkpoint_path.exists():
-        raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
-
-    # The private state is fixed at the run's start; a resumed run continues it, whatever train.epochs says now.
-    class_counts = np.bincount(train_set.labels, minlength=info.num_classes).tolist()
-    plan = secret = accountant = counts_info = None
-    if private and state is None:
-        plan = dp.plan_privacy(pcfg, population, cfg.batch_size, total_steps)
-        secret = dp.new_secret()
-        class_counts, counts_info = dp.release_class_counts(train_set.labels, units, info.num_classes, pcfg,
-                                                            plan.epsilon_counts, dp.secret_seed(secret, 0))
-        accountant = dp.make_accountant(plan.accountant)
-    elif private:
-        saved = state["privacy"]["state"]
-        plan, secret = dp.PrivacyPlan(**saved["plan"]), saved["secret"]
-        class_counts, counts_info = saved["class_counts"], saved["counts_info"]
-        accountant = dp.make_accountant(plan.accountant, saved["accountant"])
-
+    rows = TrainingRows.open(data, val, cfg.val_fraction, seed)
+    state = resume_state(out, resume, rows.fingerprint, recipe.to_dict(), seed)
+    session = open_session(recipe, rows, seed, device, rank, world, state)
+    total_steps = cfg.epochs * session.steps_per_epoch
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(recipe_dict, out / "config.json")
-        atomic_write_text((command or " ".join(sys.argv)) + "\n", out / "command.txt")
-
-    if state is None:
-        model = _initial_model(recipe, info, train_set, seed, device)
-    else:
-        torch.manual_seed(seed)
-        model = _build_model(recipe, info, train_set, resuming=True).to(device)
-    if private:
-        dp.check_model(model)
-    # DPOptimizer cannot clip a parameter without elements (the LU factors of a 1-channel 1x1 conv).
-    params = [p for p in model.parameters() if p.numel() > 0 or not private]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, total_steps, warmup, cfg.warmup_start, cfg.min_lr / cfg.lr))
-    ema = AveragedModel(model, avg_fn=_ema_with_warmup(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
-
-    step, best_val, last_val = 0, None, None
+        start_run(out, recipe.to_dict(), command)
+    model = initial_model(recipe, rows, session, seed, device, resuming=state is not None)
+    optimizer, scheduler, ema = make_optimizer(model, session.trainable(model), cfg, total_steps,
+                                               session.steps_per_epoch)
+    run = _Run(out, recipe, rows, session, model, optimizer, scheduler, ema, seed, device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        set_rng_states(state["rng"])
-        step, best_val, last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
-
-    def ledger() -> dict:
-        if not private:
-            return dp.non_private_ledger(fingerprint)
-        return dp.private_ledger(plan, accountant, counts_info, fingerprint, _public_inputs(recipe, model))
-
-    def save_checkpoint():
-        private_state = None if not private else {
-            "plan": plan.to_dict(), "secret": secret, "accountant": [list(h) for h in accountant.history],
-            "class_counts": class_counts, "counts_info": counts_info}
-        atomic_save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "rng": rng_states(), "step": step,
-            "best_val_loss": best_val, "last_val_loss": last_val, "recipe": recipe_dict, "seed": seed,
-            "fingerprint": fingerprint, "privacy": {"ledger": ledger(), "state": private_state},
-        }, checkpoint_path)
-
-    def save_model(val_loss):
-        eval_model = ema.module if ema is not None else model
-        meta = {
-            "class_names": info.class_names, "class_counts": class_counts,
-            "recipe": recipe_dict, "fingerprint": fingerprint, "step": step,
-            "val_loss": None if private else val_loss,  # a statistic of private validation data: not released
-            "loss_name": model.loss_name, "temperature": cfg.temperature, "augflow_version": __version__,
-            "seed": seed, "privacy": ledger(),
-        }
-        eval_model.save(out / MODEL, meta=meta)
-
-    # Under torchrun each process takes every world-th image of the global batch; DDP averages the gradients.
-    objective = _Objective(model, cfg.ce_weight)
-    net = DistributedDataParallel(objective) if world > 1 else objective
-    private_step = dp.PrivateStep(objective, optimizer, plan, pcfg.microbatch) if private else None
-    end = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
-    allowed = plan.budget_steps(end) if private else end
-    if allowed < end:
-        warnings.warn(f"stopping after step {allowed} instead of {end}: one more step would exceed privacy.epsilon "
-                      f"= {plan.target_epsilon} (the noise was calibrated for {plan.planned_steps} steps)",
-                      dp.PrivacyWarning, stacklevel=2)
-        end = allowed
-    metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
-    bar = tqdm(total=end, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    order, order_epoch = None, -1
+        run.restore(state)
+    session.attach(Objective(model, cfg.ce_weight), optimizer)
+    end = session.last_step(total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps))
+    log = (out / METRICS).open("a") if rank == 0 else None
+    bar = tqdm(total=end, initial=run.step, desc="train", unit="step", disable=not (progress and rank == 0),
+               dynamic_ncols=True)
     started = time.perf_counter()
     model.train()
-    while step < end:
-        epoch, within = divmod(step, steps_per_epoch)
-        if private:  # Poisson sampling from the secret seed: which units were drawn is never released
-            positions = dp.poisson_sample(units, plan.sample_rate, dp.secret_seed(secret, 1, step))
-        else:
-            if order_epoch != epoch:
-                order = _epoch_order(len(train_set), train_set.labels, info.num_classes, cfg.balanced_sampling,
-                                     seed, epoch)
-                order_epoch = epoch
-            positions = order[within * cfg.batch_size:(within + 1) * cfg.batch_size]
-        x, y = train_set.batch(positions)
+    while run.step < end:
+        step = run.step
+        x, y = rows.train.batch(session.positions(step))
         x, y = x.to(device), y.to(device)
         step_seed = derive_seed(seed, 2, step)
         torch.manual_seed(step_seed)  # dropout of the coupling networks
@@ -440,59 +122,186 @@ def train(
         if len(x):
             # Noise is drawn for the whole batch on every process, so a run is the same at any world size.
             x = dequantize(augment(x, recipe.augment, generator), generator=generator)
-        extra = {}
-        if private:
-            stats = private_step.step(x, y, dp.secret_seed(secret, 2, step))
-            accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-            loss_value, grad_norm = stats["loss"], stats["grad_norm"]
-            extra = {"batch": stats["batch"], "clipped": stats["clipped"]}
-        else:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                loss = net(x[rank::world], y[rank::world]).float().mean()  # through DDP's gradient hooks
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                loss = loss.detach().clone()
-                dist.all_reduce(loss)
-                loss /= world
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            optimizer.step()
-            loss_value = loss.item()
+        stats = session.step(x, y, step)
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
-        step += 1
+        run.step += 1
+        lr = scheduler.get_last_lr()[0]
         bar.update(1)
-        bar.set_postfix(loss="-" if loss_value is None else f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        record = {"step": step, "epoch": epoch, "loss": loss_value, "grad_norm": grad_norm,
-                  "lr": scheduler.get_last_lr()[0], **extra}
-        if loss_value is not None and not math.isfinite(loss_value):
-            raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}); "
+        bar.set_postfix(loss="-" if stats.loss is None else f"{stats.loss:.3f}", lr=f"{lr:.2e}")
+        if stats.loss is not None and not math.isfinite(stats.loss):
+            raise FloatingPointError(f"training diverged at step {run.step} (loss {stats.loss}); "
                                      f"lower train.lr or raise train.grad_clip")
-        if rank != 0:
-            continue  # validation, logs and checkpoints are the first process's
-        epoch_end = step % steps_per_epoch == 0 or step == end
-        if epoch_end and len(val_set):
-            last_val = evaluate_loss(ema.module if ema is not None else model, val_set, cfg.batch_size,
-                                     device, seed)
-            model.train()
-            record["val_loss"] = last_val
-            if not private and (best_val is None or last_val < best_val):  # DP releases the last weights
-                best_val = last_val
-                save_model(last_val)
-        if step % cfg.log_every == 0 or "val_loss" in record:
-            record["elapsed_s"] = round(time.perf_counter() - started, 2)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-        if step % cfg.checkpoint_every == 0 or step == end:
-            if private or (not len(val_set) and step == end):
-                save_model(last_val)
-            save_checkpoint()
+        if rank == 0:  # validation, logs and checkpoints are the first process's
+            record = {"step": run.step, "epoch": step // session.steps_per_epoch, "loss": stats.loss,
+                      "grad_norm": stats.grad_norm, "lr": lr, **stats.extra}
+            run.after_step(record, end, log, started)
     bar.close()
     if rank == 0:
-        metrics.close()
+        log.close()
         if not (out / MODEL).exists():
-            save_model(last_val)
+            run.save_model()
     if world > 1:
         dist.barrier()
-    return TrainResult(out, step, best_val, last_val, out / MODEL, model.loss_name, ledger())
+    return TrainResult(out, run.step, run.best_val, run.last_val, out / MODEL, model.loss_name,
+                       session.ledger(model))
+
+
+def open_session(recipe: Recipe, rows: TrainingRows, seed: int, device: torch.device, rank: int = 0,
+                 world: int = 1, saved: dict | None = None) -> Session:
+    """The session of a run: a :class:`~augflow.train.privacy.session.PrivacySession` under ``[privacy] enabled``,
+    else a :class:`~augflow.train.session.PlainSession`.
+
+    Arguments:
+        recipe: The run's recipe.
+        rows: The run's rows.
+        seed: The run's seed.
+        device: The training device.
+        rank: This process's rank under torchrun.
+        world: The number of processes.
+        saved: The checkpoint being resumed, if any (a private session continues its state).
+
+    Raises:
+        PrivacyError: For DP settings or runs that cannot give the guarantee.
+    """
+    if not recipe.privacy.enabled:
+        return PlainSession(recipe.train, rows, seed, device, rank, world)
+    from augflow.train.privacy.session import PrivacySession  # Opacus loads only for private runs
+
+    return PrivacySession.open(recipe, rows, world, saved)
+
+
+def initial_model(recipe: Recipe, rows: TrainingRows, session: Session, seed: int, device: torch.device,
+                  resuming: bool = False) -> ModelFamily:
+    """The recipe's model for the data, built from ``seed`` on ``device``.
+
+    A new model is initialised by the session (from a fixed training batch, or under DP from public data only).
+    MAGIC-Flow's application-specific (brain) mask is the file ``train.app_mask`` (under DP: declared public), else
+    the session's (Otsu on the training mean image, or under DP on the public template); a resumed model takes
+    its mask, a buffer, from the checkpoint.
+    """
+    config = recipe.model_config(rows.info.image_shape, rows.info.num_classes)
+    torch.manual_seed(seed)
+    parts = {}
+    if config.uses_app_mask and not resuming:
+        height, width = rows.info.image_shape[1:]
+        mask_file = recipe.train.app_mask
+        parts["app_mask"] = load_mask(mask_file, height, width) if mask_file else session.app_mask(height, width)
+    model = family(recipe.family).model(config, **parts).to(device)
+    if not resuming:
+        session.initialize(model)
+    return model
+
+
+class Objective(torch.nn.Module):
+    """The model's per-sample training loss as a module's forward, for DDP's gradient hooks (and DP-SGD)."""
+
+    def __init__(self, model: ModelFamily, ce_weight: float):
+        super().__init__()
+        self.model, self.ce_weight = model, ce_weight
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model.training_loss(x, y, ce_weight=self.ce_weight)
+
+
+class _Run:
+    """The state of a run between steps, and what the first process does after each: validate, log, save."""
+
+    def __init__(self, out: Path, recipe: Recipe, rows: TrainingRows, session: Session, model: ModelFamily,
+                 optimizer, scheduler, ema, seed: int, device: torch.device):
+        self.out, self.recipe, self.rows, self.session = out, recipe, rows, session
+        self.seed, self.device = seed, device
+        self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        self.step, self.best_val, self.last_val = 0, None, None
+
+    @property
+    def eval_model(self) -> ModelFamily:
+        """The weights to validate and release: the EMA's when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        set_rng_states(state["rng"])
+        self.step, self.best_val, self.last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
+
+    def after_step(self, record: dict, end: int, log, started: float) -> None:
+        """Validate at the end of an epoch, log every ``train.log_every`` steps, checkpoint every
+        ``train.checkpoint_every``; keep the model best by validation loss, or under DP the last one."""
+        cfg, step, releases_validation = self.recipe.train, self.step, self.session.releases_validation
+        if (step % self.session.steps_per_epoch == 0 or step == end) and len(self.rows.val):
+            self.last_val = evaluate_loss(self.eval_model, self.rows.val, cfg.batch_size, self.device, self.seed)
+            self.model.train()
+            record["val_loss"] = self.last_val
+            if releases_validation and (self.best_val is None or self.last_val < self.best_val):
+                self.best_val = self.last_val
+                self.save_model()
+        if step % cfg.log_every == 0 or "val_loss" in record:
+            record["elapsed_s"] = round(time.perf_counter() - started, 2)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if step % cfg.checkpoint_every == 0 or step == end:
+            if not releases_validation or (not len(self.rows.val) and step == end):
+                self.save_model()
+            self.save_checkpoint()
+
+    def save_model(self) -> None:
+        """Write ``model.pt`` with its metadata and privacy ledger."""
+        recipe, session = self.recipe, self.session
+        meta = {
+            "class_names": self.rows.info.class_names, "class_counts": session.class_counts,
+            "recipe": recipe.to_dict(), "fingerprint": self.rows.fingerprint, "step": self.step,
+            "val_loss": self.last_val if session.releases_validation else None,
+            "loss_name": self.model.loss_name, "temperature": recipe.train.temperature,
+            "augflow_version": __version__, "seed": self.seed, "privacy": session.ledger(self.model).to_dict(),
+        }
+        self.eval_model.save(self.out / MODEL, meta=meta)
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint.pt``: everything a resumed run needs, the session's private state included."""
+        atomic_save({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": rng_states(), "step": self.step, "best_val_loss": self.best_val, "last_val_loss": self.last_val,
+            "recipe": self.recipe.to_dict(), "seed": self.seed, "fingerprint": self.rows.fingerprint,
+            "privacy": {"ledger": self.session.ledger(self.model).to_dict(), "state": self.session.state()},
+        }, self.out / CHECKPOINT)
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """``(rank, world size)``: under ``torchrun`` join the process group (NCCL on GPUs, Gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+@torch.no_grad()
+def evaluate_loss(model: ModelFamily, rows: RowReader, batch_size: int, device: torch.device, seed: int) -> float:
+    """Mean training loss (without the hybrid term) of dequantised images; the noise is fixed by ``seed``, so the
+    value is comparable across epochs (bits/dim for MAGIC-Flow)."""
+    model.eval()
+    generator = torch.Generator(device).manual_seed(seed)
+    torch.manual_seed(seed)  # families whose loss draws its own noise (flow matching's t and epsilon)
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        x, y = rows.batch(np.arange(start, min(start + batch_size, len(rows))))
+        x, y = x.to(device), y.to(device)
+        total += model.training_loss(dequantize(x, generator=generator), y).sum().item()
+        count += len(x)
+    return total / max(1, count)
+
+
+def dataset_loss(model: ModelFamily, path: str | Path, batch_size: int = 64, device: str = "cpu",
+                 seed: int = 0) -> float:
+    """Mean training loss of every image of a dataset file (bits/dim for MAGIC-Flow; fixed noise)."""
+    info = read_info(path, check_values=False)
+    return evaluate_loss(model, RowReader(path, np.arange(len(info)), info.labels), batch_size,
+                         resolve_device(device), seed)

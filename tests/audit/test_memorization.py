@@ -77,7 +77,7 @@ def test_epsilon_bound_by_hand():
 def test_membership_scores_cover_both_families():
     import torch
 
-    from augflow.audit import membership_scores
+    from augflow.audit.run import membership_scores
     from augflow.flows import MagicFlow, MagicFlowConfig
     from augflow.symmflow import SymmFlow
     from augflow.symmflow.model import SymmFlowConfig

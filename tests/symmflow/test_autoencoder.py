@@ -8,12 +8,13 @@ import torch
 from click.testing import CliRunner
 
 from augflow.cli import cli
-from augflow.config import load_recipe
 from augflow.data.store import write_dataset
 from augflow.errors import ConfigError
 from augflow.models import load_model
-from augflow.symmflow import Autoencoder, AutoencoderConfig, SymmFlow, SymmFlowConfig, train_autoencoder
+from augflow.symmflow import Autoencoder, AutoencoderConfig, SymmFlow, SymmFlowConfig
+from augflow.train.autoencoder import train_autoencoder
 from augflow.train.loop import train
+from augflow.train.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +58,8 @@ def test_trained_autoencoder_beats_the_mean_image_and_drives_a_latent_flow(tmp_p
     flow = SymmFlow(config)
     assert flow.flow_shape == (2, 8, 8)
     assert "without differential privacy" in flow.dp_blocker  # the autoencoder saw the training images
-    from augflow.train.privacy import PrivacyError, check_model
+    from augflow.errors import PrivacyError
+    from augflow.train.privacy.checks import check_model
 
     with pytest.raises(PrivacyError, match="without differential privacy"):
         check_model(flow)  # augflow train --dp refuses the latent mode

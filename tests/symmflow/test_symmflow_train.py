@@ -10,13 +10,13 @@ from click.testing import CliRunner
 from conftest import make_dataset
 
 from augflow.cli import cli
-from augflow.config import load_recipe
 from augflow.data.store import read_info
 from augflow.errors import ConfigError
 from augflow.models import load_model
 from augflow.symmflow import SymmFlow
 from augflow.synthesize import synthesize
 from augflow.train.loop import train
+from augflow.train.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,19 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import make_dataset
+from conftest import TINY, make_dataset
 
-from augflow.config import load_recipe
 from augflow.errors import ConfigError
 from augflow.models import load_model
 from augflow.train.loop import train
-
-TINY = [
-    'model.full_res_steps=["application", "checkerboard"]', "model.channel_steps=1", "model.checker_steps=[1, 1, 1]",
-    "model.hidden_channels=[8, 8, 8, 8]", "model.embed_dim=8", "model.dropout=0.0",
-    "train.epochs=2", "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=3", "train.val_fraction=0.25",
-    "train.ema_decay=0.9",
-]
+from augflow.train.recipe import load_recipe
 
 
 def _losses(run):
@@ -88,7 +81,8 @@ def test_user_brain_mask_is_used(tmp_path):
 def test_balanced_sampling_and_schedule():
     import numpy as np
 
-    from augflow.train.loop import _epoch_order, _lr_factor
+    from augflow.train.optim import lr_factor as _lr_factor
+    from augflow.train.session import epoch_order as _epoch_order
 
     labels = np.array([0] * 90 + [1] * 10)
     plain = _epoch_order(100, labels, 2, balanced=False, seed=0, epoch=0)
@@ -102,9 +96,9 @@ def test_balanced_sampling_and_schedule():
 
 
 def test_ema_warmup_forgets_the_initial_weights():
-    from augflow.train.loop import _ema_with_warmup
+    from augflow.train.optim import ema_with_warmup
 
-    update = _ema_with_warmup(0.999)
+    update = ema_with_warmup(0.999)
     average, n = torch.zeros(3), 0
     for _ in range(2000):
         average = update(average, torch.ones(3), torch.tensor(n))

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_dataset
-from test_train import TINY
+from conftest import TINY, make_dataset
 
-from augflow.config import load_recipe
 from augflow.train.loop import train
+from augflow.train.recipe import load_recipe
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 

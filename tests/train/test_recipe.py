@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from augflow.config import load_recipe, parse_override
 from augflow.errors import ConfigError
+from augflow.train.recipe import load_recipe, parse_override
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from augflow.baseline import build_resnet18, class_weights, features, predict_proba, train_cnn
+from augflow.audit.baseline import build_resnet18, class_weights, features, predict_proba, train_cnn
 from augflow.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,23 +6,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_train import TINY
+from conftest import TINY
 
-from augflow.classify import (
-    class_log_likelihoods,
-    expected_calibration_error,
-    fit_temperature,
-    log_prior,
-    posterior,
-    selective_prediction,
-)
+from augflow.classify.calibration import fit_temperature
+from augflow.classify.likelihood import class_log_likelihoods, log_prior
+from augflow.classify.metrics import expected_calibration_error, posterior, selective_prediction
 from augflow.cli import cli
-from augflow.config import load_recipe
 from augflow.data.store import write_dataset
 from augflow.explain import explain_file
 from augflow.flows import MagicFlow, MagicFlowConfig
 from augflow.models import load_model
 from augflow.train.loop import train
+from augflow.train.recipe import load_recipe
 
 
 def test_batched_classes_equal_a_per_class_loop():
@@ -131,7 +126,7 @@ def test_noise_level_toy_is_classified_and_cli_reports_metrics(tmp_path):
 def test_metrics_agree_with_scikit_learn():
     from sklearn.metrics import roc_auc_score
 
-    from augflow.classify import classification_metrics, predict
+    from augflow.classify.metrics import classification_metrics, predict
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 300)

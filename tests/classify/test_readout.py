@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from augflow.classify import Predictions, classification_metrics
+from augflow.classify import classify_file
+from augflow.classify.metrics import Predictions, classification_metrics, error_auroc
+from augflow.classify.readout import classify_images
 from augflow.data.store import write_dataset
 from augflow.errors import ConfigError
 from augflow.symmflow import SymmFlow, SymmFlowConfig
-from augflow.symmflow.classify import classify_file, classify_images, error_auroc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,13 +6,19 @@ family's config except the image shape and class count, which always come from t
 off by default). ``--set table.key=value`` overrides any key; the
 value is parsed as TOML (``--set train.lr=1e-3``, ``--set model.hidden_channels=[32,64,64,64]``). Unknown tables or
 keys are errors that list the valid ones.
+
+The shipped recipes live in the top-level ``recipes/`` folder of the source tree, and inside the wheel as the
+package data ``augflow/recipes`` (``pyproject.toml`` maps the folder there), so ``--recipe quick`` works from a
+checkout, an editable install and an installed wheel alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import tomllib
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from augflow.errors import ConfigError
@@ -20,7 +26,12 @@ from augflow.models import DEFAULT_FAMILY, family, model_config
 
 # Fields of the model config that come from the data, never from a recipe.
 DATA_FIELDS = ("image_shape", "num_classes")
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipes_dir() -> Traversable:
+    """The folder of the shipped recipes: the wheel's package data, or the source tree's ``recipes/``."""
+    packaged = importlib.resources.files("augflow") / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 
 
 @dataclass
@@ -159,8 +170,8 @@ def parse_override(text: str) -> tuple[str, str, object]:
 
 
 def shipped_recipes() -> list[str]:
-    """Names of the recipes in ``recipes/``."""
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    """Names of the shipped recipes."""
+    return sorted(Path(p.name).stem for p in recipes_dir().iterdir() if p.name.endswith(".toml"))
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
@@ -169,18 +180,24 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
     data: dict = {}
     name = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file() and (RECIPES_DIR / f"{path}.toml").is_file():
-            path = RECIPES_DIR / f"{path}.toml"
-        if not path.is_file():
-            raise ConfigError(f"--recipe: no file {path} and no shipped recipe of that name; "
-                              f"shipped: {', '.join(shipped_recipes())}")
+        path = _recipe_file(path)
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        name = path.stem
+        name = Path(path.name).stem
     for text in overrides:
         table, key, value = parse_override(text)
         data.setdefault(table, {})[key] = value
     return recipe_from_dict(data, name=name, source=str(path) if path else "recipe")
+
+
+def _recipe_file(path: str | Path) -> Path | Traversable:
+    """A recipe file, or the shipped recipe of that name."""
+    if Path(path).is_file():
+        return Path(path)
+    shipped = recipes_dir() / f"{path}.toml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"--recipe: no file {path} and no shipped recipe of that name; "
+                      f"shipped: {', '.join(shipped_recipes())}")

@@ -1,0 +1,252 @@
+"""The audit job: read the three files, run every stage in order, write the report (``augflow audit``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from augflow.audit.diversity import diversity
+from augflow.audit.downstream import check_subjects_disjoint, downstream
+from augflow.audit.features import EncoderRecipe, feature_space
+from augflow.audit.fidelity import fidelity, torch_fidelity_metrics
+from augflow.audit.memorization import membership_inference, memorization
+from augflow.audit.report import (
+    GateThresholds,
+    figure_closest_pairs,
+    figure_dcr,
+    figure_roc,
+    figure_samples,
+    public,
+    release_gate,
+    write_report,
+)
+from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
+from augflow.classify.metrics import classification_metrics, predict
+from augflow.data.store import read_images, read_info, sha256_file
+from augflow.errors import DataError
+from augflow.models import ModelFamily, load_model
+from augflow.runs import check_classes, model_file, resolve_device
+from augflow.train.privacy.ledger import Ledger
+
+DEFAULT_DELTA = 1e-5  # delta of the empirical epsilon bound when the model has no privacy ledger
+
+
+def _inputs(real, train, synthetic):
+    """Read and cross-check the three files; return their infos."""
+    infos = {"real": read_info(real), "train": read_info(train), "synthetic": read_info(synthetic)}
+    ref = infos["real"]
+    for role in ("train", "synthetic"):
+        info = infos[role]
+        if info.class_names != ref.class_names:
+            raise DataError(f"--{role} {info.path}: class names {info.class_names} differ from --real {ref.path}'s "
+                            f"{ref.class_names}; all files must have the same classes in the same order")
+        if info.image_shape != ref.image_shape:
+            raise DataError(f"--{role} {info.path}: image shape {info.image_shape} differs from --real {ref.path}'s "
+                            f"{ref.image_shape}")
+    for role, info in infos.items():
+        if len(info) < 2:
+            raise DataError(f"--{role} {info.path}: has {len(info)} image(s); the audit needs at least 2")
+    check_subjects_disjoint(infos["train"].subjects, ref.subjects, f"--train {infos['train'].path}",
+                            f"--real {ref.path}")
+    return infos
+
+
+def _describe(info) -> dict:
+    return {"path": str(info.path), "sha256": sha256_file(info.path), "n": len(info), "source": info.source,
+            "image_shape": list(info.image_shape), "class_counts": info.class_counts(),
+            "created_at": info.created_at, "augflow_version": info.augflow_version}
+
+
+@torch.inference_mode()
+def membership_scores(model: ModelFamily, images: np.ndarray, labels: np.ndarray, batch_size: int = 64,
+                      device: str = "cpu", draws: int = 4, seed: int = 0) -> np.ndarray:
+    """Membership score (N,) of images under their own labels, higher = more member-like: ``log p(x_i | y_i)``
+    for a flow with exact likelihood, else minus the model's per-image training loss (mean of ``draws`` seeded
+    draws of its noise; MedSymmFlow's flow-matching loss)."""
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    dtype = next(model.parameters()).dtype
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).to(dev, dtype)
+        y = torch.from_numpy(np.asarray(labels[i:i + batch_size], dtype=np.int64)).to(dev)
+        if model.has_likelihood:
+            out.append(model.log_prob(x, y).double().cpu().numpy())
+            continue
+        losses = []
+        for d in range(draws):
+            torch.manual_seed(seed + 1000 * d + i)
+            losses.append(model.training_loss(x, y).double().cpu().numpy())
+        out.append(-np.mean(losses, axis=0))
+    return np.concatenate(out)
+
+
+def _privacy(ledger: Ledger | None) -> dict:
+    """The privacy status of a model's ledger, for the report."""
+    dp = ledger is not None and ledger.differentially_private
+    return {"differentially_private": dp, "epsilon": ledger.epsilon if dp else None,
+            "delta": ledger.delta if dp else None, "ledger": ledger.to_dict() if ledger is not None else None}
+
+
+def run_audit(
+    real: str | os.PathLike,
+    train: str | os.PathLike,
+    synthetic: str | os.PathLike,
+    out: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    features: str = "domain",
+    inception_weights: str | os.PathLike | None = None,
+    gate: GateThresholds | None = None,
+    seeds: int = 3,
+    downstream_epochs: int = 30,
+    downstream_budget_s: float | None = None,
+    run_downstream: bool = True,
+    encoder_recipe: EncoderRecipe | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    bootstraps: int = 100,
+    pairs: int = 500,
+    seed: int = 0,
+    device: str = "cpu",
+    command: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Audit a synthetic dataset against the real data it imitates; write the report into ``out``.
+
+    Arguments:
+        real: Held-out real images (the test split), never used for training.
+        train: The real training file the generator (and the domain encoder) was trained on.
+        synthetic: The synthetic file to audit.
+        out: Report folder (``metrics.json``, ``report.md``, ``report.html``, ``figures/``).
+        model: Optional run folder or model file of the generator: adds membership inference, the privacy
+            ledger and the likelihood classifier's test metrics.
+        features: Feature space, "domain" or "inception".
+        inception_weights: Local Inception-v3 weights for ``features="inception"``.
+        gate: Release-gate thresholds (default :class:`GateThresholds`).
+        seeds: Downstream trainings per protocol.
+        downstream_epochs: Epochs per downstream training.
+        downstream_budget_s: Optional wall-clock limit per downstream training.
+        run_downstream: Run the downstream protocol (the slowest stage).
+        encoder_recipe: Recipe of the domain encoder (default :class:`EncoderRecipe`).
+        cache_dir: Encoder cache folder (default ``~/.cache/augflow/encoders``).
+        bootstraps: FID bootstrap resamples.
+        pairs: Image pairs per MS-SSIM estimate.
+        seed: Seeds subsampling, bootstraps and pair draws.
+        device: "auto", "cpu", "cuda" or "cuda:N" for the CNNs and the model.
+        command: The command line, recorded in the report.
+        progress: Show progress bars.
+
+    Returns:
+        The metrics (as written to ``metrics.json``, plus ``"paths"`` of the files written).
+
+    Raises:
+        DataError: if the files differ in classes or image shape, share subjects between train and test, or
+            are too small. ConfigError: on invalid settings.
+    """
+    device = str(resolve_device(device))
+    gate = gate or GateThresholds()
+    encoder_recipe = encoder_recipe or EncoderRecipe()
+    infos = _inputs(real, train, synthetic)
+    names = infos["real"].class_names
+    stages = ["features", "fidelity", "diversity", "memorization"] + (["membership"] if model else []) \
+        + (["downstream"] if run_downstream else []) + ["report"]
+    bar = tqdm(total=len(stages), desc="audit", unit="stage", disable=not progress, dynamic_ncols=True)
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name):
+        bar.set_postfix_str(name)
+        start = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - start, 2)
+        bar.update(1)
+
+    metrics: dict = {"schema": "augflow-audit/1", "command": command, "inputs": {
+        "class_names": names, **{role: _describe(info) for role, info in infos.items()}}}
+    metrics["inputs"]["synthetic"]["provenance"] = infos["synthetic"].provenance
+    ledger = infos["synthetic"].provenance.get("privacy")
+
+    flow = meta = None
+    if model is not None:
+        path = model_file(model)
+        flow, meta = load_model(path, with_meta=True)
+        if meta.get("class_names") is not None:
+            check_classes(names, meta["class_names"], f"--real {infos['real'].path}")
+        metrics["inputs"]["model"] = {"path": str(path), "sha256": sha256_file(path), "privacy": meta.get("privacy")}
+        ledger = meta.get("privacy", ledger)
+    else:
+        metrics["inputs"]["model"] = None
+    metrics["privacy"] = _privacy(Ledger.from_dict(ledger))
+
+    # Images and labels stay in memory: the audit compares every set with every other.
+    x = {role: read_images(info.path) for role, info in infos.items()}
+    y = {role: info.labels for role, info in infos.items()}
+
+    with stage("features"):
+        space = feature_space(features, train, inception_weights=inception_weights, recipe=encoder_recipe,
+                              cache_dir=cache_dir, device=device, progress=progress)
+        f = {role: space.extract(images) for role, images in x.items()}
+        metrics["feature_space"] = space.summary()
+
+    with stage("fidelity"):
+        fid = fidelity(f["real"], y["real"], f["synthetic"], y["synthetic"], f["train"], y["train"], names,
+                       bootstraps=bootstraps, seed=seed)
+        rows, _ = fid.pop("subsets")["overall"]
+        # The headline overall values through torch-fidelity itself (the same images, its own feature pass).
+        engine = torch_fidelity_metrics(space, x["real"], x["synthetic"][rows], seed=seed)
+        overall = fid["overall"]["synthetic"]
+        overall["fid_from_features"] = overall["fid"]
+        overall.update(engine)
+        metrics["fidelity"] = fid
+
+    with stage("diversity"):
+        metrics["diversity"] = diversity(x["synthetic"], y["synthetic"], x["train"], y["train"], names, pairs, seed)
+
+    with stage("memorization"):
+        mem = memorization(x["synthetic"], x["real"], x["train"], f["synthetic"], f["real"], f["train"])
+        metrics["memorization"] = mem
+
+    figures = {"samples": figure_samples(x["synthetic"], y["synthetic"], x["train"], y["train"], names),
+               "dcr": figure_dcr(mem["_arrays"], {s: mem[s]["threshold"] for s in ("pixel", "feature")}),
+               "closest_pairs": figure_closest_pairs(mem["closest_pairs"], x["synthetic"], x["train"])}
+
+    metrics["membership_inference"] = metrics["likelihood_classifier"] = None
+    if flow is not None:
+        with stage("membership"):
+            members = membership_scores(flow, x["train"], y["train"], device=device)
+            nonmembers = membership_scores(flow, x["real"], y["real"], device=device)
+            delta = metrics["privacy"]["delta"] or DEFAULT_DELTA
+            mia = membership_inference(members, nonmembers, delta=delta, seed=seed)
+            metrics["membership_inference"] = mia
+            figures["roc"] = figure_roc(mia["_roc"], mia["auc"])
+            if flow.has_likelihood:  # the likelihood classifier on the same test images
+                test_ll = dataset_log_likelihoods(flow, real, device=device)
+                counts = meta.get("class_counts") or np.bincount(y["train"], minlength=len(names)).tolist()
+                preds = predict(test_ll, log_prior(counts))
+                metrics["likelihood_classifier"] = classification_metrics(y["real"], preds, names)
+
+    metrics["downstream"] = None
+    if run_downstream:
+        with stage("downstream"):
+            inner = tqdm(total=3 * seeds, desc="downstream", unit="cnn", disable=not progress, leave=False,
+                         dynamic_ncols=True)
+            metrics["downstream"] = downstream(
+                x["train"], y["train"], x["synthetic"], y["synthetic"], x["real"], y["real"], names,
+                train_subjects=infos["train"].subjects, test_subjects=infos["real"].subjects, seeds=seeds,
+                epochs=downstream_epochs, budget_s=downstream_budget_s, device=device, progress=inner.update)
+            inner.close()
+
+    with stage("report"):
+        metrics["settings"] = {"features": features, "bootstraps": bootstraps, "pairs": pairs, "seed": seed,
+                               "seeds": seeds, "encoder_recipe": encoder_recipe.__dict__}
+        metrics["gate"] = release_gate(metrics, gate)
+        metrics["timings_s"] = timings
+        paths = write_report(metrics, out, figures)
+    bar.close()
+    result = public(metrics)
+    result["paths"] = {k: str(v) for k, v in paths.items()}
+    return result

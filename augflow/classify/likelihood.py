@@ -1,0 +1,81 @@
+"""Likelihood (Bayes) classification with a class-conditional flow.
+
+``log p(y | x) = log p(x | y) + log pi(y) - logsumexp_k (log p(x | k) + log pi(k))`` with the exact flow
+likelihood (MAGIC-Flow, arXiv 2510.22070, section "Classification"). The K class likelihoods of a batch are
+computed in one pass: the batch is repeated K times with the K labels. The posterior is calibrated by one
+temperature fitted on validation data (:mod:`augflow.classify.calibration`) instead of the reference's fixed 600.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from augflow.classify.metrics import Scores
+from augflow.data.store import read_images, read_info
+from augflow.errors import ConfigError
+from augflow.models import ModelFamily
+from augflow.runs import resolve_device
+
+PRIORS = ("train", "uniform")
+
+
+@torch.inference_mode()
+def class_log_likelihoods(model: ModelFamily, x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``log p(x | k)`` for every class k: (B, K), from one batched pass over the K-fold repeated batch."""
+    b = x.shape[0]
+    labels = torch.arange(num_classes, device=x.device).repeat_interleave(b)  # (K*B,) class-major
+    log_p = model.log_prob(x.repeat(num_classes, 1, 1, 1), labels)  # (K*B,)
+    return log_p.reshape(num_classes, b).T  # (B, K)
+
+
+def log_prior(class_counts, prior: str = "train") -> np.ndarray:
+    """``log pi``: training-class frequencies, or uniform.
+
+    Raises:
+        ConfigError: For an unknown prior.
+    """
+    if prior not in PRIORS:
+        raise ConfigError(f"--prior must be one of {PRIORS}, but is: {prior!r}")
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if prior == "uniform":
+        counts = np.ones_like(counts)
+    return np.log(np.maximum(counts, 1e-12) / counts.sum())
+
+
+def dataset_log_likelihoods(model: ModelFamily, path: str | Path, batch_size: int = 32,
+                            device: str = "auto") -> np.ndarray:
+    """``log p(x | k)`` (N, K) for every image of a dataset file, streamed in batches."""
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    n = len(read_info(path, check_values=False))
+    k = model.config.num_classes
+    out = []
+    for start in range(0, n, batch_size):
+        x = torch.from_numpy(read_images(path, np.arange(start, min(start + batch_size, n)))).to(dev)
+        out.append(class_log_likelihoods(model, x, k).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, k))
+
+
+class LikelihoodScorer:
+    """Scores of the Bayes classifier: ``log p(x | k)`` of each class, and the log prior.
+
+    Arguments:
+        model: A model with an exact likelihood (``has_likelihood``).
+        class_counts: The training class counts stored with the model.
+        prior: "train" (their frequencies) or "uniform".
+        batch_size: Images per batch (each is evaluated K times).
+        device: "auto", "cpu" or "cuda[:N]".
+    """
+
+    score_column = "logp_x_given"
+
+    def __init__(self, model: ModelFamily, class_counts, prior: str = "train", batch_size: int = 32,
+                 device: str = "auto"):
+        self.model, self.prior, self.batch_size, self.device = model, prior, batch_size, device
+        self.log_prior = log_prior(class_counts, prior)
+
+    def score(self, path: str | Path) -> Scores:
+        return Scores(dataset_log_likelihoods(self.model, path, self.batch_size, self.device), self.log_prior)

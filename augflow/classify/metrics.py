@@ -1,0 +1,177 @@
+"""Classification metrics with stable keys: pure functions of labels, class scores and a posterior.
+
+Every classifier of augflow reports through :class:`Scores` — per-image class scores (``log p(x | k)`` of
+MAGIC-Flow's likelihood classifier, minus the mask's distance to each class colour of MedSymmFlow's read-out) and
+how to read them — so ``augflow classify --json`` has the same keys for every family. The posterior is
+``softmax((scores + log prior) / T)`` with ``T`` fitted by temperature scaling (Guo et al. 2017, arXiv 1706.04599);
+uncertainty is the predictive entropy unless the classifier brings its own, and the selective-prediction curve
+reports the accuracy on the images kept when the most uncertain ones are rejected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from sklearn import metrics as skm
+
+REJECTION_GRID = np.arange(0, 100, 5) / 100  # reject the most uncertain 0, 5, ..., 95 %
+
+
+def posterior(log_likelihoods: np.ndarray, log_pi: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """``p(y | x)`` (N, K) from log-likelihoods (N, K) and a log prior, with the logits divided by ``temperature``."""
+    logits = (log_likelihoods + log_pi) / temperature
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE: mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    return float(sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b)
+                     for b in range(bins) if np.any(which == b)))
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """Predictive entropy in nats, (N,)."""
+    return -np.sum(probs * np.log(np.maximum(probs, 1e-300)), axis=1)
+
+
+def selective_prediction(correct: np.ndarray, uncertainty: np.ndarray) -> dict:
+    """Accuracy on the kept images when the most uncertain 0, 5, ..., 95 % are rejected, and the curve's area.
+
+    The area is the mean accuracy over the rejection grid (1.0 for a perfect classifier).
+    """
+    order = np.argsort(-uncertainty, kind="stable")  # most uncertain first
+    n = len(correct)
+    accuracy = []
+    for fraction in REJECTION_GRID:
+        kept = order[int(math.floor(fraction * n)):]
+        accuracy.append(float(np.mean(correct[kept])) if len(kept) else float("nan"))
+    return {"rejected": REJECTION_GRID.tolist(), "accuracy": accuracy, "area": float(np.nanmean(accuracy))}
+
+
+def error_auroc(wrong: np.ndarray, uncertainty: np.ndarray) -> float:
+    """AUROC of the uncertainty for detecting wrong predictions (0.5 = uninformative; nan without errors)."""
+    wrong = np.asarray(wrong, dtype=bool)
+    if wrong.all() or not wrong.any():
+        return float("nan")
+    return float(skm.roc_auc_score(wrong, uncertainty))
+
+
+@dataclass
+class Predictions:
+    """Per-image results of a classifier over a dataset."""
+
+    log_likelihoods: np.ndarray  # (N, K) the class scores: log p(x | k), or minus the mask's colour distances
+    probs: np.ndarray  # (N, K) calibrated posterior
+    predicted: np.ndarray  # (N,)
+    entropy: np.ndarray  # (N,)
+
+
+def predict(log_likelihoods: np.ndarray, log_pi: np.ndarray, temperature: float = 1.0) -> Predictions:
+    """The posterior of class scores and a log prior at a temperature, its argmax and its entropy."""
+    probs = posterior(log_likelihoods, log_pi, temperature)
+    return Predictions(log_likelihoods, probs, probs.argmax(axis=1), entropy(probs))
+
+
+def macro_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Macro one-vs-rest AUC (scikit-learn's "ovr"/"macro" definition) over the classes present in the labels."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        return float("nan")
+    return float(np.mean([skm.roc_auc_score(labels == c, scores[:, c]) for c in present]))
+
+
+def classification_metrics(labels: np.ndarray, preds: Predictions, class_names: list[str],
+                           scores: np.ndarray | None = None, uncertainty: np.ndarray | None = None) -> dict:
+    """The metrics of ``augflow classify --json`` (scikit-learn), with stable keys.
+
+    Arguments:
+        labels: (N,) true labels.
+        preds: The predictions.
+        class_names: The K class names.
+        scores: (N, K) class scores for the AUC; the posterior ``preds.probs`` when omitted.
+        uncertainty: (N,) ranking of the selective-prediction curve; the posterior's entropy when omitted.
+    """
+    k = len(class_names)
+    y, yhat = np.asarray(labels), preds.predicted
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        y, yhat, labels=np.arange(k), average="macro", zero_division=0)
+    per_class_recall = skm.recall_score(y, yhat, labels=np.arange(k), average=None, zero_division=0)
+    return {
+        "n": int(len(y)),
+        "accuracy": float(skm.accuracy_score(y, yhat)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y, yhat)),
+        "auc_macro": macro_auc(y, preds.probs if scores is None else scores),
+        "precision_macro": float(precision),
+        "recall_macro": float(recall),
+        "f1_macro": float(f1),
+        "per_class_recall": dict(zip(class_names, map(float, per_class_recall), strict=True)),
+        "confusion_matrix": skm.confusion_matrix(y, yhat, labels=np.arange(k)).tolist(),
+        "ece": expected_calibration_error(preds.probs, y),
+        "selective_prediction": selective_prediction(yhat == y, preds.entropy if uncertainty is None else uncertainty),
+    }
+
+
+@dataclass
+class Scores:
+    """A classifier's class scores of N images, and how to read them.
+
+    Attributes:
+        values: (N, K) class scores, higher = more likely.
+        log_prior: (K,) log prior added to the scores before the softmax (zeros: none).
+        predicted: (N,) the classifier's own decision where it is not the posterior's argmax (None: the argmax).
+        uncertainty: (N,) its own uncertainty, which ranks the selective-prediction curve and is scored for
+            detecting errors (None: the posterior's entropy, not scored).
+        auc_from_values: Compute the AUC from ``values`` (else from the posterior).
+        extra: Further metrics of the classifier, reported after the shared ones.
+    """
+
+    values: np.ndarray
+    log_prior: np.ndarray
+    predicted: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
+    auc_from_values: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def predictions(self, temperature: float = 1.0) -> Predictions:
+        """The posterior ``softmax((values + log_prior) / T)`` and the decisions."""
+        preds = predict(self.values, self.log_prior, temperature)
+        if self.predicted is not None:  # the same argmax, kept exactly (no ties from a flat posterior)
+            preds.predicted = self.predicted
+        return preds
+
+    def metrics(self, labels: np.ndarray, class_names: list[str], temperature: float = 1.0) -> dict:
+        """:func:`classification_metrics` of the scores at ``temperature``, and the classifier's own."""
+        labels = np.asarray(labels)
+        preds = self.predictions(temperature)
+        metrics = classification_metrics(labels, preds, class_names,
+                                         scores=self.values if self.auc_from_values else None,
+                                         uncertainty=self.uncertainty)
+        metrics.update(self.extra)
+        if self.uncertainty is not None:
+            metrics["uncertainty_error_auroc"] = error_auroc(preds.predicted != labels, self.uncertainty)
+        return metrics
+
+
+class Scorer(Protocol):
+    """A classifier of dataset files: MAGIC-Flow's likelihood classifier or MedSymmFlow's read-out.
+
+    Attributes:
+        prior: The class prior's name, reported in the metrics (``"train"``, ``"uniform"``, or ``"none"``).
+        score_column: Prefix of the score columns of the predictions file (``"logp_x_given"``).
+    """
+
+    prior: str
+    score_column: str
+
+    def score(self, path: str | Path) -> Scores:
+        """The class scores of every image of a dataset file."""
