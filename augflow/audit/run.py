@@ -14,17 +14,9 @@ from augflow.audit.diversity import diversity
 from augflow.audit.downstream import check_subjects_disjoint, downstream
 from augflow.audit.features import EncoderRecipe, feature_space
 from augflow.audit.fidelity import fidelity, torch_fidelity_metrics
+from augflow.audit.figures import figure_closest_pairs, figure_dcr, figure_roc, figure_samples
 from augflow.audit.memorization import membership_inference, memorization
-from augflow.audit.report import (
-    GateThresholds,
-    figure_closest_pairs,
-    figure_dcr,
-    figure_roc,
-    figure_samples,
-    public,
-    release_gate,
-    write_report,
-)
+from augflow.audit.report import GateThresholds, public, release_gate, write_report
 from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
 from augflow.classify.metrics import classification_metrics, predict
 from augflow.data.store import read_images, read_info, sha256_file
