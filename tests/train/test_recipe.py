@@ -5,9 +5,13 @@ from pathlib import Path
 import pytest
 
 from augflow.errors import ConfigError
-from augflow.train.recipe import load_recipe, parse_override
+from augflow.train.recipe import load_recipe, parse_override, shipped_recipes
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.toml"))
+
+
+def test_the_shipped_recipes_are_the_recipes_folder():
+    assert RECIPES and shipped_recipes() == [p.stem for p in RECIPES]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
