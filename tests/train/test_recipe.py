@@ -11,7 +11,7 @@ RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.toml"))
 
 
 def test_the_shipped_recipes_are_the_recipes_folder():
-    assert RECIPES and shipped_recipes() == [p.stem for p in RECIPES]
+    assert RECIPES and shipped_recipes() == sorted(p.stem for p in RECIPES)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
