@@ -22,6 +22,7 @@ from torchvision.models import resnet18
 from tqdm.auto import tqdm
 
 from augflow.errors import ConfigError, DataError
+from augflow.precision import autocast
 
 SMALL_IMAGE = 32  # up to this side the CIFAR-style stem (stride 1) is used
 MEDIUM_IMAGE = 64  # up to this side a 3x3 stride-2 stem without max-pool
@@ -102,6 +103,7 @@ def train_cnn(
     weighted: bool = True,
     weight_decay: float = 0.05,
     clock: Callable[[], float] = time.perf_counter,
+    amp: bool = False,
 ) -> nn.Module:
     """Train the baseline ResNet-18 from scratch; stop after ``epochs`` or ``budget_s`` seconds, whichever first.
 
@@ -123,6 +125,7 @@ def train_cnn(
         weight_decay: AdamW's decoupled weight decay.
         clock: The clock of ``budget_s``; ``time.process_time`` counts this process's CPU seconds, which a
             busy shared machine does not inflate (a budget comparison between models run at different times).
+        amp: bf16 autocast (:mod:`augflow.precision`; the caller checks that the device supports it).
 
     Returns:
         The model in eval mode.
@@ -169,7 +172,9 @@ def train_cnn(
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * max(step / total_steps, used)))
             x = _shift(x_all[rows], max_shift, generator).to(dev)
-            loss = F.cross_entropy(model(x), y_all[rows].to(dev), weight=weight)
+            with autocast(dev, amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y_all[rows].to(dev), weight=weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -201,20 +206,23 @@ def _recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int, d
 
 
 @torch.inference_mode()
-def _batched(fn, model: nn.Module, images: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+def _batched(fn, model: nn.Module, images: np.ndarray, batch_size: int, device: str, amp: bool = False) -> np.ndarray:
     images = np.asarray(images, dtype=np.float32)
     _check(images)
     model = model.eval()
     dev = torch.device(device)
     model.to(dev)
-    out = [fn(model, torch.from_numpy(images[i:i + batch_size]).to(dev)).float().cpu().numpy()
-           for i in range(0, len(images), batch_size)]
+    out = []
+    for i in range(0, len(images), batch_size):
+        with autocast(dev, amp):
+            out.append(fn(model, torch.from_numpy(images[i:i + batch_size]).to(dev)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
-    """Softmax class probabilities (N, K) of the trained CNN."""
-    return _batched(lambda m, x: m(x).softmax(dim=1), model, images, batch_size, device)
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 256, device: str = "cpu",
+                  amp: bool = False) -> np.ndarray:
+    """Softmax class probabilities (N, K) of the trained CNN (``amp``: bf16 autocast)."""
+    return _batched(lambda m, x: m(x).float().softmax(dim=1), model, images, batch_size, device, amp)
 
 
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from scipy.optimize import minimize_scalar
 from sklearn import metrics as skm
 
 from augflow.errors import ConfigError
+from augflow.precision import autocast, resolve_amp
 
 PRIORS = ("train", "uniform")
 CALIBRATION = "calibration.json"  # the fitted temperature, stored beside model.pt
@@ -144,23 +145,27 @@ def classification_metrics(labels: np.ndarray, preds: Predictions, class_names: 
     }
 
 
-def dataset_log_likelihoods(model, path, batch_size: int = 32, device: str = "auto") -> np.ndarray:
-    """``log p(x | k)`` (N, K) for every image of a dataset file, streamed in batches."""
+def dataset_log_likelihoods(model, path, batch_size: int = 32, device: str = "auto", amp: bool = False) -> np.ndarray:
+    """``log p(x | k)`` (N, K) for every image of a dataset file, streamed in batches; ``amp``: the coupling
+    networks in bf16 (:mod:`augflow.precision`)."""
     from augflow.data.store import read_images, read_info
     from augflow.train.loop import resolve_device
 
     dev = resolve_device(device)
+    amp = resolve_amp(amp, dev)
     model = model.to(dev).eval()
     n = len(read_info(path, check_values=False))
     k = model.config.num_classes
     out = []
     for start in range(0, n, batch_size):
         x = torch.from_numpy(read_images(path, np.arange(start, min(start + batch_size, n)))).to(dev)
-        out.append(class_log_likelihoods(model, x, k).double().cpu().numpy())
+        with autocast(dev, amp):
+            out.append(class_log_likelihoods(model, x, k).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, k))
 
 
-def calibrate(model_path, calibrate_on, prior: str = "train", batch_size: int = 32, device: str = "auto") -> dict:
+def calibrate(model_path, calibrate_on, prior: str = "train", batch_size: int = 32, device: str = "auto",
+              amp: bool | None = None) -> dict:
     """Fit the posterior temperature on a labelled file (the validation split) and store it beside the model.
 
     Returns:
@@ -168,7 +173,7 @@ def calibrate(model_path, calibrate_on, prior: str = "train", batch_size: int = 
     """
     from augflow.data.store import read_info, sha256_file
     from augflow.models import load_model
-    from augflow.synthesize import model_file
+    from augflow.synthesize import model_file, stored_amp
     from augflow.train.checkpoint import write_json
 
     path = model_file(model_path)
@@ -178,7 +183,7 @@ def calibrate(model_path, calibrate_on, prior: str = "train", batch_size: int = 
         raise ConfigError(f"--calibrate-on {calibrate_on}: classes {val.class_names} differ from the model's "
                           f"{meta['class_names']}")
     log_pi = log_prior(meta["class_counts"], prior)
-    log_lik = dataset_log_likelihoods(model, calibrate_on, batch_size, device)
+    log_lik = dataset_log_likelihoods(model, calibrate_on, batch_size, device, stored_amp(meta) if amp is None else amp)
     temperature = fit_temperature(log_lik, val.labels, log_pi)
     record = {
         "temperature": temperature, "prior": prior, "fitted_on": str(Path(calibrate_on).resolve()),
@@ -202,7 +207,7 @@ def stored_temperature(model_path, prior: str) -> float | None:
 
 
 def classify_file(model_path, data, prior: str = "train", calibrate_on=None, batch_size: int = 32,
-                  device: str = "auto") -> dict:
+                  device: str = "auto", amp: bool | None = None) -> dict:
     """Classify every image of ``data`` with a trained flow; metrics when the file has labels.
 
     Arguments:
@@ -213,6 +218,7 @@ def classify_file(model_path, data, prior: str = "train", calibrate_on=None, bat
             stored beside the model (``calibration.json``) and used by later calls without ``calibrate_on``.
         batch_size: Images per batch (each is evaluated K times).
         device: "auto", "cpu" or "cuda[:N]".
+        amp: Run the networks in bf16 (:mod:`augflow.precision`); default: as the model was trained.
 
     Returns:
         {"class_names", "predictions": Predictions, "labels", "metrics" (with "temperature", its
@@ -220,26 +226,28 @@ def classify_file(model_path, data, prior: str = "train", calibrate_on=None, bat
     """
     from augflow.data.store import read_info
     from augflow.models import load_model
-    from augflow.synthesize import model_file
+    from augflow.synthesize import model_file, stored_amp
 
     model, meta = load_model(model_file(model_path), with_meta=True)
+    amp = stored_amp(meta) if amp is None else amp
     if model.family == "symmflow":  # no likelihood: the integrated class mask's nearest palette colour
         from augflow.symmflow.classify import classify_file as classify_symmflow
 
-        return classify_symmflow(model_path, data, calibrate_on=calibrate_on, batch_size=batch_size, device=device)
+        return classify_symmflow(model_path, data, calibrate_on=calibrate_on, batch_size=batch_size, device=device,
+                                 amp=amp)
     class_names = meta["class_names"]
     info = read_info(data)
     if info.class_names != class_names:
         raise ConfigError(f"--data {data}: classes {info.class_names} differ from the model's {class_names}")
     log_pi = log_prior(meta["class_counts"], prior)
     if calibrate_on is not None:
-        temperature = calibrate(model_path, calibrate_on, prior, batch_size, device)["temperature"]
+        temperature = calibrate(model_path, calibrate_on, prior, batch_size, device, amp)["temperature"]
         source = f"fitted on {calibrate_on}"
     else:
         temperature = stored_temperature(model_path, prior)
         source = "stored with the model" if temperature is not None else "none (temperature 1)"
         temperature = 1.0 if temperature is None else temperature
-    log_lik = dataset_log_likelihoods(model, data, batch_size, device)
+    log_lik = dataset_log_likelihoods(model, data, batch_size, device, amp)
     preds = predict(log_lik, log_pi, temperature)
     result_metrics = classification_metrics(info.labels, preds, class_names)
     result_metrics["ece_uncalibrated"] = expected_calibration_error(posterior(log_lik, log_pi), info.labels)

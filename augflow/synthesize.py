@@ -18,6 +18,7 @@ from augflow import __version__
 from augflow.data.store import DatasetWriter, sha256_file
 from augflow.errors import ConfigError
 from augflow.models import load_model
+from augflow.precision import autocast, resolve_amp
 from augflow.train.checkpoint import MODEL
 from augflow.train.loop import derive_seed, resolve_device
 
@@ -39,6 +40,11 @@ def model_file(model: str | Path) -> Path:
     if not path.is_file():
         raise ConfigError(f"--model: no trained model at {path} (expected a run folder or a model .pt file)")
     return path
+
+
+def stored_amp(meta: dict) -> bool:
+    """Whether the model's recipe trained with amp: its default for sampling and density evaluation too."""
+    return bool((meta.get("recipe") or {}).get("train", {}).get("amp", False))
 
 
 def resolve_class(name: str, class_names: list[str]) -> int:
@@ -78,6 +84,7 @@ def synthesize(
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = True,
+    amp: bool | None = None,
 ) -> SynthesisResult:
     """Sample ``counts[class] `` images per class from a trained model into a synthetic dataset file.
 
@@ -90,6 +97,7 @@ def synthesize(
         batch_size: Images per sampling batch.
         device: "auto", "cpu" or "cuda[:N]".
         progress: Show a progress bar.
+        amp: Run the networks in bf16 (:mod:`augflow.precision`); default: as the model was trained.
     """
     path = model_file(model)
     flow, meta = load_model(path, map_location="cpu", with_meta=True)
@@ -107,13 +115,14 @@ def synthesize(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, but is: {batch_size}")
     dev = resolve_device(device)
+    amp = resolve_amp(stored_amp(meta) if amp is None else amp, dev)
     flow = flow.to(dev).eval()
 
     rejected = 0
     provenance = {
         "generator": "augflow synthesize", "model": str(path.resolve()), "model_sha256": sha256_file(path),
         "recipe": meta.get("recipe"), "training_fingerprint": meta.get("fingerprint"),
-        "temperature": temperature, "seed": seed, "counts": dict(zip(class_names, per_class, strict=True)),
+        "temperature": temperature, "seed": seed, "amp": amp, "counts": dict(zip(class_names, per_class, strict=True)),
         "augflow_version": __version__, "privacy": meta.get("privacy"),
     }
     bar = tqdm(total=sum(per_class), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True)
@@ -123,7 +132,8 @@ def synthesize(
             made = 0
             while made < n:
                 b = min(batch_size, n - made)
-                x = _finite_batch(flow, k, b, temperature, generator, dev)
+                with autocast(dev, amp):
+                    x = _finite_batch(flow, k, b, temperature, generator, dev)
                 rejected += x.rejected
                 ids = [f"synthetic-{class_names[k]}-{made + i:06d}" for i in range(b)]
                 writer.append(x.images.clamp(0, 1).float().cpu().numpy(), [k] * b, ids, [0] * b)

@@ -33,6 +33,7 @@ from augflow.classify import (
     predict,
 )
 from augflow.errors import ConfigError
+from augflow.precision import autocast, resolve_amp
 
 RANK_BY = ("distance", "spread")
 
@@ -59,7 +60,7 @@ class SymmFlowClassification:
 @torch.inference_mode()
 def classify_images(model, images: torch.Tensor | np.ndarray, passes: int = 1, batch_size: int = 32,
                     seed: int = 0, device: str = "cpu", rank_by: str = "distance",
-                    progress: bool = False) -> SymmFlowClassification:
+                    progress: bool = False, amp: bool = False) -> SymmFlowClassification:
     """Classify images ``(N, C, H, W)`` in ``[0, 1]`` with a trained :class:`~augflow.symmflow.SymmFlow`.
 
     Arguments:
@@ -71,6 +72,7 @@ def classify_images(model, images: torch.Tensor | np.ndarray, passes: int = 1, b
         device: "auto", "cpu" or "cuda[:N]".
         rank_by: Uncertainty for selective prediction: "distance" (the paper's) or "spread" (needs passes > 1).
         progress: Show a progress bar.
+        amp: Run the U-Net in bf16 (:mod:`augflow.precision`).
 
     Returns:
         A :class:`SymmFlowClassification`.
@@ -91,13 +93,15 @@ def classify_images(model, images: torch.Tensor | np.ndarray, passes: int = 1, b
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive int, but is: {batch_size!r}")
     dev = resolve_device(device)
+    amp = resolve_amp(amp, dev)
     model = model.to(dev).eval()
     images = torch.as_tensor(images)
     generator = torch.Generator(dev).manual_seed(seed)
     scores, predicted, distance, spread = [], [], [], []
     for start in tqdm(range(0, len(images), batch_size), desc="classify", disable=not progress, dynamic_ncols=True):
         x = images[start:start + batch_size].to(dev)
-        s, p, u = model.classify(x, passes=passes, generator=generator)
+        with autocast(dev, amp):
+            s, p, u = model.classify(x, passes=passes, generator=generator)
         scores.append(s.double().cpu())
         predicted.append(p.cpu())
         distance.append(u.distance.double().cpu())
@@ -137,7 +141,8 @@ def error_auroc(wrong: np.ndarray, uncertainty: np.ndarray) -> float:
 
 
 def classify_file(model_path, data, passes: int = 1, calibrate_on=None, batch_size: int = 32,
-                  device: str = "auto", seed: int = 0, rank_by: str = "distance", progress: bool = False) -> dict:
+                  device: str = "auto", seed: int = 0, rank_by: str = "distance", progress: bool = False,
+                  amp: bool = False) -> dict:
     """Classify every image of ``data`` with a trained MedSymmFlow; the same result as MAGIC-Flow's
     :func:`augflow.classify.classify_file`.
 
@@ -151,6 +156,7 @@ def classify_file(model_path, data, passes: int = 1, calibrate_on=None, batch_si
         seed: Seed of the mask noise.
         rank_by: "distance" or "spread" (selective prediction).
         progress: Show a progress bar.
+        amp: Run the U-Net in bf16 (:mod:`augflow.precision`).
 
     Returns:
         ``{"class_names", "predictions": Predictions, "labels", "metrics", "classification":
@@ -167,7 +173,7 @@ def classify_file(model_path, data, passes: int = 1, calibrate_on=None, batch_si
     if info.class_names != class_names:
         raise ConfigError(f"--data {data}: classes {info.class_names} differ from the model's {class_names}")
     options = dict(passes=passes, batch_size=batch_size, seed=seed, device=device, rank_by=rank_by,
-                   progress=progress)
+                   progress=progress, amp=amp)
     temperature = 1.0
     if calibrate_on is not None:
         val = read_info(calibrate_on)

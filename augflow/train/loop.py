@@ -43,6 +43,7 @@ from augflow.data.store import read_info, read_rows, sha256_file
 from augflow.errors import ConfigError
 from augflow.flows import MagicFlow, brain_mask_from_images, dequantize, load_mask
 from augflow.models import family
+from augflow.precision import autocast, resolve_amp
 from augflow.train import privacy as dp
 from augflow.train.augment import augment
 from augflow.train.checkpoint import CHECKPOINT, MODEL, rng_states, set_rng_states, write_json
@@ -146,20 +147,23 @@ def _lr_factor(step: int, total: int, warmup: int, start: float, min_ratio: floa
 
 
 class _Objective(torch.nn.Module):
-    """The model's per-sample training loss as a module's forward, for DDP's gradient hooks (and DP-SGD)."""
+    """The model's per-sample training loss as a module's forward, for DDP's gradient hooks (and DP-SGD's per-sample
+    gradients); under ``amp`` the model's networks run in bf16 (:mod:`augflow.precision`), the loss in float32."""
 
-    def __init__(self, model: torch.nn.Module, ce_weight: float):
+    def __init__(self, model: torch.nn.Module, ce_weight: float, amp: bool = False):
         super().__init__()
-        self.model, self.ce_weight = model, ce_weight
+        self.model, self.ce_weight, self.amp = model, ce_weight, amp
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model.training_loss(x, y, ce_weight=self.ce_weight)
+        with autocast(x.device, self.amp):
+            return self.model.training_loss(x, y, ce_weight=self.ce_weight).float()
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, rows: _Rows, batch_size: int, device: torch.device, seed: int) -> float:
+def evaluate_loss(model: torch.nn.Module, rows: _Rows, batch_size: int, device: torch.device, seed: int,
+                  amp: bool = False) -> float:
     """Mean training loss (without the hybrid term) of dequantised images; the noise is fixed by ``seed``, so the
-    value is comparable across epochs (bits/dim for MAGIC-Flow)."""
+    value is comparable across epochs (bits/dim for MAGIC-Flow). ``amp``: the networks in bf16."""
     model.eval()
     generator = torch.Generator(device).manual_seed(seed)
     torch.manual_seed(seed)  # families whose loss draws its own noise (flow matching's t and epsilon)
@@ -167,17 +171,19 @@ def evaluate_loss(model: torch.nn.Module, rows: _Rows, batch_size: int, device: 
     for start in range(0, len(rows), batch_size):
         x, y = rows.batch(np.arange(start, min(start + batch_size, len(rows))))
         x, y = x.to(device), y.to(device)
-        total += model.training_loss(dequantize(x, generator=generator), y).sum().item()
+        with autocast(device, amp):
+            total += model.training_loss(dequantize(x, generator=generator), y).float().sum().item()
         count += len(x)
     return total / max(1, count)
 
 
 def dataset_loss(model: torch.nn.Module, path: str | Path, batch_size: int = 64, device: str = "cpu",
-                 seed: int = 0) -> float:
+                 seed: int = 0, amp: bool = False) -> float:
     """Mean training loss of every image of a dataset file (bits/dim for MAGIC-Flow; fixed noise)."""
     info = read_info(path, check_values=False)
-    return evaluate_loss(model, _Rows(Path(path), np.arange(len(info)), info.labels), batch_size,
-                         resolve_device(device), seed)
+    dev = resolve_device(device)
+    return evaluate_loss(model, _Rows(Path(path), np.arange(len(info)), info.labels), batch_size, dev, seed,
+                         resolve_amp(amp, dev))
 
 
 def _build_model(recipe: Recipe, info, train_set: _Rows, resuming: bool) -> torch.nn.Module:
@@ -274,6 +280,7 @@ def train(
     """
     data, out = Path(data), Path(out)
     device = resolve_device(device)
+    amp = resolve_amp(recipe.train.amp, device)
     rank, world = _distributed(device)
     progress = progress and rank == 0
     cfg, pcfg = recipe.train, recipe.privacy
@@ -308,8 +315,6 @@ def train(
             raise dp.PrivacyError("train.balanced_sampling cannot be combined with DP: the accountant's analysis "
                                   "needs uniform Poisson sampling, and class-weighted draws depend on the private "
                                   "labels; set train.balanced_sampling = false (synthesize --balance tops up classes)")
-        if cfg.amp:
-            raise dp.PrivacyError("train.amp is not supported under DP (per-sample gradients are taken in float32)")
         units = dp.make_units(pcfg.unit, info.subjects[train_rows])
         most = int(dp.make_units("subject", info.subjects[train_rows]).sizes.max())
         if pcfg.unit == "slice" and most > 1:
@@ -407,7 +412,7 @@ def train(
         eval_model.save(out / MODEL, meta=meta)
 
     # Under torchrun each process takes every world-th image of the global batch; DDP averages the gradients.
-    objective = _Objective(model, cfg.ce_weight)
+    objective = _Objective(model, cfg.ce_weight, amp)
     net = DistributedDataParallel(objective) if world > 1 else objective
     private_step = dp.PrivateStep(objective, optimizer, plan, pcfg.microbatch) if private else None
     end = total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps)
@@ -447,8 +452,7 @@ def train(
             loss_value, grad_norm = stats["loss"], stats["grad_norm"]
             extra = {"batch": stats["batch"], "clipped": stats["clipped"]}
         else:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                loss = net(x[rank::world], y[rank::world]).float().mean()  # through DDP's gradient hooks
+            loss = net(x[rank::world], y[rank::world]).mean()  # through DDP's gradient hooks
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:
@@ -474,7 +478,7 @@ def train(
         epoch_end = step % steps_per_epoch == 0 or step == end
         if epoch_end and len(val_set):
             last_val = evaluate_loss(ema.module if ema is not None else model, val_set, cfg.batch_size,
-                                     device, seed)
+                                     device, seed, amp)
             model.train()
             record["val_loss"] = last_val
             if not private and (best_val is None or last_val < best_val):  # DP releases the last weights
