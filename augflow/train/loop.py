@@ -43,7 +43,7 @@ from augflow.data.store import read_info, read_rows, sha256_file
 from augflow.errors import ConfigError
 from augflow.flows import MagicFlow, brain_mask_from_images, dequantize, load_mask
 from augflow.models import family
-from augflow.precision import autocast, resolve_amp
+from augflow.precision import PrecisionWarning, autocast, resolve_amp
 from augflow.train import privacy as dp
 from augflow.train.augment import augment
 from augflow.train.checkpoint import CHECKPOINT, MODEL, rng_states, set_rng_states, write_json
@@ -315,6 +315,11 @@ def train(
             raise dp.PrivacyError("train.balanced_sampling cannot be combined with DP: the accountant's analysis "
                                   "needs uniform Poisson sampling, and class-weighted draws depend on the private "
                                   "labels; set train.balanced_sampling = false (synthesize --balance tops up classes)")
+        if amp and device.type == "cpu":
+            warnings.warn("train.amp is not used for DP training on a CPU: per-sample gradients under bf16 autocast "
+                          "are exact but about 3x slower there (oneDNN's bf16 grouped convolutions, measured in "
+                          "reports/benchmarks-dp.md); the run uses float32", PrecisionWarning, stacklevel=2)
+            amp = False
         units = dp.make_units(pcfg.unit, info.subjects[train_rows])
         most = int(dp.make_units("subject", info.subjects[train_rows]).sizes.max())
         if pcfg.unit == "slice" and most > 1:
