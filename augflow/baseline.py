@@ -26,6 +26,7 @@ from augflow.precision import autocast
 
 SMALL_IMAGE = 32  # up to this side the CIFAR-style stem (stride 1) is used
 MEDIUM_IMAGE = 64  # up to this side a 3x3 stride-2 stem without max-pool
+CHANNELS_LAST = torch.channels_last
 _RECALIBRATE = 512  # images over which BatchNorm statistics are recomputed after training
 
 
@@ -147,7 +148,9 @@ def train_cnn(
     start = clock()
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(seed)
-        model = build_resnet18(num_classes, images.shape[-1], images.shape[1]).to(dev)
+        # channels-last: oneDNN's fast (AMX / AVX-512) convolution kernels work in NHWC; measured 11 vs 15 ms per
+        # training image under bf16 on this CPU, and no slower in float32.
+        model = build_resnet18(num_classes, images.shape[-1], images.shape[1]).to(dev, memory_format=CHANNELS_LAST)
     generator = torch.Generator().manual_seed(seed)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
     weight = class_weights(labels, num_classes).to(dev) if weighted else None
@@ -171,7 +174,7 @@ def train_cnn(
                     break
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * max(step / total_steps, used)))
-            x = _shift(x_all[rows], max_shift, generator).to(dev)
+            x = _shift(x_all[rows], max_shift, generator).to(dev, memory_format=CHANNELS_LAST)
             with autocast(dev, amp):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y_all[rows].to(dev), weight=weight)
@@ -200,7 +203,7 @@ def _recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int, d
     model.train()
     for i in range(0, len(x), batch_size):
         if len(x) - i >= 2:  # a batch of one has no variance
-            model(x[i:i + batch_size].to(device))
+            model(x[i:i + batch_size].to(device, memory_format=CHANNELS_LAST))
     for m in norms:
         m.momentum = 0.1
 
@@ -211,11 +214,12 @@ def _batched(fn, model: nn.Module, images: np.ndarray, batch_size: int, device: 
     _check(images)
     model = model.eval()
     dev = torch.device(device)
-    model.to(dev)
+    model.to(dev, memory_format=CHANNELS_LAST)
     out = []
     for i in range(0, len(images), batch_size):
         with autocast(dev, amp):
-            out.append(fn(model, torch.from_numpy(images[i:i + batch_size]).to(dev)).float().cpu().numpy())
+            x = torch.from_numpy(images[i:i + batch_size]).to(dev, memory_format=CHANNELS_LAST)
+            out.append(fn(model, x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
