@@ -179,6 +179,12 @@ def _device_option(fn):
     return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
 
 
+def _amp_option(fn):
+    return click.option("--amp/--no-amp", default=None,
+                        help="Run the networks in bfloat16 on CPUs with AMX/AVX512-BF16 or GPUs (falls back to float32 "
+                             "with a warning elsewhere); default: as the model was trained (train.amp).")(fn)
+
+
 def _threads_option(fn):
     def set_threads(ctx, param, value):
         if value is not None:
@@ -265,10 +271,12 @@ def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, 
 @click.option("--temperature", type=float, default=None, help="Latent temperature (default: the model's, 0.8).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@_amp_option
 @_device_option
 @_threads_option
 @_library_errors
-def synthesize(model, out, class_name, n, balance, target_count, per_class, temperature, seed, batch_size, device):
+def synthesize(model, out, class_name, n, balance, target_count, per_class, temperature, seed, batch_size, amp,
+               device):
     """Write synthetic images of a trained model to a dataset file.
 
     \b
@@ -293,7 +301,7 @@ def synthesize(model, out, class_name, n, balance, target_count, per_class, temp
     else:
         counts = balance_counts(training_counts(model), target_count)
     result = run_synthesis(model, out, counts, temperature=temperature, seed=seed, batch_size=batch_size,
-                           device=device)
+                           device=device, amp=amp)
     made = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
     click.echo(f"wrote {sum(result.counts.values())} synthetic images to {result.out} ({made}); "
                f"rejected non-finite: {result.rejected_nonfinite}")
@@ -312,10 +320,11 @@ def synthesize(model, out, class_name, n, balance, target_count, per_class, temp
                    "model (calibration.json) and used when this option is not given.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@_amp_option
 @_device_option
 @_threads_option
 @_library_errors
-def classify(model, data, out, prior, calibrate_on, batch_size, as_json, device):
+def classify(model, data, out, prior, calibrate_on, batch_size, as_json, amp, device):
     """Classify images with the flow's exact likelihood: argmax_y log p(x|y) + log p(y).
 
     \b
@@ -325,7 +334,7 @@ def classify(model, data, out, prior, calibrate_on, batch_size, as_json, device)
     from augflow.classify import classify_file, write_predictions
 
     result = classify_file(model, data, prior=prior, calibrate_on=calibrate_on, batch_size=batch_size,
-                           device=device)
+                           device=device, amp=amp)
     metrics = result["metrics"]
     if out is not None:
         write_predictions(result, out)
@@ -409,12 +418,13 @@ def explain(model, data, rows, class_name, contrast, prior, out, device):
               help="Encoder cache (default: $AUGFLOW_CACHE_DIR/encoders or ~/.cache/augflow/encoders).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@_amp_option
 @_device_option
 @_threads_option
 @_library_errors
 def audit(real, train_file, synthetic, model, out, features, inception_weights, gate, max_copy_fraction, max_mia_auc,
           max_exact_copies, seeds, epochs, budget, no_downstream, encoder_epochs, bootstraps, cache_dir, seed, as_json,
-          device):
+          amp, device):
     """Audit a synthetic dataset: fidelity, diversity, memorization, privacy, downstream utility, release gate.
 
     Writes metrics.json, report.md and a self-contained report.html (with a data card) into --out.
@@ -433,7 +443,7 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
                        inception_weights=inception_weights, gate=thresholds, seeds=seeds, downstream_epochs=epochs,
                        downstream_budget_s=budget, run_downstream=not no_downstream,
                        encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=cache_dir, bootstraps=bootstraps,
-                       seed=seed, device=device, command=command_line())
+                       seed=seed, device=device, command=command_line(), amp=amp)
     verdict = result["gate"]
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -115,6 +115,12 @@ def check_classes(classes: list[str], model_classes: list[str], source: str) -> 
         raise DataError(f"{source}: classes {list(classes)} differ from the model's {list(model_classes)}")
 
 
+def stored_amp(meta: dict) -> bool:
+    """Whether a model's recipe trained with amp (its ``meta``): the default for sampling and density evaluation
+    too."""
+    return bool((meta.get("recipe") or {}).get("train", {}).get("amp", False))
+
+
 def command_line() -> str:
     """This process's command line as the user typed it (``augflow train ...``), for ``command.txt``."""
     return " ".join(["augflow", *sys.argv[1:]])

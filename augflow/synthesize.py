@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from augflow.data.store import DatasetWriter, sha256_file
 from augflow.errors import ConfigError
 from augflow.models import ModelFamily, load_model
-from augflow.runs import derive_seed, model_file, resolve_class, resolve_device
+from augflow.precision import autocast, resolve_amp
+from augflow.runs import derive_seed, model_file, resolve_class, resolve_device, stored_amp
 from augflow.train.privacy.ledger import Ledger
 from augflow.version import __version__
 
@@ -66,6 +67,7 @@ def synthesize(
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = True,
+    amp: bool | None = None,
 ) -> SynthesisResult:
     """Sample ``counts[class] `` images per class from a trained model into a synthetic dataset file.
 
@@ -78,6 +80,7 @@ def synthesize(
         batch_size: Images per sampling batch.
         device: "auto", "cpu" or "cuda[:N]".
         progress: Show a progress bar.
+        amp: Run the networks in bf16 (:mod:`augflow.precision`); default: as the model was trained.
     """
     path = model_file(model)
     flow, meta = load_model(path, map_location="cpu", with_meta=True)
@@ -95,13 +98,14 @@ def synthesize(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, but is: {batch_size}")
     dev = resolve_device(device)
+    amp = resolve_amp(stored_amp(meta) if amp is None else amp, dev)
     flow = flow.to(dev).eval()
 
     rejected = 0
     provenance = {
         "generator": "augflow synthesize", "model": str(path.resolve()), "model_sha256": sha256_file(path),
         "recipe": meta.get("recipe"), "training_fingerprint": meta.get("fingerprint"),
-        "temperature": temperature, "seed": seed, "counts": dict(zip(class_names, per_class, strict=True)),
+        "temperature": temperature, "seed": seed, "amp": amp, "counts": dict(zip(class_names, per_class, strict=True)),
         "augflow_version": __version__, "privacy": _ledger(meta.get("privacy")),
     }
     bar = tqdm(total=sum(per_class), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True)
@@ -111,7 +115,8 @@ def synthesize(
             made = 0
             while made < n:
                 b = min(batch_size, n - made)
-                x = _finite_batch(flow, k, b, temperature, generator, dev)
+                with autocast(dev, amp):
+                    x = _finite_batch(flow, k, b, temperature, generator, dev)
                 rejected += x.rejected
                 ids = [f"synthetic-{class_names[k]}-{made + i:06d}" for i in range(b)]
                 writer.append(x.images.clamp(0, 1).float().cpu().numpy(), [k] * b, ids, [0] * b)

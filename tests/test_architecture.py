@@ -21,7 +21,7 @@ LAYERS = {
              "augflow.demo"],
     "models": ["augflow.flows", "augflow.symmflow", "augflow.models", "augflow.model_base"],
     "data": ["augflow.data"],
-    "plumbing": ["augflow.runs", "augflow.atomic", "augflow.errors", "augflow.version"],
+    "plumbing": ["augflow.runs", "augflow.atomic", "augflow.errors", "augflow.version", "augflow.precision"],
 }
 FLOOR = {"face": 3, "jobs": 2, "models": 1, "data": 1, "plumbing": 0}
 

@@ -22,9 +22,11 @@ from torchvision.models import resnet18
 from tqdm.auto import tqdm
 
 from augflow.errors import ConfigError, DataError
+from augflow.precision import autocast
 
 SMALL_IMAGE = 32  # up to this side the CIFAR-style stem (stride 1) is used
 MEDIUM_IMAGE = 64  # up to this side a 3x3 stride-2 stem without max-pool
+CHANNELS_LAST = torch.channels_last
 _RECALIBRATE = 512  # images over which BatchNorm statistics are recomputed after training
 
 
@@ -102,6 +104,7 @@ def train_cnn(
     weighted: bool = True,
     weight_decay: float = 0.05,
     clock: Callable[[], float] = time.perf_counter,
+    amp: bool = False,
 ) -> nn.Module:
     """Train the baseline ResNet-18 from scratch; stop after ``epochs`` or ``budget_s`` seconds, whichever first.
 
@@ -123,6 +126,7 @@ def train_cnn(
         weight_decay: AdamW's decoupled weight decay.
         clock: The clock of ``budget_s``; ``time.process_time`` counts this process's CPU seconds, which a
             busy shared machine does not inflate (a budget comparison between models run at different times).
+        amp: bf16 autocast (:mod:`augflow.precision`; the caller checks that the device supports it).
 
     Returns:
         The model in eval mode.
@@ -144,7 +148,9 @@ def train_cnn(
     start = clock()
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(seed)
-        model = build_resnet18(num_classes, images.shape[-1], images.shape[1]).to(dev)
+        # channels-last: oneDNN's fast (AMX / AVX-512) convolution kernels work in NHWC; measured 11 vs 15 ms per
+        # training image under bf16 on this CPU, and no slower in float32.
+        model = build_resnet18(num_classes, images.shape[-1], images.shape[1]).to(dev, memory_format=CHANNELS_LAST)
     generator = torch.Generator().manual_seed(seed)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
     weight = class_weights(labels, num_classes).to(dev) if weighted else None
@@ -168,8 +174,10 @@ def train_cnn(
                     break
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * max(step / total_steps, used)))
-            x = _shift(x_all[rows], max_shift, generator).to(dev)
-            loss = F.cross_entropy(model(x), y_all[rows].to(dev), weight=weight)
+            x = _shift(x_all[rows], max_shift, generator).to(dev, memory_format=CHANNELS_LAST)
+            with autocast(dev, amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y_all[rows].to(dev), weight=weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -195,26 +203,30 @@ def _recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int, d
     model.train()
     for i in range(0, len(x), batch_size):
         if len(x) - i >= 2:  # a batch of one has no variance
-            model(x[i:i + batch_size].to(device))
+            model(x[i:i + batch_size].to(device, memory_format=CHANNELS_LAST))
     for m in norms:
         m.momentum = 0.1
 
 
 @torch.inference_mode()
-def _batched(fn, model: nn.Module, images: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+def _batched(fn, model: nn.Module, images: np.ndarray, batch_size: int, device: str, amp: bool = False) -> np.ndarray:
     images = np.asarray(images, dtype=np.float32)
     _check(images)
     model = model.eval()
     dev = torch.device(device)
-    model.to(dev)
-    out = [fn(model, torch.from_numpy(images[i:i + batch_size]).to(dev)).float().cpu().numpy()
-           for i in range(0, len(images), batch_size)]
+    model.to(dev, memory_format=CHANNELS_LAST)
+    out = []
+    for i in range(0, len(images), batch_size):
+        with autocast(dev, amp):
+            x = torch.from_numpy(images[i:i + batch_size]).to(dev, memory_format=CHANNELS_LAST)
+            out.append(fn(model, x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
-    """Softmax class probabilities (N, K) of the trained CNN."""
-    return _batched(lambda m, x: m(x).softmax(dim=1), model, images, batch_size, device)
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 256, device: str = "cpu",
+                  amp: bool = False) -> np.ndarray:
+    """Softmax class probabilities (N, K) of the trained CNN (``amp``: bf16 autocast)."""
+    return _batched(lambda m, x: m(x).float().softmax(dim=1), model, images, batch_size, device, amp)
 
 
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

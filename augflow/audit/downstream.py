@@ -82,7 +82,8 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
                synthetic_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
                class_names: list[str], *, train_subjects=None, test_subjects=None, seeds: int = 3,
                epochs: int = 30, budget_s: float | None = None, batch_size: int = 64, lr: float = 1e-3,
-               protocols: tuple[str, ...] = PROTOCOLS, device: str = "cpu", progress=None) -> dict:
+               protocols: tuple[str, ...] = PROTOCOLS, device: str = "cpu", progress=None,
+               amp: bool = False) -> dict:
     """Train the baseline CNN per protocol and seed; evaluate on the real test images.
 
     Arguments:
@@ -127,15 +128,16 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         runs = []
         for seed in range(seeds):
             model = train_cnn(x, y, k, epochs=epochs, budget_s=budget_s, batch_size=batch_size, lr=lr, seed=seed,
-                              device=device)
-            runs.append(cnn_metrics(predict_proba(model, test_images, device=device), test_labels, class_names))
+                              device=device, amp=amp)
+            runs.append(cnn_metrics(predict_proba(model, test_images, device=device, amp=amp), test_labels,
+                                    class_names))
             if progress is not None:
                 progress()
         results[name] = {"summary": summarize(runs, class_names), "runs": runs, "n_train": int(len(x)),
                          "class_counts": dict(zip(class_names, np.bincount(y, minlength=k).tolist(), strict=True))}
     return {"protocols": results, "seeds": seeds, "test_n": int(len(test_labels)),
             "recipe": {"model": "resnet18", "epochs": epochs, "budget_s": budget_s, "batch_size": batch_size,
-                       "lr": lr},
+                       "lr": lr, "amp": amp},
             "minority_classes": minority_classes(train_labels, class_names),
             "topup_counts": dict(zip(class_names, np.bincount(synthetic_labels[topup], minlength=k).tolist(),
                                      strict=True))}

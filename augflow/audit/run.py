@@ -22,7 +22,8 @@ from augflow.classify.metrics import classification_metrics, predict
 from augflow.data.store import read_images, read_info, sha256_file
 from augflow.errors import DataError
 from augflow.models import ModelFamily, load_model
-from augflow.runs import check_classes, model_file, resolve_device
+from augflow.precision import autocast, resolve_amp
+from augflow.runs import check_classes, model_file, resolve_device, stored_amp
 from augflow.train.privacy.ledger import Ledger
 
 DEFAULT_DELTA = 1e-5  # delta of the empirical epsilon bound when the model has no privacy ledger
@@ -56,7 +57,7 @@ def _describe(info) -> dict:
 
 @torch.inference_mode()
 def membership_scores(model: ModelFamily, images: np.ndarray, labels: np.ndarray, batch_size: int = 64,
-                      device: str = "cpu", draws: int = 4, seed: int = 0) -> np.ndarray:
+                      device: str = "cpu", draws: int = 4, seed: int = 0, amp: bool = False) -> np.ndarray:
     """Membership score (N,) of images under their own labels, higher = more member-like: ``log p(x_i | y_i)``
     for a flow with exact likelihood, else minus the model's per-image training loss (mean of ``draws`` seeded
     draws of its noise; MedSymmFlow's flow-matching loss)."""
@@ -68,12 +69,14 @@ def membership_scores(model: ModelFamily, images: np.ndarray, labels: np.ndarray
         x = torch.from_numpy(images[i:i + batch_size]).to(dev, dtype)
         y = torch.from_numpy(np.asarray(labels[i:i + batch_size], dtype=np.int64)).to(dev)
         if model.has_likelihood:
-            out.append(model.log_prob(x, y).double().cpu().numpy())
+            with autocast(dev, amp):
+                out.append(model.log_prob(x, y).double().cpu().numpy())
             continue
         losses = []
         for d in range(draws):
             torch.manual_seed(seed + 1000 * d + i)
-            losses.append(model.training_loss(x, y).double().cpu().numpy())
+            with autocast(dev, amp):
+                losses.append(model.training_loss(x, y).double().cpu().numpy())
         out.append(-np.mean(losses, axis=0))
     return np.concatenate(out)
 
@@ -106,6 +109,7 @@ def run_audit(
     device: str = "cpu",
     command: str | None = None,
     progress: bool = True,
+    amp: bool | None = None,
 ) -> dict:
     """Audit a synthetic dataset against the real data it imitates; write the report into ``out``.
 
@@ -131,6 +135,9 @@ def run_audit(
         device: "auto", "cpu", "cuda" or "cuda:N" for the CNNs and the model.
         command: The command line, recorded in the report.
         progress: Show progress bars.
+        amp: The generator's networks and the downstream CNNs in bf16 (:mod:`augflow.precision`); default: as the
+            model was trained (off without ``model``). The domain encoder always runs in float32, so feature-space
+            numbers stay comparable between audits.
 
     Returns:
         The metrics (as written to ``metrics.json``, plus ``"paths"`` of the files written).
@@ -139,7 +146,8 @@ def run_audit(
         DataError: if the files differ in classes or image shape, share subjects between train and test, or
             are too small. ConfigError: on invalid settings.
     """
-    device = str(resolve_device(device))
+    dev = resolve_device(device)
+    device = str(dev)
     gate = gate or GateThresholds()
     encoder_recipe = encoder_recipe or EncoderRecipe()
     infos = _inputs(real, train, synthetic)
@@ -173,6 +181,7 @@ def run_audit(
     else:
         metrics["inputs"]["model"] = None
     metrics["privacy"] = _privacy(Ledger.from_dict(ledger))
+    amp = resolve_amp(stored_amp(meta or {}) if amp is None else amp, dev)
 
     # Images and labels stay in memory: the audit compares every set with every other.
     x = {role: read_images(info.path) for role, info in infos.items()}
@@ -209,14 +218,14 @@ def run_audit(
     metrics["membership_inference"] = metrics["likelihood_classifier"] = None
     if flow is not None:
         with stage("membership"):
-            members = membership_scores(flow, x["train"], y["train"], device=device)
-            nonmembers = membership_scores(flow, x["real"], y["real"], device=device)
+            members = membership_scores(flow, x["train"], y["train"], device=device, amp=amp)
+            nonmembers = membership_scores(flow, x["real"], y["real"], device=device, amp=amp)
             delta = metrics["privacy"]["delta"] or DEFAULT_DELTA
             mia = membership_inference(members, nonmembers, delta=delta, seed=seed)
             metrics["membership_inference"] = mia
             figures["roc"] = figure_roc(mia["_roc"], mia["auc"])
             if flow.has_likelihood:  # the likelihood classifier on the same test images
-                test_ll = dataset_log_likelihoods(flow, real, device=device)
+                test_ll = dataset_log_likelihoods(flow, real, device=device, amp=amp)
                 counts = meta.get("class_counts") or np.bincount(y["train"], minlength=len(names)).tolist()
                 preds = predict(test_ll, log_prior(counts))
                 metrics["likelihood_classifier"] = classification_metrics(y["real"], preds, names)
@@ -229,12 +238,12 @@ def run_audit(
             metrics["downstream"] = downstream(
                 x["train"], y["train"], x["synthetic"], y["synthetic"], x["real"], y["real"], names,
                 train_subjects=infos["train"].subjects, test_subjects=infos["real"].subjects, seeds=seeds,
-                epochs=downstream_epochs, budget_s=downstream_budget_s, device=device, progress=inner.update)
+                epochs=downstream_epochs, budget_s=downstream_budget_s, device=device, progress=inner.update, amp=amp)
             inner.close()
 
     with stage("report"):
         metrics["settings"] = {"features": features, "bootstraps": bootstraps, "pairs": pairs, "seed": seed,
-                               "seeds": seeds, "encoder_recipe": encoder_recipe.__dict__}
+                               "seeds": seeds, "amp": amp, "encoder_recipe": encoder_recipe.__dict__}
         metrics["gate"] = release_gate(metrics, gate)
         metrics["timings_s"] = timings
         paths = write_report(metrics, out, figures)

@@ -16,12 +16,13 @@ from augflow.classify.metrics import Scorer, expected_calibration_error
 from augflow.classify.readout import ReadoutScorer
 from augflow.data.store import read_info
 from augflow.models import load_model
-from augflow.runs import check_classes
+from augflow.runs import check_classes, stored_amp
 
 
 def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str = "train",
                   calibrate_on: str | os.PathLike | None = None, batch_size: int = 32, device: str = "auto",
-                  passes: int = 1, seed: int = 0, rank_by: str = "distance", progress: bool = False) -> dict:
+                  passes: int = 1, seed: int = 0, rank_by: str = "distance", progress: bool = False,
+                  amp: bool | None = None) -> dict:
     """Classify every image of a labelled dataset file with a trained model; its metrics.
 
     Arguments:
@@ -36,6 +37,7 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
         seed: Read-out: seed of the mask noise.
         rank_by: Read-out: "distance" or "spread" (selective prediction).
         progress: Read-out: show a progress bar.
+        amp: Run the networks in bf16 (:mod:`augflow.precision`); default: as the model was trained.
 
     Returns:
         ``{"class_names", "predictions": Predictions, "labels", "metrics", "score_column"}``; ``metrics`` holds
@@ -49,11 +51,12 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
     names = meta["class_names"]
     info = read_info(data)
     check_classes(info.class_names, names, f"--data {data}")
+    amp = stored_amp(meta) if amp is None else amp
     scorer: Scorer
     if loaded.has_likelihood:
-        scorer = LikelihoodScorer(loaded, meta["class_counts"], prior, batch_size, device)
+        scorer = LikelihoodScorer(loaded, meta["class_counts"], prior, batch_size, device, amp)
     else:  # MedSymmFlow: the integrated class mask's nearest palette colour
-        scorer = ReadoutScorer(loaded, passes, batch_size, seed, device, rank_by, progress)
+        scorer = ReadoutScorer(loaded, passes, batch_size, seed, device, rank_by, progress, amp)
     if calibrate_on is not None:
         temperature = calibrate(model, scorer, calibrate_on, names)["calibration_temperature"]
         source = f"fitted on {calibrate_on}"

@@ -17,6 +17,7 @@ from augflow.classify.metrics import Scores
 from augflow.data.store import read_images, read_info
 from augflow.errors import ConfigError
 from augflow.models import ModelFamily
+from augflow.precision import autocast, resolve_amp
 from augflow.runs import resolve_device
 
 PRIORS = ("train", "uniform")
@@ -45,17 +46,20 @@ def log_prior(class_counts, prior: str = "train") -> np.ndarray:
     return np.log(np.maximum(counts, 1e-12) / counts.sum())
 
 
-def dataset_log_likelihoods(model: ModelFamily, path: str | Path, batch_size: int = 32,
-                            device: str = "auto") -> np.ndarray:
-    """``log p(x | k)`` (N, K) for every image of a dataset file, streamed in batches."""
+def dataset_log_likelihoods(model: ModelFamily, path: str | Path, batch_size: int = 32, device: str = "auto",
+                            amp: bool = False) -> np.ndarray:
+    """``log p(x | k)`` (N, K) for every image of a dataset file, streamed in batches; ``amp``: the coupling
+    networks in bf16 (:mod:`augflow.precision`)."""
     dev = resolve_device(device)
+    amp = resolve_amp(amp, dev)
     model = model.to(dev).eval()
     n = len(read_info(path, check_values=False))
     k = model.config.num_classes
     out = []
     for start in range(0, n, batch_size):
         x = torch.from_numpy(read_images(path, np.arange(start, min(start + batch_size, n)))).to(dev)
-        out.append(class_log_likelihoods(model, x, k).double().cpu().numpy())
+        with autocast(dev, amp):
+            out.append(class_log_likelihoods(model, x, k).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, k))
 
 
@@ -68,14 +72,16 @@ class LikelihoodScorer:
         prior: "train" (their frequencies) or "uniform".
         batch_size: Images per batch (each is evaluated K times).
         device: "auto", "cpu" or "cuda[:N]".
+        amp: The coupling networks in bf16 (:mod:`augflow.precision`).
     """
 
     score_column = "logp_x_given"
 
     def __init__(self, model: ModelFamily, class_counts, prior: str = "train", batch_size: int = 32,
-                 device: str = "auto"):
-        self.model, self.prior, self.batch_size, self.device = model, prior, batch_size, device
+                 device: str = "auto", amp: bool = False):
+        self.model, self.prior, self.batch_size, self.device, self.amp = model, prior, batch_size, device, amp
         self.log_prior = log_prior(class_counts, prior)
 
     def score(self, path: str | Path) -> Scores:
-        return Scores(dataset_log_likelihoods(self.model, path, self.batch_size, self.device), self.log_prior)
+        log_likelihoods = dataset_log_likelihoods(self.model, path, self.batch_size, self.device, self.amp)
+        return Scores(log_likelihoods, self.log_prior)

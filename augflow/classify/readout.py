@@ -30,6 +30,7 @@ from augflow.classify.metrics import Predictions, Scores
 from augflow.data.store import read_images
 from augflow.errors import ConfigError
 from augflow.models import ModelFamily
+from augflow.precision import autocast, resolve_amp
 from augflow.runs import resolve_device
 
 RANK_BY = ("distance", "spread")
@@ -62,7 +63,7 @@ class SymmFlowClassification:
 @torch.inference_mode()
 def classify_images(model: ModelFamily, images: torch.Tensor | np.ndarray, passes: int = 1, batch_size: int = 32,
                     seed: int = 0, device: str = "cpu", rank_by: str = "distance",
-                    progress: bool = False) -> SymmFlowClassification:
+                    progress: bool = False, amp: bool = False) -> SymmFlowClassification:
     """Classify images ``(N, C, H, W)`` in ``[0, 1]`` with a trained :class:`~augflow.symmflow.SymmFlow`.
 
     Arguments:
@@ -74,6 +75,7 @@ def classify_images(model: ModelFamily, images: torch.Tensor | np.ndarray, passe
         device: "auto", "cpu" or "cuda[:N]".
         rank_by: Uncertainty for selective prediction: "distance" (the paper's) or "spread" (needs passes > 1).
         progress: Show a progress bar.
+        amp: Run the U-Net in bf16 (:mod:`augflow.precision`).
 
     Returns:
         A :class:`SymmFlowClassification`.
@@ -91,13 +93,15 @@ def classify_images(model: ModelFamily, images: torch.Tensor | np.ndarray, passe
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive int, but is: {batch_size!r}")
     dev = resolve_device(device)
+    amp = resolve_amp(amp, dev)
     model = model.to(dev).eval()
     images = torch.as_tensor(images)
     generator = torch.Generator(dev).manual_seed(seed)
     scores, predicted, distance, spread = [], [], [], []
     for start in tqdm(range(0, len(images), batch_size), desc="classify", disable=not progress, dynamic_ncols=True):
         x = images[start:start + batch_size].to(dev)
-        s, p, u = model.classify(x, passes=passes, generator=generator)
+        with autocast(dev, amp):
+            s, p, u = model.classify(x, passes=passes, generator=generator)
         scores.append(s.double().cpu())
         predicted.append(p.cpu())
         distance.append(u.distance.double().cpu())
@@ -131,10 +135,10 @@ class ReadoutScorer:
     score_column = "minus_distance_to"
 
     def __init__(self, model: ModelFamily, passes: int = 1, batch_size: int = 32, seed: int = 0,
-                 device: str = "auto", rank_by: str = "distance", progress: bool = False):
+                 device: str = "auto", rank_by: str = "distance", progress: bool = False, amp: bool = False):
         self.model = model
         self.options = dict(passes=passes, batch_size=batch_size, seed=seed, device=device, rank_by=rank_by,
-                            progress=progress)
+                            progress=progress, amp=amp)
 
     def score(self, path: str | Path) -> Scores:
         return classify_images(self.model, read_images(path), **self.options).as_scores()

@@ -54,7 +54,8 @@ class AffineCoupling(InvertibleLayer):
     def _scale_shift(
         self, net: nn.Module, inputs: Tensor, y: Tensor, part: Tensor
     ) -> tuple[Tensor, Tensor]:
-        raw_scale, shift = net(inputs, y)
+        raw_scale, shift = net(inputs, y)  # bf16 under amp (torch.autocast): the transform itself stays exact
+        raw_scale, shift = raw_scale.to(inputs.dtype), shift.to(inputs.dtype)
         return part * self.log_scale_bound * torch.tanh(raw_scale), part * shift
 
     def forward(

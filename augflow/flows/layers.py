@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from augflow.precision import full_precision
+
 
 class InvertibleLayer(nn.Module):
     """Base class of every bijection in augflow's flows; the one contract they all follow.
@@ -150,7 +152,8 @@ class InvertibleConv1x1(InvertibleLayer):
     def forward(
         self, x: Tensor, y: Tensor | None = None, elementwise: bool = False
     ) -> tuple[Tensor, Tensor]:
-        z = F.conv2d(x, self.weight()[:, :, None, None])
+        with full_precision(x.device.type):  # a bijection: never in bf16, even under amp
+            z = F.conv2d(x, self.weight()[:, :, None, None])
         if elementwise:
             # log|det W| / C per element: summed over C*H*W elements gives H*W*log|det W|.
             per_element = self.log_s.sum() / x.shape[1]
@@ -158,7 +161,8 @@ class InvertibleConv1x1(InvertibleLayer):
         return z, _per_sample(x.shape[2] * x.shape[3] * self.log_s.sum(), x)
 
     def _inverse(self, z: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
-        x = F.conv2d(z, torch.linalg.inv(self.weight())[:, :, None, None])
+        with full_precision(z.device.type):
+            x = F.conv2d(z, torch.linalg.inv(self.weight())[:, :, None, None])
         return x, _per_sample(-z.shape[2] * z.shape[3] * self.log_s.sum(), z)
 
 

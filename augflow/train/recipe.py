@@ -58,7 +58,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps (0: run all epochs); the schedule still spans all epochs
     temperature: float = 0.8  # default sampling temperature stored with the model
     app_mask: str = ""  # .npy (H, W) brain mask (public under DP); "" = Otsu on the training mean (DP: on the template)
-    amp: bool = False  # bfloat16 autocast on CUDA
+    amp: bool = False  # bf16 networks where the hardware has bf16 (augflow.precision); else float32 with a warning
     ce_weight: float = 0.0  # MAGIC-Flow hybrid objective: bits/dim + ce_weight * cross-entropy of the Bayes posterior
 
 

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from augflow.flows import brain_mask_from_images, dequantize
 from augflow.models import ModelFamily
+from augflow.precision import resolve_amp
 from augflow.runs import derive_seed
 from augflow.train.privacy.ledger import Ledger
 from augflow.train.recipe import TrainConfig
@@ -38,6 +39,8 @@ class Session(Protocol):
     """What the loop asks of a run's session.
 
     Attributes:
+        amp: Whether the networks run in bf16 (:mod:`augflow.precision`): ``train.amp`` where the device runs
+            bf16 natively.
         steps_per_epoch: Steps of one pass over the training units.
         class_counts: The training class counts stored with the model (under DP: released with noise or declared
             public).
@@ -45,6 +48,7 @@ class Session(Protocol):
             validation loss, which is recorded with it (plain); or the last weights, without it (DP).
     """
 
+    amp: bool
     steps_per_epoch: int
     class_counts: list[int]
     releases_validation: bool
@@ -96,7 +100,7 @@ class PlainSession:
         cfg: The ``[train]`` settings.
         data: The run's rows.
         seed: The run's seed (batch order, initialisation batch).
-        device: The training device (bfloat16 autocast with ``train.amp`` on CUDA).
+        device: The training device (bf16 networks with ``train.amp`` where it runs bf16 natively).
         rank: This process's rank under torchrun (0 alone).
         world: The number of processes.
     """
@@ -106,6 +110,7 @@ class PlainSession:
     def __init__(self, cfg: TrainConfig, data: TrainingRows, seed: int, device: torch.device, rank: int = 0,
                  world: int = 1):
         self.cfg, self.data, self.seed, self.device, self.rank, self.world = cfg, data, seed, device, rank, world
+        self.amp = resolve_amp(cfg.amp, device)
         self.steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
         self.class_counts = np.bincount(data.train.labels, minlength=data.info.num_classes).tolist()
         self._order, self._order_epoch = np.zeros(0, dtype=np.int64), -1
@@ -143,9 +148,7 @@ class PlainSession:
 
     def step(self, x: Tensor, y: Tensor, step: int) -> StepStats:
         rank, world = self.rank, self.world
-        amp = self.cfg.amp and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = self.net(x[rank::world], y[rank::world]).float().mean()
+        loss = self.net(x[rank::world], y[rank::world]).mean()  # through DDP's gradient hooks
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:

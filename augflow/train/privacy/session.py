@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from augflow.errors import PrivacyError, PrivacyWarning
 from augflow.models import ModelFamily
+from augflow.precision import PrecisionWarning, resolve_amp
 from augflow.train.privacy.accounting import (
     PrivacyPlan,
     make_accountant,
@@ -54,28 +55,31 @@ class PrivacySession:
     releases_validation = False  # the last weights, without a statistic of the private validation data
 
     def __init__(self, recipe: Recipe, data: TrainingRows, units: Units, plan: PrivacyPlan, secret: str, accountant,
-                 class_counts: list[int], counts_info: dict):
-        self.cfg, self.data, self.units, self.plan = recipe.privacy, data, units, plan
+                 class_counts: list[int], counts_info: dict, amp: bool = False):
+        self.cfg, self.data, self.units, self.plan, self.amp = recipe.privacy, data, units, plan, amp
         self.mask_file = recipe.train.app_mask
         self.secret, self.accountant = secret, accountant
         self.class_counts, self.counts_info = class_counts, counts_info
         self.steps_per_epoch = math.ceil(units.count / recipe.train.batch_size)
 
     @classmethod
-    def open(cls, recipe: Recipe, data: TrainingRows, world: int = 1, saved: dict | None = None) -> PrivacySession:
+    def open(cls, recipe: Recipe, data: TrainingRows, device: torch.device, world: int = 1,
+             saved: dict | None = None) -> PrivacySession:
         """Check a run's DP settings, then plan it (a new run) or continue its saved state (``--resume``).
 
         Arguments:
             recipe: The run's recipe (``[privacy] enabled``).
             data: The run's rows.
+            device: The training device.
             world: Processes under torchrun (must be 1).
             saved: The checkpoint being resumed, or None.
 
         Raises:
-            PrivacyError: For invalid settings, torchrun, class-balanced sampling, bfloat16 autocast, delta >= 1/N,
-                or a budget no noise level reaches.
+            PrivacyError: For invalid settings, torchrun, class-balanced sampling, delta >= 1/N, or a budget no
+                noise level reaches.
         """
         pcfg, cfg = validate_config(recipe.privacy), recipe.train
+        amp = resolve_amp(cfg.amp, device)
         if world > 1:
             raise PrivacyError("DP training runs in one process: under torchrun every process would need its "
                                "share of one Poisson sample and of the noise, which augflow does not implement; "
@@ -84,8 +88,11 @@ class PrivacySession:
             raise PrivacyError("train.balanced_sampling cannot be combined with DP: the accountant's analysis "
                                "needs uniform Poisson sampling, and class-weighted draws depend on the private "
                                "labels; set train.balanced_sampling = false (synthesize --balance tops up classes)")
-        if cfg.amp:
-            raise PrivacyError("train.amp is not supported under DP (per-sample gradients are taken in float32)")
+        if amp and device.type == "cpu":
+            warnings.warn("train.amp is not used for DP training on a CPU: per-sample gradients under bf16 autocast "
+                          "are exact but about 3x slower there (oneDNN's bf16 grouped convolutions, measured in "
+                          "reports/benchmarks-dp.md); the run uses float32", PrecisionWarning, stacklevel=4)
+            amp = False
         units = make_units(pcfg.unit, data.subjects)
         most = int(make_units("subject", data.subjects).sizes.max())
         if pcfg.unit == "slice" and most > 1:
@@ -97,13 +104,13 @@ class PrivacySession:
             plan = PrivacyPlan(**state["plan"])
             accountant = make_accountant(plan.accountant, state["accountant"])
             return cls(recipe, data, units, plan, state["secret"], accountant, state["class_counts"],
-                       state["counts_info"])
+                       state["counts_info"], amp)
         planned = cfg.epochs * math.ceil(units.count / cfg.batch_size)
         plan = plan_privacy(pcfg, units.count, cfg.batch_size, planned)
         secret = new_secret()
         counts, counts_info = release_class_counts(data.train.labels, units, data.info.num_classes, pcfg,
                                                    plan.epsilon_counts, secret_seed(secret, 0))
-        return cls(recipe, data, units, plan, secret, make_accountant(plan.accountant), counts, counts_info)
+        return cls(recipe, data, units, plan, secret, make_accountant(plan.accountant), counts, counts_info, amp)
 
     def app_mask(self, height: int, width: int) -> Tensor:
         """Never the private images' mean: Otsu on the public template."""
