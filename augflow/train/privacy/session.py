@@ -50,6 +50,7 @@ class PrivacySession:
         accountant: The Opacus accountant, holding the steps taken.
         class_counts: The released training class counts.
         counts_info: How they were released.
+        amp: Whether the networks run in bf16 (never on a CPU under DP: per-sample gradients are slower there).
     """
 
     releases_validation = False  # the last weights, without a statistic of the private validation data
