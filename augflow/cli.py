@@ -264,10 +264,23 @@ def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, 
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .h5 file.")
 @click.option("--class", "class_name", default=None, help="Class to sample (case-insensitive).")
 @click.option("--n", type=int, default=None, help="Number of images of --class.")
-@click.option("--balance", is_flag=True, help="Top up every class to the largest training class.")
+@click.option("--balance", is_flag=True,
+              help="Top up every class of the real file to the largest class (the model's whole training file, or "
+                   "--real).")
 @click.option("--target-count", type=int, default=None, help="With --balance: the per-class target instead.")
+@click.option("--max-ratio", type=float, default=None,
+              help="With --balance: at most this many synthetic images per real image of each class.")
+@click.option("--real", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The real training file the synthetic images will be added to: --balance counts its classes, "
+                   "--select classifier trains on it.")
 @click.option("--per-class", type=click.IntRange(min=1), default=None,
               help="N images of every class (a set to audit, or to train on synthetic data only).")
+@click.option("--select", "select", type=click.Choice(["none", "posterior", "classifier"]), default="none",
+              show_default=True,
+              help="Keep a sample only if the model's own Bayes posterior (MAGIC-Flow), or a ResNet-18 trained on "
+                   "--real, gives its class at least --min-confidence.")
+@click.option("--min-confidence", type=float, default=0.5, show_default=True,
+              help="With --select: the class probability a sample needs, in (0, 1).")
 @click.option("--temperature", type=float, default=None, help="Latent temperature (default: the model's, 0.8).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -275,23 +288,28 @@ def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, 
 @_device_option
 @_threads_option
 @_library_errors
-def synthesize(model, out, class_name, n, balance, target_count, per_class, temperature, seed, batch_size, amp,
-               device):
+def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real, per_class, select, min_confidence,
+               temperature, seed, batch_size, amp, device):
     """Write synthetic images of a trained model to a dataset file.
 
     \b
     Example:
         augflow synthesize --model runs/scanner --class Prisma --n 500 --out prisma.h5
         augflow synthesize --model runs/scanner --balance --out topup.h5
+        augflow synthesize --model runs/scanner --balance --real data/train.h5 --select classifier \\
+            --min-confidence 0.5 --max-ratio 2 --out topup.h5
         augflow synthesize --model runs/scanner --per-class 200 --out audit-set.h5
     """
-    from augflow.synthesize import balance_counts, training_counts
+    from augflow.synthesize import Selection, topup_counts, training_counts
     from augflow.synthesize import synthesize as run_synthesis
 
     if [class_name is not None, balance, per_class is not None].count(True) != 1:
         raise click.UsageError("give one of --class NAME --n N, --balance [--target-count N], or --per-class N")
     if n is not None and class_name is None:
         raise click.UsageError("--n goes with --class; use --target-count with --balance")
+    if (target_count is not None or max_ratio is not None) and not balance:
+        raise click.UsageError("--target-count and --max-ratio go with --balance")
+    source = None
     if class_name is not None:
         if n is None:
             raise click.UsageError("--class needs --n")
@@ -299,12 +317,15 @@ def synthesize(model, out, class_name, n, balance, target_count, per_class, temp
     elif per_class is not None:
         counts = dict.fromkeys(training_counts(model), per_class)
     else:
-        counts = balance_counts(training_counts(model), target_count)
+        counts, source = topup_counts(model, real, target_count, max_ratio)
+    selection = Selection(select, min_confidence, real)
     result = run_synthesis(model, out, counts, temperature=temperature, seed=seed, batch_size=batch_size,
-                           device=device, amp=amp)
+                           device=device, amp=amp, selection=selection, counts_source=source)
     made = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
     click.echo(f"wrote {sum(result.counts.values())} synthetic images to {result.out} ({made}); "
                f"rejected non-finite: {result.rejected_nonfinite}")
+    if source is not None:
+        click.echo(f"balanced against {source['counted_from']}")
 
 
 @cli.command()

@@ -2,24 +2,32 @@
 
 Use it to top up under-represented classes (``--balance``) or to draw N images of one class. Samples are drawn
 at the temperature stored with the model (MAGIC-Flow: a reduced one, Kingma & Dhariwal 2018, Glow,
-arXiv 1807.03039), clipped to [0, 1]; non-finite samples
-are rejected, redrawn and counted in the provenance. Batches are written as they are made, so memory stays
-flat in N, and the file appears under its name only when complete.
+arXiv 1807.03039), clipped to [0, 1]; non-finite samples are rejected, redrawn and counted in the provenance.
+Batches are written as they are made, so memory stays flat in N, and the file appears under its name only when
+complete.
+
+A top-up balances the real file it will be combined with (:func:`topup_counts`): the whole training file of the
+model (or ``--real FILE``), optionally capped at ``max_ratio`` synthetic images per real image of a class. A
+selection (:class:`Selection`) keeps a sample only when a classifier assigns it to its intended class with
+probability at least ``min_confidence``: the flow's own Bayes posterior, or a ResNet-18 trained on the real
+training file. Filtering synthetic images by classifier confidence narrows the gap between synthetic and real
+training data (GaFi, Lomurno et al. 2023, arXiv 2305.10118; He et al. 2023, arXiv 2210.07574).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from augflow.data.store import DatasetWriter, sha256_file
-from augflow.errors import ConfigError
+from augflow.data.store import DatasetWriter, read_info, sha256_file
+from augflow.errors import ConfigError, DataError
 from augflow.models import ModelFamily, load_model
 from augflow.precision import autocast, resolve_amp
-from augflow.runs import derive_seed, model_file, resolve_class, resolve_device, stored_amp
+from augflow.runs import check_classes, derive_seed, model_file, resolve_class, resolve_device, stored_amp
 from augflow.train.privacy.ledger import Ledger
 from augflow.version import __version__
 
@@ -39,6 +47,50 @@ def training_counts(model: str | Path) -> dict[str, int]:
     """The training class counts stored with a model (run folder or model file), by class name in label order."""
     _, meta = load_model(model, with_meta=True)
     return dict(zip(meta["class_names"], meta["class_counts"], strict=True))
+
+
+def topup_counts(model: str | Path, real: str | Path | None = None, target: int | None = None,
+                 max_ratio: float | None = None) -> tuple[dict[str, int], dict]:
+    """Synthetic images per class that balance the real file a top-up will be combined with.
+
+    The real counts are those of ``real`` when given, else of the model's whole training file (``--data``, also
+    the part ``train`` held out for validation), else (models trained before that was stored) of its training rows.
+    Under DP they are the counts the model released (with Laplace noise unless declared public), of its training
+    units.
+
+    Arguments:
+        model: Run folder or model file.
+        real: The real file the top-up will be added to (same classes as the model).
+        target: Per-class total to reach (default: the largest real class).
+        max_ratio: At most this many synthetic images per real image of each class (None: no cap).
+
+    Returns:
+        ``(counts, record)``: synthetic images per class name, and what they were computed from (for the
+        provenance).
+
+    Raises:
+        ConfigError: For a non-positive ``target`` or ``max_ratio``. DataError: If ``real``'s classes differ.
+    """
+    _, meta = load_model(model, with_meta=True)
+    names = meta["class_names"]
+    if real is not None:
+        info = read_info(real)
+        check_classes(info.class_names, names, f"--real {real}")
+        real_counts, source = info.class_counts(), f"--real {Path(real).name} (sha256 {sha256_file(real)})"
+    elif meta.get("data_class_counts") is not None:
+        real_counts = dict(zip(names, meta["data_class_counts"], strict=True))
+        ledger = Ledger.from_dict(meta.get("privacy"))
+        source = "the DP-released class counts of the model's training units" if ledger and ledger.dp else \
+            "the model's whole training file (--data)"
+    else:
+        real_counts, source = dict(zip(names, meta["class_counts"], strict=True)), "the model's training rows"
+    if max_ratio is not None and not max_ratio > 0:
+        raise ConfigError(f"--max-ratio must be > 0 (synthetic images per real image of a class), but is: "
+                          f"{max_ratio}")
+    counts = balance_counts(real_counts, target)
+    if max_ratio is not None:
+        counts = {name: min(n, math.floor(max_ratio * real_counts[name])) for name, n in counts.items()}
+    return counts, {"counted_from": source, "real_counts": real_counts, "target": target, "max_ratio": max_ratio}
 
 
 def balance_counts(counts: dict[str, int], target: int | None = None) -> dict[str, int]:
@@ -68,6 +120,8 @@ def synthesize(
     device: str = "auto",
     progress: bool = True,
     amp: bool | None = None,
+    selection: Selection | None = None,
+    counts_source: dict | None = None,
 ) -> SynthesisResult:
     """Sample ``counts[class] `` images per class from a trained model into a synthetic dataset file.
 
@@ -81,6 +135,11 @@ def synthesize(
         device: "auto", "cpu" or "cuda[:N]".
         progress: Show a progress bar.
         amp: Run the networks in bf16 (:mod:`augflow.precision`); default: as the model was trained.
+        selection: Keep only samples a classifier assigns to their class (default: keep every sample).
+        counts_source: How ``counts`` were computed (:func:`topup_counts`), recorded in the provenance.
+
+    Raises:
+        ConfigError: For invalid arguments, or a selection that accepts too few samples of a class.
     """
     path = model_file(model)
     flow, meta = load_model(path, map_location="cpu", with_meta=True)
@@ -91,7 +150,8 @@ def synthesize(
             raise ConfigError(f"--n must be non-negative, but is: {n}")
         per_class[resolve_class(name, class_names)] += int(n)
     if sum(per_class) == 0:
-        raise ConfigError("nothing to synthesize: every class already has the requested count")
+        raise ConfigError("nothing to synthesize: the requested counts are all 0 (a top-up: every class already "
+                          "has the target count)")
     temperature = meta.get("temperature", flow.default_temperature) if temperature is None else temperature
     if not 0 < temperature <= 2:
         raise ConfigError(f"--temperature must be in range (0, 2], but is: {temperature}")
@@ -100,6 +160,7 @@ def synthesize(
     dev = resolve_device(device)
     amp = resolve_amp(stored_amp(meta) if amp is None else amp, dev)
     flow = flow.to(dev).eval()
+    selector = _Selector(selection or Selection(), flow, meta, path, dev)
 
     rejected = 0
     provenance = {
@@ -107,6 +168,7 @@ def synthesize(
         "recipe": meta.get("recipe"), "training_fingerprint": meta.get("fingerprint"),
         "temperature": temperature, "seed": seed, "amp": amp, "counts": dict(zip(class_names, per_class, strict=True)),
         "augflow_version": __version__, "privacy": _ledger(meta.get("privacy")),
+        "counts_source": counts_source, "selection": selector.describe(),
     }
     bar = tqdm(total=sum(per_class), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True)
     with DatasetWriter(out, flow.config.image_shape, class_names, "synthetic", provenance) as writer:
@@ -114,17 +176,134 @@ def synthesize(
             generator = torch.Generator(dev).manual_seed(derive_seed(seed, k))
             made = 0
             while made < n:
-                b = min(batch_size, n - made)
+                selector.check_budget(k, n, made, class_names[k])
+                # With a selection, draw whole batches: most of a batch may be rejected.
+                b = min(batch_size, n - made) if selector.method == "none" else batch_size
                 with autocast(dev, amp):
                     x = _finite_batch(flow, k, b, temperature, generator, dev)
+                    images = selector.keep(x.images.clamp(0, 1), k)[: n - made]
                 rejected += x.rejected
-                ids = [f"synthetic-{class_names[k]}-{made + i:06d}" for i in range(b)]
-                writer.append(x.images.clamp(0, 1).float().cpu().numpy(), [k] * b, ids, [0] * b)
-                made += b
-                bar.update(b)
+                kept = len(images)
+                if kept:
+                    ids = [f"synthetic-{class_names[k]}-{made + i:06d}" for i in range(kept)]
+                    writer.append(images.float().cpu().numpy(), [k] * kept, ids, [0] * kept)
+                made += kept
+                bar.update(kept)
         writer.provenance["rejected_nonfinite"] = rejected
+        writer.provenance["selection"] = selector.describe(class_names)
     bar.close()
     return SynthesisResult(Path(out), dict(zip(class_names, per_class, strict=True)), rejected)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which samples a synthesis keeps.
+
+    Attributes:
+        method: ``"none"`` (every sample), ``"posterior"`` (the model's own Bayes posterior ``p(y | x)`` with its
+            training-class prior and the calibration temperature stored beside it, if any; needs an exact
+            likelihood) or ``"classifier"`` (a ResNet-18 trained on ``real``, the real training file: the audit's
+            domain encoder, cached by the file's SHA-256).
+        min_confidence: Keep a sample of class ``k`` when its probability of ``k`` is at least this, in (0, 1).
+        real: The real training file of the ``"classifier"``.
+        max_draws: At most this many samples are drawn per requested sample of a class before giving up.
+        cache_dir: Where the classifier is cached (default: the audit's encoder cache).
+    """
+
+    method: str = "none"
+    min_confidence: float = 0.5
+    real: str | Path | None = None
+    max_draws: int = 20
+    cache_dir: str | Path | None = None
+
+    def validate(self) -> Selection:
+        """Check the fields; return ``self``.
+
+        Raises:
+            ConfigError: Naming the option, the allowed values and the value received.
+        """
+        if self.method not in SELECTIONS:
+            raise ConfigError(f"--select must be one of {', '.join(SELECTIONS)}, but is: {self.method!r}")
+        if self.method != "none" and not 0 < self.min_confidence < 1:
+            raise ConfigError(f"--min-confidence must be in (0, 1), but is: {self.min_confidence}")
+        if self.method == "classifier" and self.real is None:
+            raise ConfigError("--select classifier needs --real FILE: the real training file its classifier is "
+                              "trained on")
+        if self.max_draws < 1:
+            raise ConfigError(f"max_draws must be >= 1, but is: {self.max_draws}")
+        return self
+
+
+SELECTIONS = ("none", "posterior", "classifier")
+
+
+class _Selector:
+    """Applies a :class:`Selection` and counts what it drew and kept, per class."""
+
+    def __init__(self, selection: Selection, flow: ModelFamily, meta: dict, model_path: Path, device: torch.device):
+        self.selection, self.method = selection.validate(), selection.method
+        self.drawn: dict[int, int] = {}
+        self.kept: dict[int, int] = {}
+        self.details: dict = {}
+        if self.method == "posterior":
+            if not flow.has_likelihood:
+                raise ConfigError(f"--select posterior needs a model with an exact likelihood (MAGIC-Flow); "
+                                  f"{model_path} is a {flow.family!r} model: use --select classifier --real FILE")
+            from augflow.classify.calibration import calibration_temperature
+            from augflow.classify.likelihood import class_log_likelihoods, log_prior
+
+            log_pi = torch.tensor(log_prior(meta["class_counts"]), dtype=torch.float32, device=device)
+            temperature = calibration_temperature(model_path, "train") or 1.0
+            k = len(meta["class_names"])
+            self._probs = lambda x: torch.softmax((class_log_likelihoods(flow, x, k).float() + log_pi) / temperature,
+                                                  dim=1)
+            self.details = {"prior": "train", "calibration_temperature": temperature}
+        elif self.method == "classifier":
+            from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
+
+            info = read_info(selection.real)
+            check_classes(info.class_names, meta["class_names"], f"--real {selection.real}")
+            if info.image_shape != tuple(flow.config.image_shape):
+                raise DataError(f"--real {selection.real}: image shape {info.image_shape} differs from the model's "
+                                f"{tuple(flow.config.image_shape)}")
+            with torch.inference_mode(False), torch.enable_grad():  # trains on the first call (then cached)
+                encoder_file = domain_encoder_path(selection.real, EncoderRecipe(), selection.cache_dir,
+                                                   device=str(device))
+            classifier = load_encoder(encoder_file).to(device)
+            self._probs = lambda x: torch.softmax(classifier(x).float(), dim=1)
+            self.details = {"classifier": "ResNet-18 trained on the real training file (the audit's domain encoder)",
+                            "trained_on_sha256": sha256_file(selection.real), "recipe": asdict(EncoderRecipe())}
+
+    def keep(self, images: torch.Tensor, k: int) -> torch.Tensor:
+        """The images of class ``k`` (in ``[0, 1]``) that the selection keeps."""
+        self.drawn[k] = self.drawn.get(k, 0) + len(images)
+        if self.method != "none":
+            images = images[self._probs(images)[:, k] >= self.selection.min_confidence]
+        self.kept[k] = self.kept.get(k, 0) + len(images)
+        return images
+
+    def check_budget(self, k: int, n: int, made: int, name: str) -> None:
+        """Give up on a class when ``max_draws`` samples per requested one did not give ``n``.
+
+        Raises:
+            ConfigError: Naming the class, what was drawn and kept, and what to change.
+        """
+        drawn = self.drawn.get(k, 0)
+        if drawn >= self.selection.max_draws * n:
+            raise ConfigError(f"--select {self.method} --min-confidence {self.selection.min_confidence}: class {name!r}"
+                              f" kept {made} of {drawn} samples drawn ({made / drawn:.1%}), short of the {n} asked for;"
+                              f" lower --min-confidence, ask for fewer images, or train the model longer")
+
+    def describe(self, class_names: list[str] | None = None) -> dict:
+        """The selection for the provenance (with the acceptance per class once the classes are done)."""
+        out = {"method": self.method, **self.details}
+        if self.method != "none":
+            out["min_confidence"] = self.selection.min_confidence
+        if class_names is not None and self.method != "none":
+            out["drawn"] = {class_names[k]: v for k, v in self.drawn.items()}
+            out["kept"] = {class_names[k]: self.kept[k] for k in self.drawn}
+            out["acceptance_rate"] = {class_names[k]: self.kept[k] / v for k, v in self.drawn.items() if v}
+        return out
 
 
 @dataclass

@@ -6,7 +6,7 @@ from conftest import TINY, make_dataset
 
 from augflow.data.store import read_images, read_info, sha256_file
 from augflow.errors import ConfigError
-from augflow.synthesize import balance_counts, synthesize
+from augflow.synthesize import balance_counts, synthesize, training_counts
 from augflow.train.loop import train
 from augflow.train.recipe import load_recipe
 
@@ -89,3 +89,106 @@ def test_non_finite_samples_are_redrawn_and_counted(run, tmp_path, monkeypatch):
     assert result.rejected_nonfinite == 1 and calls == [4, 1]
     assert read_info(out).provenance["rejected_nonfinite"] == 1
     assert torch.isfinite(torch.from_numpy(read_images(out))).all()
+
+
+@pytest.fixture(scope="module")
+def imbalanced(tmp_path_factory):
+    """A model trained without --val on an imbalanced file: 8, 4 and 2 subjects of 2 slices (16, 8, 4 images)."""
+    from augflow.data.store import write_dataset
+
+    tmp = tmp_path_factory.mktemp("imbalanced")
+    subjects = np.repeat(np.arange(14), 2)
+    labels = np.where(subjects < 8, 0, np.where(subjects < 12, 1, 2))
+    images = np.random.default_rng(0).random((28, 1, 8, 8), dtype=np.float32)
+    data = write_dataset(tmp / "d.h5", images, labels, [f"s{s}" for s in subjects], np.zeros(28, dtype=np.int64),
+                         ["big", "mid", "small"])
+    run = train(data, tmp / "run", load_recipe(None, [*TINY, "train.max_steps=2", "train.val_fraction=0.3"]),
+                progress=False).run_dir
+    return data, run
+
+
+def test_balance_tops_up_the_whole_training_file_not_only_the_rows_trained_on(imbalanced, tmp_path):
+    from augflow.synthesize import topup_counts
+
+    data, run = imbalanced
+    trained_on = training_counts(run)
+    assert sum(trained_on.values()) < 28  # train held a subject-wise part out for validation
+    counts, record = topup_counts(run)
+    assert counts == {"big": 0, "mid": 8, "small": 12} and record["counted_from"].startswith("the model's whole")
+    out = synthesize(run, tmp_path / "t.h5", counts, counts_source=record, progress=False).out
+    together = np.bincount(np.concatenate([read_info(data).labels, read_info(out).labels]), minlength=3)
+    assert together.tolist() == [16, 16, 16]  # real + top-up is balanced
+    assert read_info(out).provenance["counts_source"]["real_counts"] == {"big": 16, "mid": 8, "small": 4}
+
+
+def test_max_ratio_caps_the_synthetic_images_per_real_image(imbalanced):
+    from augflow.synthesize import topup_counts
+
+    _, run = imbalanced
+    assert topup_counts(run, max_ratio=1.5)[0] == {"big": 0, "mid": 8, "small": 6}  # min(16 - n, floor(1.5 n))
+    assert topup_counts(run, max_ratio=0.5)[0] == {"big": 0, "mid": 4, "small": 2}
+    assert topup_counts(run, target=10, max_ratio=3)[0] == {"big": 0, "mid": 2, "small": 6}
+
+
+def test_posterior_selection_keeps_only_confident_samples_and_records_the_acceptance(imbalanced, tmp_path,
+                                                                                     monkeypatch):
+    import torch
+
+    from augflow.classify import likelihood
+    from augflow.synthesize import Selection
+
+    # A known scorer: class 2's log-likelihood grows with the image mean, the others are flat, so p(2 | x) is a
+    # logistic function of the mean and a threshold keeps the brighter samples only.
+    def scores(model, x, k):
+        mean = x.flatten(1).mean(1, keepdim=True)
+        return torch.cat([torch.zeros(len(x), 2), 200 * (mean - 0.5)], dim=1)
+
+    monkeypatch.setattr(likelihood, "class_log_likelihoods", scores)
+    data, run = imbalanced
+    out = synthesize(run, tmp_path / "s.h5", {"small": 10}, selection=Selection("posterior", 0.6), batch_size=16,
+                     progress=False).out
+    images, prov = read_images(out), read_info(out).provenance["selection"]
+    assert len(images) == 10
+    log_pi = np.log(np.array(training_counts(run)["small"]) / sum(training_counts(run).values()))
+    others = np.log(np.array([training_counts(run)[c] for c in ("big", "mid")]) / sum(training_counts(run).values()))
+    own = 200 * (images.reshape(10, -1).mean(1) - 0.5) + log_pi
+    p_small = np.exp(own) / (np.exp(own) + np.exp(others).sum())
+    assert (p_small >= 0.6 - 1e-5).all()  # every kept sample passes the threshold
+    assert prov["method"] == "posterior" and prov["min_confidence"] == 0.6
+    assert prov["kept"]["small"] >= 10 and prov["drawn"]["small"] > prov["kept"]["small"]  # some were rejected
+    assert prov["acceptance_rate"]["small"] == pytest.approx(prov["kept"]["small"] / prov["drawn"]["small"])
+
+
+def test_classifier_selection_trains_on_the_real_file_and_records_it(imbalanced, tmp_path, monkeypatch):
+    from augflow.synthesize import Selection
+
+    monkeypatch.setenv("AUGFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    data, run = imbalanced
+    out = synthesize(run, tmp_path / "s.h5", {"mid": 3}, selection=Selection("classifier", 0.05, data),
+                     progress=False).out
+    prov = read_info(out).provenance["selection"]
+    assert prov["trained_on_sha256"] == sha256_file(data) and prov["kept"]["mid"] >= 3
+    assert list((tmp_path / "cache" / "encoders").glob("*.pt"))  # the classifier is cached for the next call
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--balance", "--select", "posterior", "--min-confidence", "0"], "--min-confidence must be in (0, 1)"),
+    (["--balance", "--select", "posterior", "--min-confidence", "1.5"], "--min-confidence must be in (0, 1)"),
+    (["--balance", "--max-ratio", "0"], "--max-ratio must be > 0"),
+    (["--balance", "--select", "classifier"], "--select classifier needs --real FILE"),
+    (["--balance", "--select", "best"], "'best' is not one of 'none', 'posterior', 'classifier'"),
+    (["--per-class", "2", "--max-ratio", "2"], "--target-count and --max-ratio go with --balance"),
+    (["--balance", "--real", "{other}"], "--real"),
+])
+def test_bad_selection_and_balance_options_are_named_and_write_nothing(imbalanced, tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from augflow.cli import cli
+
+    _, run = imbalanced
+    other = make_dataset(tmp_path / "other.h5", num_classes=2)  # classes differ from the model's
+    out = tmp_path / "out.h5"
+    args = [a.format(other=other) for a in args]
+    result = CliRunner().invoke(cli, ["synthesize", "--model", str(run), "--out", str(out), *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not out.exists()

@@ -259,6 +259,7 @@ class _Run:
         recipe, session = self.recipe, self.session
         meta = {
             "class_names": self.rows.info.class_names, "class_counts": session.class_counts,
+            "data_class_counts": session.data_class_counts,
             "recipe": recipe.to_dict(), "fingerprint": self.rows.fingerprint, "step": self.step,
             "val_loss": self.last_val if session.releases_validation else None,
             "loss_name": self.model.loss_name, "temperature": recipe.train.temperature,

@@ -44,6 +44,8 @@ class Session(Protocol):
         steps_per_epoch: Steps of one pass over the training units.
         class_counts: The training class counts stored with the model (under DP: released with noise or declared
             public).
+        data_class_counts: The class counts of the whole training file, which a synthetic top-up balances (also
+            the part held out for validation when there is no ``--val``); under DP the released ``class_counts``.
         releases_validation: Whether the released model may depend on the validation data: kept best by
             validation loss, which is recorded with it (plain); or the last weights, without it (DP).
     """
@@ -51,6 +53,7 @@ class Session(Protocol):
     amp: bool
     steps_per_epoch: int
     class_counts: list[int]
+    data_class_counts: list[int]
     releases_validation: bool
 
     def app_mask(self, height: int, width: int) -> Tensor:
@@ -113,6 +116,7 @@ class PlainSession:
         self.amp = resolve_amp(cfg.amp, device)
         self.steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
         self.class_counts = np.bincount(data.train.labels, minlength=data.info.num_classes).tolist()
+        self.data_class_counts = np.bincount(data.info.labels, minlength=data.info.num_classes).tolist()
         self._order, self._order_epoch = np.zeros(0, dtype=np.int64), -1
 
     def app_mask(self, height: int, width: int) -> Tensor:

@@ -61,6 +61,7 @@ class PrivacySession:
         self.mask_file = recipe.train.app_mask
         self.secret, self.accountant = secret, accountant
         self.class_counts, self.counts_info = class_counts, counts_info
+        self.data_class_counts = class_counts  # the whole file's counts are private: a top-up balances the released
         self.steps_per_epoch = math.ceil(units.count / recipe.train.batch_size)
 
     @classmethod
