@@ -428,8 +428,6 @@ def explain(model, data, rows, class_name, contrast, prior, out, device):
               help="Downstream CNN trainings per protocol.")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Epochs per downstream CNN training.")
-@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Wall-clock seconds per downstream CNN training.")
 @click.option("--no-downstream", is_flag=True, help="Skip the downstream classification protocol (the slowest stage).")
 @click.option("--encoder-epochs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Epochs of the domain encoder.")
@@ -444,7 +442,7 @@ def explain(model, data, rows, class_name, contrast, prior, out, device):
 @_threads_option
 @_library_errors
 def audit(real, train_file, synthetic, model, out, features, inception_weights, gate, max_copy_fraction, max_mia_auc,
-          max_exact_copies, seeds, epochs, budget, no_downstream, encoder_epochs, bootstraps, cache_dir, seed, as_json,
+          max_exact_copies, seeds, epochs, no_downstream, encoder_epochs, bootstraps, cache_dir, seed, as_json,
           amp, device):
     """Audit a synthetic dataset: fidelity, diversity, memorization, privacy, downstream utility, release gate.
 
@@ -462,7 +460,7 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
                                 max_exact_copies=max_exact_copies)
     result = run_audit(real, train_file, synthetic, out, model=model, features=features,
                        inception_weights=inception_weights, gate=thresholds, seeds=seeds, downstream_epochs=epochs,
-                       downstream_budget_s=budget, run_downstream=not no_downstream,
+                       run_downstream=not no_downstream,
                        encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=cache_dir, bootstraps=bootstraps,
                        seed=seed, device=device, command=command_line(), amp=amp)
     verdict = result["gate"]
@@ -485,10 +483,10 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Downstream CNN trainings per protocol in the audit.")
-@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
-              help="Wall-clock seconds per downstream CNN training (3 protocols x --seeds trainings).")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Epochs per downstream CNN training (4 protocols x --seeds trainings).")
 @_library_errors
-def demo(out_dir, task, seed, seeds, budget):
+def demo(out_dir, task, seed, seeds, epochs):
     """Run the whole pipeline on the built-in brain-MRI data (5-10 minutes on 2 CPU cores).
 
     \b
@@ -497,7 +495,7 @@ def demo(out_dir, task, seed, seeds, budget):
     """
     from augflow.demo import run_demo
 
-    run_demo(out_dir, task=task, seed=seed, echo=click.echo, audit_seeds=seeds, audit_budget_s=budget)
+    run_demo(out_dir, task=task, seed=seed, echo=click.echo, audit_seeds=seeds, audit_epochs=epochs)
 
 
 @cli.command("train-autoencoder")

@@ -13,18 +13,18 @@ from augflow.demo import run_demo
 def test_cli_passes_its_options_to_the_demo(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr("augflow.demo.run_demo", lambda out_dir, **kwargs: calls.append((out_dir, kwargs)))
-    result = CliRunner().invoke(cli, ["demo", "--out-dir", str(tmp_path), "--seeds", "2", "--budget", "7.5"])
+    result = CliRunner().invoke(cli, ["demo", "--out-dir", str(tmp_path), "--seeds", "2", "--epochs", "4"])
     assert result.exit_code == 0, result.output
     (out_dir, kwargs), = calls
-    assert out_dir == tmp_path and kwargs["audit_seeds"] == 2 and kwargs["audit_budget_s"] == 7.5
+    assert out_dir == tmp_path and kwargs["audit_seeds"] == 2 and kwargs["audit_epochs"] == 4
     assert kwargs["task"] == "scanner" and kwargs["seed"] == 0
 
 
 def test_demo_end_to_end(tmp_path):
-    # The demo's pipeline with a lighter audit (one seed, 10 s per CNN, a 1-epoch domain encoder) to keep the
-    # suite fast; `augflow demo` itself runs 3 seeds of 20 s and a 2-epoch encoder.
+    # The demo's pipeline with a lighter audit (one seed, 1 epoch per CNN, a 1-epoch domain encoder) to keep the
+    # suite fast; `augflow demo` itself runs 3 seeds of 3 epochs and a 2-epoch encoder.
     lines = []
-    run_demo(tmp_path, echo=lines.append, progress=False, audit_seeds=1, audit_budget_s=10, encoder_epochs=1,
+    run_demo(tmp_path, echo=lines.append, progress=False, audit_seeds=1, audit_epochs=1, encoder_epochs=1,
              bootstraps=10)
     output = "\n".join(lines)
     train = read_info(tmp_path / "data" / "train.h5")

@@ -3,26 +3,37 @@
 The leakage-free protocol of synthetic-data papers (train on synthetic, test on real; Esteban et al. 2017,
 arXiv 1706.02633, "TSTR"): the same CNN (:func:`augflow.audit.baseline.train_cnn`, one fixed recipe) is trained on
 
-- ``real``: the real training images only,
+- ``real``: the real training images only (class-weighted loss, as every arm),
+- ``real+oversampled``: the real training images with each minority class's images duplicated up to the
+  largest class: the control every user has without augflow; a top-up that does not beat it is not worth
+  releasing,
 - ``real+synthetic``: the real training images plus, per class, as many synthetic images as it takes to reach
   the largest real class (fewer if the synthetic file has fewer),
 - ``synthetic``: the synthetic images only,
 
-and evaluated on the held-out real test images, for ``seeds`` seeds (mean and standard deviation). The test
-subjects must not occur in the training file (that would measure memory of a subject, not generalisation): the
-protocol refuses to run if they do. Synthetic images are generated from the training file only, so they add
-no test information.
+and evaluated on the held-out real test images, for ``seeds`` seeds (mean and standard deviation). Seed ``s``
+of every arm starts from the same initialisation, so arms are compared seed by seed: the paired difference of
+``real+synthetic`` against each control, with a Student-t 95% interval over seeds and a verdict (helped / hurt /
+not distinguishable). Budgets are epochs, never wall-clock seconds: a larger training set gets as many passes as
+a smaller one, and a figure reproduces on a slower machine.
+
+The test subjects must not occur in the training file (that would measure memory of a subject, not
+generalisation): the protocol refuses to run if they do. Synthetic images are generated from the training file
+only, so they add no test information.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
 from augflow.audit.baseline import predict_proba, train_cnn
 from augflow.classify.metrics import Predictions, classification_metrics, entropy
 from augflow.errors import DataError
 
-PROTOCOLS = ("real", "real+synthetic", "synthetic")
+PROTOCOLS = ("real", "real+oversampled", "real+synthetic", "synthetic")
+COMPARISONS = (("real+synthetic", "real+oversampled"), ("real+synthetic", "real"))  # (arm, control)
+CONFIDENCE = 0.95
 MINORITY_FRACTION = 0.25  # a class with fewer real training images than this fraction of the largest is a minority
 SCALAR_KEYS = ("accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro")
 
@@ -59,6 +70,68 @@ def topup_rows(train_labels: np.ndarray, synthetic_labels: np.ndarray, num_class
     return np.concatenate(rows).astype(np.int64)
 
 
+def oversample_rows(train_labels: np.ndarray, num_classes: int, seed: int = 0) -> np.ndarray:
+    """Rows of the real training set with every class duplicated up to the largest class (random oversampling).
+
+    Every row once, then each smaller class's rows repeated ``need // n`` more times and a seeded choice of
+    ``need % n`` of them without replacement, so that duplicates are spread as evenly as possible.
+    """
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(train_labels, minlength=num_classes)
+    rows = [np.arange(len(train_labels))]
+    for k in range(num_classes):
+        idx = np.flatnonzero(train_labels == k)
+        need = int(counts.max() - counts[k])
+        if need and len(idx):
+            rows.append(np.tile(idx, need // len(idx)))
+            rows.append(np.sort(rng.choice(idx, need % len(idx), replace=False)))
+    return np.concatenate(rows).astype(np.int64)
+
+
+def paired_difference(arm: list[float], control: list[float], confidence: float = CONFIDENCE) -> dict:
+    """Mean of the per-seed differences ``arm - control`` with a Student-t interval over seeds, and a verdict.
+
+    ``helped`` when the whole interval is above 0, ``hurt`` when below, else ``not distinguishable`` (always so
+    for one seed, which has no interval).
+    """
+    d = np.asarray(arm, dtype=float) - np.asarray(control, dtype=float)
+    if d.size < 1:
+        raise ValueError("paired_difference needs at least one pair")
+    mean = float(d.mean())
+    if d.size < 2:
+        return {"mean": mean, "std": 0.0, "low": None, "high": None, "n": 1, "confidence": confidence,
+                "verdict": "not distinguishable"}
+    std = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, d.size - 1) * std / np.sqrt(d.size))
+    low, high = mean - half, mean + half
+    verdict = "helped" if low > 0 else "hurt" if high < 0 else "not distinguishable"
+    return {"mean": mean, "std": std, "low": low, "high": high, "n": int(d.size), "confidence": confidence,
+            "verdict": verdict}
+
+
+def compare(results: dict, metric: str = "balanced_accuracy") -> dict:
+    """Paired differences of ``metric`` for each (arm, control) of ``COMPARISONS`` present in ``results``."""
+    return {f"{arm} vs {control}": paired_difference([r[metric] for r in results[arm]["runs"]],
+                                                     [r[metric] for r in results[control]["runs"]])
+            for arm, control in COMPARISONS if arm in results and control in results}
+
+
+def usefulness_sentence(result: dict) -> str:
+    """One plain sentence: did the top-up help the downstream CNN compared with oversampling the real images?"""
+    c = result["comparisons"].get("real+synthetic vs real+oversampled")
+    if c is None:
+        return "The top-up was not compared with oversampling the real images."
+    interval = "" if c["low"] is None else f", {c['confidence']:.0%} interval {c['low']:+.3f} to {c['high']:+.3f}"
+    change = f"{c['mean']:+.3f} balanced accuracy over {c['n']} seed(s){interval}"
+    if c["verdict"] == "helped":
+        return f"The synthetic top-up helped: it beat duplicating the real minority images ({change})."
+    if c["verdict"] == "hurt":
+        return (f"The synthetic top-up hurt: duplicating the real minority images trained a better classifier "
+                f"({change}); do not release it for augmentation.")
+    return (f"The synthetic top-up could not be told apart from duplicating the real minority images ({change}); "
+            "it is not shown to be worth releasing for augmentation.")
+
+
 def cnn_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
     """The metrics of :func:`augflow.classify.metrics.classification_metrics` for softmax outputs (N, K)."""
     log_p = np.log(np.maximum(probs, 1e-300))
@@ -81,7 +154,7 @@ def summarize(runs: list[dict], class_names: list[str]) -> dict:
 def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_images: np.ndarray,
                synthetic_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
                class_names: list[str], *, train_subjects=None, test_subjects=None, seeds: int = 3,
-               epochs: int = 30, budget_s: float | None = None, batch_size: int = 64, lr: float = 1e-3,
+               epochs: int = 30, batch_size: int = 64, lr: float = 1e-3,
                protocols: tuple[str, ...] = PROTOCOLS, device: str = "cpu", progress=None,
                amp: bool = False) -> dict:
     """Train the baseline CNN per protocol and seed; evaluate on the real test images.
@@ -93,13 +166,14 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         class_names: The K class names (shared by all three files).
         train_subjects, test_subjects: Subject ids; when given, checked to be disjoint.
         seeds: Trainings per protocol (seeds 0..seeds-1).
-        epochs, budget_s, batch_size, lr: The CNN recipe (budget_s per training).
+        epochs, batch_size, lr: The CNN recipe.
         protocols: Subset of ``PROTOCOLS`` to run.
         device: Training device.
         progress: Optional callable called after each training (e.g. a tqdm bar's ``update``).
 
     Returns:
-        ``{"protocols": {name: {"summary": mean/std, "runs": [metrics per seed], "n_train"}}, "seeds",
+        ``{"protocols": {name: {"summary": mean/std, "runs": [metrics per seed], "n_train", "class_counts"}},
+        "comparisons": {"real+synthetic vs real+oversampled": paired difference, ...}, "seeds", "test_n",
         "recipe", "minority_classes", "topup_counts"}``.
 
     Raises:
@@ -114,8 +188,10 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         raise DataError(f"unknown downstream protocols {sorted(unknown)}; allowed: {PROTOCOLS}")
     k = len(class_names)
     topup = topup_rows(train_labels, synthetic_labels, k)
+    over = oversample_rows(train_labels, k)
     sets = {
         "real": (train_images, train_labels),
+        "real+oversampled": (train_images[over], train_labels[over]),
         "real+synthetic": (np.concatenate([train_images, synthetic_images[topup]]),
                            np.concatenate([train_labels, synthetic_labels[topup]])),
         "synthetic": (synthetic_images, synthetic_labels),
@@ -127,17 +203,15 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
             raise DataError(f"downstream protocol {name!r} has {len(x)} training images; it needs at least 2")
         runs = []
         for seed in range(seeds):
-            model = train_cnn(x, y, k, epochs=epochs, budget_s=budget_s, batch_size=batch_size, lr=lr, seed=seed,
-                              device=device, amp=amp)
+            model = train_cnn(x, y, k, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, amp=amp)
             runs.append(cnn_metrics(predict_proba(model, test_images, device=device, amp=amp), test_labels,
                                     class_names))
             if progress is not None:
                 progress()
         results[name] = {"summary": summarize(runs, class_names), "runs": runs, "n_train": int(len(x)),
                          "class_counts": dict(zip(class_names, np.bincount(y, minlength=k).tolist(), strict=True))}
-    return {"protocols": results, "seeds": seeds, "test_n": int(len(test_labels)),
-            "recipe": {"model": "resnet18", "epochs": epochs, "budget_s": budget_s, "batch_size": batch_size,
-                       "lr": lr, "amp": amp},
+    return {"protocols": results, "comparisons": compare(results), "seeds": seeds, "test_n": int(len(test_labels)),
+            "recipe": {"model": "resnet18", "epochs": epochs, "batch_size": batch_size, "lr": lr, "amp": amp},
             "minority_classes": minority_classes(train_labels, class_names),
             "topup_counts": dict(zip(class_names, np.bincount(synthetic_labels[topup], minlength=k).tolist(),
                                      strict=True))}

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from augflow.atomic import atomic_path, atomic_write_text
+from augflow.audit.downstream import CONFIDENCE, usefulness_sentence
 from augflow.errors import ConfigError
 from augflow.train.privacy.ledger import Ledger
 
@@ -201,6 +202,9 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
     doc.h(1, f"Audit of {Path(syn['path']).name}")
     verdict = "PASSED" if gate["passed"] else "FAILED (" + ", ".join(gate["failed"]) + ")"
     doc.p(f"Release gate: {verdict}. {_privacy_text(m['privacy'])}")
+    ds = m.get("downstream")
+    if ds is not None:
+        doc.p(f"Usefulness: {usefulness_sentence(ds)}")
 
     doc.h(2, "Data card")
     doc.h(3, "What the data is")
@@ -249,10 +253,10 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
     div = m["diversity"]
     summary.append(f"Diversity: intra-class {div['settings']['method'].upper()} {_fmt(div['synthetic']['intra'])} "
                    f"synthetic vs {_fmt(div['real']['intra'])} real (higher means less diverse).")
-    ds = m.get("downstream")
     if ds is not None:
         parts = [f"{p} {_pm(v['summary']['balanced_accuracy'], ds['seeds'])}" for p, v in ds["protocols"].items()]
-        summary.append("Downstream CNN balanced accuracy on held-out real images: " + "; ".join(parts) + ".")
+        summary.append("Downstream CNN balanced accuracy on held-out real images: " + "; ".join(parts) + ". "
+                       + usefulness_sentence(ds))
     doc.items(summary)
     doc.h(3, "Intended uses")
     doc.items([
@@ -331,9 +335,9 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
     if ds is not None:
         doc.h(2, "Downstream classification")
         r = ds["recipe"]
-        budget = "no time limit" if r["budget_s"] is None else f"at most {r['budget_s']:g} s each"
         seeds = ds["seeds"]
-        doc.p(f"ResNet-18 from scratch ({r['epochs']} epochs, {budget}, batch {r['batch_size']}, lr {r['lr']}), "
+        doc.p(f"ResNet-18 from scratch ({r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']}, class-weighted "
+              "loss), "
               + ("one seed" if seeds == 1 else f"mean ± std over {seeds} seeds")
               + f", tested on {ds['test_n']} held-out real images. Minority classes (marked *): "
               + (", ".join(ds["minority_classes"]) or "none") + ".")
@@ -346,6 +350,9 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
                  for n in names]
         rows.append(["training images"] + [str(ds["protocols"][p]["n_train"]) for p in protocols])
         doc.table(["metric", *protocols], rows)
+        doc.table(["paired difference (balanced accuracy)", "mean", f"{CONFIDENCE:.0%} interval", "verdict"],
+                  [[name, f"{c['mean']:+.3f}", "n/a (one seed)" if c["low"] is None else
+                    f"{c['low']:+.3f} to {c['high']:+.3f}", c["verdict"]] for name, c in ds["comparisons"].items()])
     lk = m.get("likelihood_classifier")
     if lk is not None:
         doc.p(f"The model's own likelihood classifier on the same test images: accuracy {lk['accuracy']:.3f}, "

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from augflow.audit.diversity import diversity
-from augflow.audit.downstream import check_subjects_disjoint, downstream
+from augflow.audit.downstream import PROTOCOLS, check_subjects_disjoint, downstream
 from augflow.audit.features import EncoderRecipe, feature_space
 from augflow.audit.fidelity import fidelity, torch_fidelity_metrics
 from augflow.audit.figures import figure_closest_pairs, figure_dcr, figure_roc, figure_samples
@@ -99,7 +99,6 @@ def run_audit(
     gate: GateThresholds | None = None,
     seeds: int = 3,
     downstream_epochs: int = 30,
-    downstream_budget_s: float | None = None,
     run_downstream: bool = True,
     encoder_recipe: EncoderRecipe | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -125,7 +124,6 @@ def run_audit(
         gate: Release-gate thresholds (default :class:`GateThresholds`).
         seeds: Downstream trainings per protocol.
         downstream_epochs: Epochs per downstream training.
-        downstream_budget_s: Optional wall-clock limit per downstream training.
         run_downstream: Run the downstream protocol (the slowest stage).
         encoder_recipe: Recipe of the domain encoder (default :class:`EncoderRecipe`).
         cache_dir: Encoder cache folder (default ``~/.cache/augflow/encoders``).
@@ -233,12 +231,12 @@ def run_audit(
     metrics["downstream"] = None
     if run_downstream:
         with stage("downstream"):
-            inner = tqdm(total=3 * seeds, desc="downstream", unit="cnn", disable=not progress, leave=False,
+            inner = tqdm(total=len(PROTOCOLS) * seeds, desc="downstream", unit="cnn", disable=not progress, leave=False,
                          dynamic_ncols=True)
             metrics["downstream"] = downstream(
                 x["train"], y["train"], x["synthetic"], y["synthetic"], x["real"], y["real"], names,
                 train_subjects=infos["train"].subjects, test_subjects=infos["real"].subjects, seeds=seeds,
-                epochs=downstream_epochs, budget_s=downstream_budget_s, device=device, progress=inner.update, amp=amp)
+                epochs=downstream_epochs, device=device, progress=inner.update, amp=amp)
             inner.close()
 
     with stage("report"):

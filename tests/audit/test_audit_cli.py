@@ -20,9 +20,9 @@ def test_audit_help_has_an_example():
     assert result.exit_code == 0 and "Example:" in result.output and "--gate" in result.output
 
 
-@pytest.mark.parametrize("command, option, value", [("audit", "--seeds", "0"), ("audit", "--budget", "0"),
+@pytest.mark.parametrize("command, option, value", [("audit", "--seeds", "0"), ("audit", "--epochs", "0"),
                                                      ("audit", "--bootstraps", "-1"), ("demo", "--seeds", "0"),
-                                                     ("demo", "--budget", "-5")])
+                                                     ("demo", "--epochs", "-5")])
 def test_counts_and_budgets_out_of_range_are_refused_before_any_work(tmp_path, command, option, value):
     data = write_blobs(tmp_path / "d.h5", [4, 4, 4], seed=0, prefix="d")
     files = ["--real", str(data), "--train", str(data), "--synthetic", str(data)] if command == "audit" else []
@@ -53,7 +53,8 @@ def test_audit_end_to_end_and_gate(tmp_path):
     assert 0 <= metrics["memorization"]["copy_fraction"] <= 1 and metrics["memorization"]["exact_copies"] == 0
     assert 0 <= metrics["membership_inference"]["auc"] <= 1
     assert metrics["privacy"]["differentially_private"] is False
-    assert list(metrics["downstream"]["protocols"]) == ["real", "real+synthetic", "synthetic"]
+    assert list(metrics["downstream"]["protocols"]) == ["real", "real+oversampled", "real+synthetic", "synthetic"]
+    assert set(metrics["downstream"]["comparisons"]) == {"real+synthetic vs real+oversampled", "real+synthetic vs real"}
     assert 0 <= metrics["likelihood_classifier"]["accuracy"] <= 1
     assert metrics["inputs"]["synthetic"]["provenance"]["generator"] == "test"
     html = (out / "report.html").read_text()

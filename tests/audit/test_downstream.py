@@ -6,7 +6,15 @@ import pytest
 from audit_helpers import blobs, write_blobs
 
 from augflow.audit import run_audit
-from augflow.audit.downstream import check_subjects_disjoint, downstream, minority_classes, topup_rows
+from augflow.audit.downstream import (
+    check_subjects_disjoint,
+    downstream,
+    minority_classes,
+    oversample_rows,
+    paired_difference,
+    topup_rows,
+    usefulness_sentence,
+)
 from augflow.data.store import write_dataset
 from augflow.errors import DataError
 
@@ -57,10 +65,43 @@ def test_protocol_metrics_have_stable_keys():
     xs, ys = blobs([0, 6, 8], seed=1)
     xt, yt = blobs([6, 6, 6], seed=2)
     out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=1, batch_size=16)
-    assert list(out["protocols"]) == ["real", "real+synthetic", "synthetic"]
+    assert list(out["protocols"]) == ["real", "real+oversampled", "real+synthetic", "synthetic"]
     assert out["protocols"]["real+synthetic"]["class_counts"] == {"a": 12, "b": 12, "c": 12}
+    assert out["protocols"]["real+oversampled"]["class_counts"] == {"a": 12, "b": 12, "c": 12}
+    assert out["comparisons"]["real+synthetic vs real+oversampled"]["n"] == 1
     assert out["topup_counts"] == {"a": 0, "b": 6, "c": 8}
     summary = out["protocols"]["real"]["summary"]
     for key in ("accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro"):
         assert 0 <= summary[key]["mean"] <= 1 and summary[key]["std"] == 0
     assert set(summary["per_class_recall"]) == {"a", "b", "c"}
+
+
+def test_oversampling_duplicates_exactly_the_minority_rows():
+    labels = np.repeat([0, 1, 2], [10, 4, 3])
+    rows = oversample_rows(labels, 3, seed=0)
+    assert np.bincount(labels[rows], minlength=3).tolist() == [10, 10, 10]
+    assert np.array_equal(rows[:17], np.arange(17))  # every real row once, first
+    copies = np.bincount(rows, minlength=17)
+    assert copies[:10].tolist() == [1] * 10  # the largest class is not touched
+    assert sorted(copies[10:14].tolist()) == [2, 2, 3, 3]  # 6 extra for 4 rows: each once more, then 2 distinct
+    assert sorted(copies[14:].tolist()) == [3, 3, 4]  # 7 extra for 3 rows: each twice more, then 1
+    assert np.array_equal(oversample_rows(labels, 3, seed=0), rows)
+
+
+def test_paired_difference_on_a_hand_made_example():
+    # differences 0.02, 0.04, 0.06: mean 0.04, sd 0.02, t(0.975, 2) = 4.303 -> half width 0.04969
+    out = paired_difference([0.72, 0.74, 0.76], [0.70, 0.70, 0.70])
+    assert out["mean"] == pytest.approx(0.04) and out["std"] == pytest.approx(0.02)
+    assert out["low"] == pytest.approx(0.04 - 0.049690, abs=1e-5) and out["high"] == pytest.approx(0.089690, abs=1e-5)
+    assert out["verdict"] == "not distinguishable"
+    assert paired_difference([0.8, 0.81, 0.82], [0.7, 0.7, 0.71])["verdict"] == "helped"
+    assert paired_difference([0.6, 0.61, 0.62], [0.7, 0.7, 0.71])["verdict"] == "hurt"
+    single = paired_difference([0.8], [0.7])
+    assert single["low"] is None and single["verdict"] == "not distinguishable"
+
+
+def test_usefulness_sentence_says_hurt_in_plain_words():
+    result = {"comparisons": {"real+synthetic vs real+oversampled": paired_difference([0.6, 0.61, 0.62],
+                                                                                      [0.7, 0.7, 0.71])}}
+    sentence = usefulness_sentence(result)
+    assert sentence.startswith("The synthetic top-up hurt") and "do not release" in sentence and "-0.093" in sentence
