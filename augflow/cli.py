@@ -365,8 +365,10 @@ def classify(model, data, out, prior, calibrate_on, batch_size, as_json, amp, de
     click.echo(f"{metrics['n']} images: accuracy {metrics['accuracy']:.3f}, balanced accuracy "
                f"{metrics['balanced_accuracy']:.3f}, macro AUC {metrics['auc_macro']:.3f}, macro F1 "
                f"{metrics['f1_macro']:.3f}")
-    click.echo(f"temperature {metrics['temperature']:.3g} ({metrics['temperature_source']}): "
-               f"ECE {metrics['ece_uncalibrated']:.3f} -> "
+    offsets = "" if metrics["class_biases"] is None else " and per-class offsets"
+    click.echo(f"calibration: temperature {metrics['temperature']:.3g}{offsets} ({metrics['calibration_source']}): "
+               f"balanced accuracy {metrics['balanced_accuracy_uncalibrated']:.3f} -> "
+               f"{metrics['balanced_accuracy']:.3f}, ECE {metrics['ece_uncalibrated']:.3f} -> "
                f"{metrics['ece']:.3f}; selective-prediction area {metrics['selective_prediction']['area']:.3f}")
 
 

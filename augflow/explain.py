@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from augflow.atomic import atomic_path
-from augflow.classify.calibration import calibration_temperature
+from augflow.classify.calibration import stored_calibration
 from augflow.classify.likelihood import class_log_likelihoods, log_prior
-from augflow.classify.metrics import posterior
+from augflow.classify.metrics import Calibration, posterior
 from augflow.data.store import read_images, read_info
 from augflow.errors import ConfigError
 from augflow.flows import brain_mask_from_images
@@ -86,8 +86,8 @@ def explain_file(model_path, data, rows: list[int], class_name: str | None = Non
     images = read_images(data, np.asarray(rows))
     x = torch.from_numpy(images).to(dev)
     log_lik = class_log_likelihoods(model, x, len(names)).double().cpu().numpy()
-    temperature = calibration_temperature(model_path, prior) or 1.0
-    probs = posterior(log_lik, log_prior(meta["class_counts"], prior), temperature)
+    calibration = stored_calibration(model_path, prior) or Calibration()
+    probs = posterior(log_lik, calibration.log_prior(log_prior(meta["class_counts"], prior)), calibration.temperature)
     predicted = probs.argmax(axis=1)
     target = np.full(len(rows), resolve_class(class_name, names)) if class_name else predicted
     other = resolve_class(contrast, names) if contrast else None

@@ -249,15 +249,19 @@ class _Selector:
             if not flow.has_likelihood:
                 raise ConfigError(f"--select posterior needs a model with an exact likelihood (MAGIC-Flow); "
                                   f"{model_path} is a {flow.family!r} model: use --select classifier --real FILE")
-            from augflow.classify.calibration import calibration_temperature
+            from augflow.classify.calibration import stored_calibration
             from augflow.classify.likelihood import class_log_likelihoods, log_prior
+            from augflow.classify.metrics import Calibration
 
-            log_pi = torch.tensor(log_prior(meta["class_counts"]), dtype=torch.float32, device=device)
-            temperature = calibration_temperature(model_path, "train") or 1.0
+            calibration = stored_calibration(model_path, "train") or Calibration()
+            temperature = calibration.temperature
+            log_pi = torch.tensor(calibration.log_prior(log_prior(meta["class_counts"])), dtype=torch.float32,
+                                  device=device)
             k = len(meta["class_names"])
             self._probs = lambda x: torch.softmax((class_log_likelihoods(flow, x, k).float() + log_pi) / temperature,
                                                   dim=1)
-            self.details = {"prior": "train", "calibration_temperature": temperature}
+            self.details = {"prior": "train", "calibration_temperature": temperature,
+                            "class_biases": calibration.biases and list(calibration.biases)}
         elif self.method == "classifier":
             from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from augflow.audit.baseline import predict_proba, train_cnn
-from augflow.classify.calibration import fit_temperature
+from augflow.classify.calibration import fit_calibration
 from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
 from augflow.classify.metrics import (
     Predictions,
@@ -89,20 +89,27 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
     model, meta = load_model(result.model_path, with_meta=True)
     log_pi = log_prior(meta["class_counts"])
     val_ll = dataset_log_likelihoods(model, paths["val"], device="cpu")
-    temperature = fit_temperature(val_ll, val_info.labels, log_pi)
+    calibration = fit_calibration(val_ll, val_info.labels, log_pi)  # temperature and per-class offsets
+    temperature = calibration.temperature
     test_ll = dataset_log_likelihoods(model, paths["test"], device="cpu")
-    flow = predict(test_ll, log_pi, temperature)
+    flow = predict(test_ll, calibration.log_prior(log_pi), temperature)
     flow_metrics = classification_metrics(test_info.labels, flow, names)
     flow_metrics["ece_uncalibrated"] = expected_calibration_error(posterior(test_ll, log_pi), test_info.labels)
     flow_metrics["temperature"] = temperature
     uniform = predict(test_ll, log_prior(meta["class_counts"], "uniform"),
-                      fit_temperature(val_ll, val_info.labels, log_prior(meta["class_counts"], "uniform")))
+                      fit_calibration(val_ll, val_info.labels, log_prior(meta["class_counts"], "uniform"),
+                                      biases=False).temperature)
     uniform_metrics = classification_metrics(test_info.labels, uniform, names)
 
     images = np.concatenate([read_images(paths["train"]), read_images(paths["val"])])
     labels = np.concatenate([train_info.labels, val_info.labels])
+    # The same CPU-seconds as the flow, as a number of epochs (one timed epoch first), so that the CNN's run
+    # is an epoch budget that reproduces (recorded in the summary).
     started = time.process_time()
-    cnn = train_cnn(images, labels, k, epochs=1000, budget_s=flow_seconds, seed=seed, clock=time.process_time)
+    train_cnn(images, labels, k, epochs=1, seed=seed)
+    cnn_epochs = max(1, round(flow_seconds / (time.process_time() - started)))
+    started = time.process_time()
+    cnn = train_cnn(images, labels, k, epochs=cnn_epochs, seed=seed)
     cnn_seconds = time.process_time() - started
     probs = predict_proba(cnn, read_images(paths["test"])).astype(np.float64)
     cnn_preds = Predictions(np.log(np.maximum(probs, 1e-300)), probs, probs.argmax(1), entropy(probs))
@@ -114,7 +121,8 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
         "fold": fold, "command": command, "image_size": test_info.image_shape[-1], "class_names": names,
         "train_images": len(train_info), "val_images": len(val_info),
         "test_images": len(test_info), "flow_steps": result.steps, "flow_train_seconds": flow_seconds,
-        "cnn_train_seconds": cnn_seconds, "threads": torch.get_num_threads(), "best_val_bpd": result.best_val_loss,
+        "cnn_train_seconds": cnn_seconds, "cnn_epochs": cnn_epochs, "threads": torch.get_num_threads(),
+        "best_val_bpd": result.best_val_loss,
         "flow": flow_metrics, "flow_uniform_prior": uniform_metrics, "cnn": cnn_metrics,
     }
     (fold_dir / "result.json").write_text(json.dumps(summary, indent=2))

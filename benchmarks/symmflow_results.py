@@ -70,7 +70,7 @@ def classify_symmflow(work: Path, run_name: str, prefix: str) -> dict:
     """MedSymmFlow's readout of the test split with 1 and 4 passes (temperature fitted on the validation split)."""
     import dataclasses
 
-    from augflow.classify.calibration import fit_temperature
+    from augflow.classify.calibration import fit_calibration
     from augflow.classify.metrics import expected_calibration_error
     from augflow.classify.readout import classify_images, readout_metrics
     from augflow.data.store import read_images, read_info
@@ -84,8 +84,8 @@ def classify_symmflow(work: Path, run_name: str, prefix: str) -> dict:
     out = {}
     for passes in (1, 4):
         # The same calls as augflow.classify.classify_file(..., calibrate_on=val), with the test pass timed.
-        temperature = fit_temperature(classify_images(model, x_val, passes=passes, batch_size=64).scores,
-                                      val.labels, np.zeros(len(names)))
+        temperature = fit_calibration(classify_images(model, x_val, passes=passes, batch_size=64).scores,
+                                      val.labels, np.zeros(len(names)), biases=False).temperature
         start = time.perf_counter()
         result = classify_images(model, x_test, passes=passes, batch_size=64)
         seconds = time.perf_counter() - start
@@ -93,7 +93,7 @@ def classify_symmflow(work: Path, run_name: str, prefix: str) -> dict:
             r = dataclasses.replace(result, rank_by=rank_by,
                                     uncertainty=result.distance if rank_by == "distance" else result.spread)
             metrics = readout_metrics(test.labels, r, names, temperature)
-            metrics["ece_uncalibrated"] = expected_calibration_error(r.predictions(1.0).probs, test.labels)
+            metrics["ece_uncalibrated"] = expected_calibration_error(r.predictions().probs, test.labels)
             metrics["temperature"] = temperature
             key = prefix + ("" if passes == 1 else "-4pass") + ("-spread" if rank_by == "spread" else "")
             out[key] = {"metrics": metrics, "images_per_s": len(x_test) / seconds,

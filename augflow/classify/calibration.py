@@ -1,50 +1,86 @@
-"""Calibration of a classifier's posterior by one temperature, fitted on labelled data and stored with the model.
+"""Calibration of a classifier's posterior, fitted on labelled data and stored with the model.
 
-Temperature scaling (Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks", 2017,
-arXiv:1706.04599): the posterior is ``softmax((scores + log prior) / T)`` with ``T`` minimising the negative
-log-likelihood of the labels of a held-out file. The fitted record is stored beside the model
-(``calibration.json``, :mod:`augflow.runs`) and used by later calls that fit none. This calibration temperature is
-not the sampling temperature stored with the model (``meta["temperature"]``).
+The posterior is ``softmax((scores + b + log prior) / T)``:
+
+- ``T``, temperature scaling (Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks", 2017,
+  arXiv:1706.04599), fixes over- or under-confidence without changing any decision;
+- ``b``, one offset per class (logit adjustment; Menon et al. 2021, arXiv:2007.07314), corrects the normalisers
+  of class-conditional likelihoods: a class whose density is systematically higher wins the argmax for images of
+  every class even when the likelihoods rank the images well (high AUC, low balanced accuracy). ``b_0 = 0``.
+
+Both are fitted together by minimising the class-balanced negative log-likelihood of the labels of a held-out file
+(each class weighs the same, so the minority classes count as much as in balanced accuracy), with a small L2
+penalty on ``b / T`` that keeps it finite when a class of the held-out file is perfectly separated. The fitted record
+is stored beside the model (``calibration.json``, :mod:`augflow.runs`) and used by later calls that fit none. This
+calibration temperature is not the sampling temperature stored with the model (``meta["temperature"]``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize
 
-from augflow.classify.metrics import Scorer, expected_calibration_error, posterior
+from augflow.classify.metrics import Calibration, Scorer, balanced_accuracy, expected_calibration_error
 from augflow.data.store import read_info, sha256_file
 from augflow.runs import calibration_file, check_classes, write_json
 
+BIAS_L2 = 1e-4  # per squared logit: negligible against the likelihood term, finite offsets on separable data
 
-def fit_temperature(log_likelihoods: np.ndarray, labels: np.ndarray, log_pi: np.ndarray) -> float:
-    """Temperature minimising the negative log-likelihood of the labels (searched on log T in [-3, 12])."""
 
-    def nll(log_t: float) -> float:
-        p = posterior(log_likelihoods, log_pi, math.exp(log_t))
-        return -np.mean(np.log(np.maximum(p[np.arange(len(labels)), labels], 1e-300)))
+def fit_calibration(scores: np.ndarray, labels: np.ndarray, log_pi: np.ndarray, biases: bool = True) -> Calibration:
+    """``T`` (and ``b`` when ``biases``) minimising the class-balanced negative log-likelihood of ``labels``.
 
-    return float(math.exp(minimize_scalar(nll, bounds=(-3, 12), method="bounded").x))
+    Arguments:
+        scores: (N, K) class scores (``log p(x | k)`` for the likelihood classifier).
+        labels: (N,) true classes.
+        log_pi: (K,) log prior.
+        biases: Fit the K - 1 free class offsets as well (else the temperature only).
+    """
+    labels = np.asarray(labels)
+    k = scores.shape[1]
+    counts = np.bincount(labels, minlength=k)
+    weight = 1.0 / counts[labels]
+    weight /= weight.sum()
+    rows = np.arange(len(labels))
+
+    def unpack(theta: np.ndarray) -> Calibration:
+        # theta = (log T, b_1 / T, ..., b_{K-1} / T): offsets in units of the posterior's logits, so that the
+        # penalty does not depend on the scale of the scores.
+        t = float(np.exp(theta[0]))
+        return Calibration(t, tuple(map(float, t * np.concatenate([[0.0], theta[1:]]))) if biases else None)
+
+    def loss(theta: np.ndarray) -> float:
+        c = unpack(theta)
+        logits = (scores + c.log_prior(log_pi)) / c.temperature
+        log_p = logits[rows, labels] - np.logaddexp.reduce(logits, axis=1)
+        return float(-np.sum(weight * log_p) + BIAS_L2 * np.sum(theta[1:] ** 2))
+
+    theta0 = np.zeros(k if biases else 1)
+    # Start T at the scores' spread: log-likelihood gaps are hundreds of nats, softmax needs units.
+    theta0[0] = np.log(max(float(np.std(scores)), 1e-3))
+    fitted = minimize(loss, theta0, method="L-BFGS-B", bounds=[(-3, 12)] + [(None, None)] * (len(theta0) - 1))
+    return unpack(fitted.x)
 
 
 def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.PathLike,
-              class_names: list[str]) -> dict:
-    """Fit the calibration temperature of a classifier on a labelled file and store it beside the model.
+              class_names: list[str], biases: bool = True) -> dict:
+    """Fit the calibration of a classifier on a labelled file and store it beside the model.
 
     Arguments:
         model: The model's run folder or file (where the record is stored).
         scorer: The model's classifier.
         calibrate_on: The labelled file (the validation split).
         class_names: The model's classes.
+        biases: Fit per-class offsets as well as the temperature.
 
     Returns:
-        The stored record: ``{"calibration_temperature", "prior", "fitted_on", "fitted_on_sha256", "n",
-        "ece_before", "ece_after"}``.
+        The stored record: ``{"calibration_temperature", "class_biases" (by class name, or None), "prior",
+        "fitted_on", "fitted_on_sha256", "n", "ece_before", "ece_after", "balanced_accuracy_before",
+        "balanced_accuracy_after"}`` (before / after: on the file it was fitted on).
 
     Raises:
         DataError: If the file's classes differ from the model's.
@@ -52,21 +88,26 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
     val = read_info(calibrate_on)
     check_classes(val.class_names, class_names, f"--calibrate-on {calibrate_on}")
     scores = scorer.score(calibrate_on)
-    temperature = fit_temperature(scores.values, val.labels, scores.log_prior)
+    fitted = fit_calibration(scores.values, val.labels, scores.log_prior, biases)
+    before, after = scores.predictions(), scores.predictions(fitted)
     record = {
-        "calibration_temperature": temperature, "prior": scorer.prior,
-        "fitted_on": str(Path(calibrate_on).resolve()), "fitted_on_sha256": sha256_file(calibrate_on),
-        "n": len(val), "ece_before": expected_calibration_error(scores.predictions().probs, val.labels),
-        "ece_after": expected_calibration_error(scores.predictions(temperature).probs, val.labels),
+        "calibration_temperature": fitted.temperature,
+        "class_biases": None if fitted.biases is None else dict(zip(class_names, fitted.biases, strict=True)),
+        "prior": scorer.prior, "fitted_on": str(Path(calibrate_on).resolve()),
+        "fitted_on_sha256": sha256_file(calibrate_on), "n": len(val),
+        "ece_before": expected_calibration_error(before.probs, val.labels),
+        "ece_after": expected_calibration_error(after.probs, val.labels),
+        "balanced_accuracy_before": balanced_accuracy(val.labels, before.predicted),
+        "balanced_accuracy_after": balanced_accuracy(val.labels, after.predicted),
     }
     write_json(record, calibration_file(model))
     return record
 
 
-def calibration_temperature(model: str | os.PathLike, prior: str) -> float | None:
-    """The calibration temperature stored for a model and prior, or None.
+def stored_calibration(model: str | os.PathLike, prior: str) -> Calibration | None:
+    """The calibration stored for a model and prior, or None.
 
-    Files written before the key was renamed hold it as ``"temperature"``.
+    Files written before the keys were renamed hold the temperature as ``"temperature"`` and no biases.
     """
     path = calibration_file(model)
     if not path.is_file():
@@ -74,4 +115,6 @@ def calibration_temperature(model: str | os.PathLike, prior: str) -> float | Non
     record = json.loads(path.read_text())
     if record.get("prior") != prior:
         return None
-    return record.get("calibration_temperature", record.get("temperature"))
+    biases = record.get("class_biases")
+    return Calibration(record.get("calibration_temperature", record.get("temperature")),
+                       None if biases is None else tuple(biases.values()))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 
 from augflow.atomic import atomic_write_text
-from augflow.classify.calibration import calibrate, calibration_temperature
+from augflow.classify.calibration import calibrate, stored_calibration
 from augflow.classify.likelihood import LikelihoodScorer
-from augflow.classify.metrics import Scorer, expected_calibration_error
+from augflow.classify.metrics import Calibration, Scorer, balanced_accuracy, expected_calibration_error
 from augflow.classify.readout import ReadoutScorer
 from augflow.data.store import read_info
 from augflow.models import load_model
@@ -29,8 +29,9 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
         model: Run folder or model file.
         data: Dataset file to classify.
         prior: Likelihood classifier: "train" (training-class frequencies stored with the model) or "uniform".
-        calibrate_on: Optional labelled file (the validation split) on which to fit the calibration temperature;
-            it is stored beside the model (``calibration.json``) and used by later calls without ``calibrate_on``.
+        calibrate_on: Optional labelled file (the validation split) on which to fit the calibration (temperature,
+            and per-class offsets for the likelihood classifier); it is stored beside the model
+            (``calibration.json``) and used by later calls without ``calibrate_on``.
         batch_size: Images per batch.
         device: "auto", "cpu" or "cuda[:N]".
         passes: Read-out: stochastic read-outs per image.
@@ -41,8 +42,9 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
 
     Returns:
         ``{"class_names", "predictions": Predictions, "labels", "metrics", "score_column"}``; ``metrics`` holds
-        the calibration ``temperature``, its ``temperature_source``, ``ece_uncalibrated`` and the ``prior``
-        ("none": the read-out uses no class prior).
+        the calibration ``temperature``, the ``class_biases`` (None: none), their ``calibration_source``,
+        ``ece_uncalibrated``, ``balanced_accuracy_uncalibrated`` and the ``prior`` ("none": the read-out uses no
+        class prior).
 
     Raises:
         DataError: If a file's classes differ from the model's. ConfigError: For invalid options.
@@ -58,19 +60,23 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
     else:  # MedSymmFlow: the integrated class mask's nearest palette colour
         scorer = ReadoutScorer(loaded, passes, batch_size, seed, device, rank_by, progress, amp)
     if calibrate_on is not None:
-        temperature = calibrate(model, scorer, calibrate_on, names)["calibration_temperature"]
+        calibrate(model, scorer, calibrate_on, names, biases=loaded.has_likelihood)
         source = f"fitted on {calibrate_on}"
-    else:
-        temperature = calibration_temperature(model, scorer.prior)
-        source = "stored with the model" if temperature is not None else "none (temperature 1)"
-        temperature = 1.0 if temperature is None else temperature
+    calibration = stored_calibration(model, scorer.prior)
+    if calibrate_on is None:
+        source = "stored with the model" if calibration is not None else "none (temperature 1, no offsets)"
+    calibration = calibration or Calibration()
     scores = scorer.score(data)
-    metrics = scores.metrics(info.labels, names, temperature)
-    metrics["ece_uncalibrated"] = expected_calibration_error(scores.predictions().probs, info.labels)
-    metrics["temperature"] = temperature
-    metrics["temperature_source"] = source
+    metrics = scores.metrics(info.labels, names, calibration)
+    uncalibrated = scores.predictions()
+    metrics["ece_uncalibrated"] = expected_calibration_error(uncalibrated.probs, info.labels)
+    metrics["balanced_accuracy_uncalibrated"] = balanced_accuracy(info.labels, uncalibrated.predicted)
+    metrics["temperature"] = calibration.temperature
+    metrics["class_biases"] = None if calibration.biases is None else dict(zip(names, calibration.biases,
+                                                                              strict=True))
+    metrics["calibration_source"] = source
     metrics["prior"] = scorer.prior
-    return {"class_names": names, "predictions": scores.predictions(temperature), "labels": info.labels,
+    return {"class_names": names, "predictions": scores.predictions(calibration), "labels": info.labels,
             "metrics": metrics, "score_column": scorer.score_column}
 
 

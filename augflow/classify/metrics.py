@@ -21,6 +21,18 @@ from sklearn import metrics as skm
 REJECTION_GRID = np.arange(0, 100, 5) / 100  # reject the most uncertain 0, 5, ..., 95 %
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted calibration: temperature ``T`` and per-class offsets ``b`` (None: no offsets)."""
+
+    temperature: float = 1.0
+    biases: tuple[float, ...] | None = None
+
+    def log_prior(self, log_pi: np.ndarray) -> np.ndarray:
+        """The log prior with the class offsets added (what the scores are shifted by before ``/ T``)."""
+        return log_pi if self.biases is None else log_pi + np.asarray(self.biases)
+
+
 def posterior(log_likelihoods: np.ndarray, log_pi: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """``p(y | x)`` (N, K) from log-likelihoods (N, K) and a log prior, with the logits divided by ``temperature``."""
     logits = (log_likelihoods + log_pi) / temperature
@@ -80,6 +92,11 @@ def predict(log_likelihoods: np.ndarray, log_pi: np.ndarray, temperature: float 
     """The posterior of class scores and a log prior at a temperature, its argmax and its entropy."""
     probs = posterior(log_likelihoods, log_pi, temperature)
     return Predictions(log_likelihoods, probs, probs.argmax(axis=1), entropy(probs))
+
+
+def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in ``labels`` (scikit-learn's definition)."""
+    return float(skm.balanced_accuracy_score(labels, predicted))
 
 
 def macro_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -142,17 +159,19 @@ class Scores:
     auc_from_values: bool = False
     extra: dict = field(default_factory=dict)
 
-    def predictions(self, temperature: float = 1.0) -> Predictions:
-        """The posterior ``softmax((values + log_prior) / T)`` and the decisions."""
-        preds = predict(self.values, self.log_prior, temperature)
-        if self.predicted is not None:  # the same argmax, kept exactly (no ties from a flat posterior)
+    def predictions(self, calibration: Calibration | None = None) -> Predictions:
+        """The posterior ``softmax((values + b + log_prior) / T)`` of a calibration (none: b = 0, T = 1)."""
+        calibration = calibration or Calibration()
+        preds = predict(self.values, calibration.log_prior(self.log_prior), calibration.temperature)
+        if self.predicted is not None and calibration.biases is None:  # the same argmax, kept exactly (no ties
+            # from a flat posterior); class offsets change the decisions
             preds.predicted = self.predicted
         return preds
 
-    def metrics(self, labels: np.ndarray, class_names: list[str], temperature: float = 1.0) -> dict:
-        """:func:`classification_metrics` of the scores at ``temperature``, and the classifier's own."""
+    def metrics(self, labels: np.ndarray, class_names: list[str], calibration: Calibration | None = None) -> dict:
+        """:func:`classification_metrics` of the scores under a calibration, and the classifier's own."""
         labels = np.asarray(labels)
-        preds = self.predictions(temperature)
+        preds = self.predictions(calibration)
         metrics = classification_metrics(labels, preds, class_names,
                                          scores=self.values if self.auc_from_values else None,
                                          uncertainty=self.uncertainty)

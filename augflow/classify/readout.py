@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from augflow.classify.metrics import Predictions, Scores
+from augflow.classify.metrics import Calibration, Predictions, Scores
 from augflow.data.store import read_images
 from augflow.errors import ConfigError
 from augflow.models import ModelFamily
@@ -55,9 +55,9 @@ class SymmFlowClassification:
                       uncertainty=self.uncertainty, auc_from_values=True,
                       extra={"selective_prediction_by": self.rank_by, "passes": self.passes})
 
-    def predictions(self, temperature: float = 1.0) -> Predictions:
+    def predictions(self, calibration: Calibration | None = None) -> Predictions:
         """As the MAGIC-Flow classifier's :class:`~augflow.classify.metrics.Predictions`: ``softmax(scores / T)``."""
-        return self.as_scores().predictions(temperature)
+        return self.as_scores().predictions(calibration)
 
 
 @torch.inference_mode()
@@ -122,7 +122,7 @@ def readout_metrics(labels: np.ndarray, result: SymmFlowClassification, class_na
     """The metrics of ``augflow classify`` of a read-out (keys of
     :func:`~augflow.classify.metrics.classification_metrics`, plus ``selective_prediction_by``, ``passes`` and
     ``uncertainty_error_auroc``)."""
-    return result.as_scores().metrics(labels, class_names, temperature)
+    return result.as_scores().metrics(labels, class_names, Calibration(temperature))
 
 
 class ReadoutScorer:

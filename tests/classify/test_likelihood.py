@@ -7,8 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TINY
+from sklearn.metrics import balanced_accuracy_score
 
-from augflow.classify.calibration import fit_temperature
+from augflow.classify.calibration import fit_calibration
 from augflow.classify.likelihood import class_log_likelihoods, log_prior
 from augflow.classify.metrics import expected_calibration_error, posterior, selective_prediction
 from augflow.cli import cli
@@ -64,11 +65,26 @@ def test_calibration():
     log_lik = 50 * logits
     pi = log_prior([1, 1, 1])
     raw = posterior(log_lik, pi)
-    temperature = fit_temperature(log_lik, labels, pi)
+    temperature = fit_calibration(log_lik, labels, pi, biases=False).temperature
     assert 30 < temperature < 80
     assert expected_calibration_error(posterior(log_lik, pi, temperature), labels) < 0.03
     assert expected_calibration_error(raw, labels) > 0.1
     assert np.allclose(log_prior([3, 1], "uniform"), np.log([0.5, 0.5]))
+
+
+def test_class_offsets_recover_a_constant_log_likelihood_offset():
+    # The likelihoods rank the images well, but class 2's normaliser is 60 nats too high: it wins most argmaxes.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 3000)
+    scores = rng.normal(size=(3000, 3))
+    scores[np.arange(3000), labels] += 2.0
+    scores = 20 * scores + np.array([0.0, -5.0, 60.0])
+    pi = log_prior([1, 1, 1])
+    assert balanced_accuracy_score(labels, posterior(scores, pi).argmax(1)) < 0.5
+    fitted = fit_calibration(scores, labels, pi)
+    np.testing.assert_allclose(fitted.biases, [0.0, 5.0, -60.0], atol=2.0)
+    assert 8 < fitted.temperature < 12  # the Bayes posterior of unit Gaussians 2 apart: logits 2 z = scores / 10
+    assert balanced_accuracy_score(labels, posterior(scores, fitted.log_prior(pi), fitted.temperature).argmax(1)) > 0.8
 
 
 def _noise_dataset(path, n_per_class, seed):
@@ -102,7 +118,8 @@ def test_noise_level_toy_is_classified_and_cli_reports_metrics(tmp_path):
     # The fitted temperature is stored beside the model and used when --calibrate-on is not given.
     again = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file), "--json"])
     stored = json.loads(again.output)
-    assert stored["temperature"] == metrics["temperature"] and stored["temperature_source"] == "stored with the model"
+    assert stored["temperature"] == metrics["temperature"] and stored["calibration_source"] == "stored with the model"
+    assert stored["class_biases"] == metrics["class_biases"] and set(metrics["class_biases"]) == {"quiet", "noisy"}
 
     # Attribution maps: the contrast map sums to the log-likelihood ratio of the two classes.
     explanation = explain_file(tmp_path / "run", test_file, [0, 25], contrast="quiet")
