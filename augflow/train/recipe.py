@@ -64,11 +64,12 @@ class TrainConfig:
 
 @dataclass
 class AugmentConfig:
-    """Light augmentation of the training images, as in the MAGIC-Flow reference: rotation, shift, noise."""
+    """Light augmentation of the training images (:mod:`augflow.train.augment`): whole-pixel shifts, noise, and a
+    rotation that is off by default because its resampling erases the scanner signature."""
 
     enabled: bool = True
-    rotation_deg: float = 3.0
-    shift_px: float = 2.0
+    rotation_deg: float = 0.0
+    shift_px: int = 2
     noise_std: float = 0.01
 
 
