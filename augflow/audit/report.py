@@ -247,6 +247,10 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
                f"copying), {m['memorization']['exact_copies']} exact and {m['memorization']['near_copies']} near "
                "copies of training images."]
     fo = m["fidelity"]["overall"]
+    rec = m.get("recognition")
+    if rec is not None and rec["synthetic_mean"] is not None:
+        summary.append(f"Class recognition: a classifier trained on the real images files {rec['synthetic_mean']:.0%}"
+                       f" of the synthetic images under their own class (real test images: {rec['real_mean']:.0%}).")
     summary.append(f"Fidelity ({m['feature_space']['name']} features): FID {_fmt(fo['synthetic']['fid'])} for "
                    f"synthetic vs {_fmt(fo['real']['fid'])} for real training images (lower is better; the real "
                    "value is the reachable floor at this sample size).")
@@ -294,6 +298,15 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
             rows.append([f"{group}: {cand}", c["n_candidate"], _fmt(c["fid"]) + _ci(c["fid_ci95"]), kid,
                          c["precision"], c["recall"], c["density"], c["coverage"]])
     doc.table(header, rows)
+    rec = m.get("recognition")
+    if rec is not None:
+        doc.p("Class recognition: the fraction of each class's images that a ResNet-18 trained on the real training "
+              "images assigns to that class. A synthetic image filed under another class teaches a downstream "
+              "classifier the wrong boundary; the real test images give the reachable value.")
+        doc.table(["class", "synthetic", "real test"],
+                  [["mean over classes", rec["synthetic_mean"], rec["real_mean"]],
+                   *[[n, "n/a" if rec["synthetic"][n] is None else rec["synthetic"][n],
+                      "n/a" if rec["real"][n] is None else rec["real"][n]] for n in names]])
     if "samples" in figures:
         doc.figure("samples", figures["samples"], "Synthetic (left) and real training (right) images per class")
 

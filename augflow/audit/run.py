@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 
 from augflow.audit.diversity import diversity
 from augflow.audit.downstream import PROTOCOLS, check_subjects_disjoint, downstream
-from augflow.audit.features import EncoderRecipe, feature_space
+from augflow.audit.features import EncoderRecipe, domain_encoder_path, feature_space, load_encoder
 from augflow.audit.fidelity import fidelity, torch_fidelity_metrics
 from augflow.audit.figures import figure_closest_pairs, figure_dcr, figure_roc, figure_samples
 from augflow.audit.memorization import membership_inference, memorization
+from augflow.audit.recognition import class_recognition
 from augflow.audit.report import GateThresholds, public, release_gate, write_report
 from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
 from augflow.classify.metrics import classification_metrics, predict
@@ -201,6 +202,10 @@ def run_audit(
         overall["fid_from_features"] = overall["fid"]
         overall.update(engine)
         metrics["fidelity"] = fid
+        # Recognition by the domain encoder (trained on the real training file, cached), whatever the feature space.
+        encoder = load_encoder(domain_encoder_path(train, encoder_recipe, cache_dir, device, progress))
+        metrics["recognition"] = class_recognition(encoder, x["synthetic"], y["synthetic"], x["real"], y["real"],
+                                                   names, device=device)
 
     with stage("diversity"):
         metrics["diversity"] = diversity(x["synthetic"], y["synthetic"], x["train"], y["train"], names, pairs, seed)

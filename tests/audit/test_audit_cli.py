@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from augflow.cli import cli
 
 TOP_LEVEL = {"schema", "command", "inputs", "privacy", "feature_space", "fidelity", "diversity", "memorization",
-             "membership_inference", "likelihood_classifier", "downstream", "settings", "gate", "timings_s"}
+             "membership_inference", "likelihood_classifier", "downstream", "settings", "gate", "timings_s",
+             "recognition"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,6 +57,8 @@ def test_audit_end_to_end_and_gate(tmp_path):
     assert list(metrics["downstream"]["protocols"]) == ["real", "real+oversampled", "real+synthetic", "synthetic"]
     assert set(metrics["downstream"]["comparisons"]) == {"real+synthetic vs real+oversampled", "real+synthetic vs real"}
     assert 0 <= metrics["likelihood_classifier"]["accuracy"] <= 1
+    rec = metrics["recognition"]
+    assert rec["synthetic"]["a"] is None and 0 <= rec["synthetic"]["c"] <= 1 and 0 <= rec["real_mean"] <= 1
     assert metrics["inputs"]["synthetic"]["provenance"]["generator"] == "test"
     html = (out / "report.html").read_text()
     assert "Data card" in html and "data:image/png;base64," in html and "not differentially private" in html

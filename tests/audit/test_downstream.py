@@ -105,3 +105,11 @@ def test_usefulness_sentence_says_hurt_in_plain_words():
                                                                                       [0.7, 0.7, 0.71])}}
     sentence = usefulness_sentence(result)
     assert sentence.startswith("The synthetic top-up hurt") and "do not release" in sentence and "-0.093" in sentence
+
+
+def test_recognition_rates_count_each_class_own_argmax():
+    from augflow.audit.recognition import recognition_rates
+
+    probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0], [0.1, 0.1, 0.8]])
+    rates = recognition_rates(probs, np.array([0, 1, 1, 1]), ["a", "b", "c"])
+    assert rates == {"a": 1.0, "b": pytest.approx(1 / 3), "c": None}
