@@ -47,6 +47,8 @@ from augflow.audit.downstream import (
     paired_difference,
     topup_rows,
 )
+from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
+from augflow.audit.recognition import class_recognition
 from augflow.data.store import read_images, read_info
 
 FAMILIES = {"magic": "", "symm": "-symmflow"}  # recipe suffix per family
@@ -177,7 +179,11 @@ def main() -> None:
                 print(f"{arm} seed {seed}: {record['balanced_accuracy']:.3f} ({record['cpu_s']:.0f} CPU s)",
                       flush=True)
             results[arm].append(json.loads(path.read_text()))
-    report = render(args, results, names, minority_classes(y, names), log, files, test)
+    # Class recognition of every synthetic file by the audit's domain encoder (trained on train.h5, cached).
+    encoder = load_encoder(domain_encoder_path(train_file, EncoderRecipe()))
+    recognition = {arm: class_recognition(encoder, read_images(path), read_info(path).labels, x_test, test.labels,
+                                          names) for arm, path in files.items()}
+    report = render(args, results, names, minority_classes(y, names), log, files, test, recognition)
     out = args.out or work / f"usefulness-{args.eval}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
@@ -185,7 +191,7 @@ def main() -> None:
 
 
 def render(args, results: dict, names: list[str], minority: list[str], log: list[str], files: dict,
-           test) -> str:
+           test, recognition: dict) -> str:
     bal = {a: [r["balanced_accuracy"] for r in rs] for a, rs in results.items()}
     lines = [f"# Usefulness: {args.task} task, {args.size} px, evaluated on the {args.eval} split", "",
              f"ResNet-18 from scratch, class-weighted loss, {args.epochs} epochs, bf16, seeds 0..{args.seeds - 1}; "
@@ -212,13 +218,25 @@ def render(args, results: dict, names: list[str], minority: list[str], log: list
     for arm, rs in results.items():
         lines.append(f"| {label(arm)} | " + " | ".join(f"{np.mean([r['recall'][n] for r in rs]):.2f}"
                                                        for n in names) + " |")
+    if recognition:
+        reference = next(iter(recognition.values()))
+        lines += ["", "Class recognition: the fraction of each class's images that a ResNet-18 trained on the real "
+                  f"training images (the audit's domain encoder) files under their own class; reference: the "
+                  f"{args.eval} images.", "", "| images | mean | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names),
+                  f"| real {args.eval} | {reference['real_mean']:.2f} | "
+                  + " | ".join("" if reference["real"][n] is None else f"{reference['real'][n]:.2f}" for n in names)
+                  + " |"]
+        for arm, rec in recognition.items():
+            lines.append(f"| {arm} | {rec['synthetic_mean']:.2f} | " + " | ".join(
+                "" if rec["synthetic"][n] is None else f"{rec['synthetic'][n]:.2f}" for n in names) + " |")
     lines += ["", "Synthetic files:", ""]
     for arm, path in files.items():
         prov = read_info(path).provenance or {}
         sel = prov.get("selection") or {}
         rate = sel.get("acceptance_rate")
         rate = (", acceptance " + ", ".join(f"{k} {v:.2f}" for k, v in rate.items())) if rate else ""
-        lines.append(f"- `{label(arm)}`: {path.name}, {len(read_info(path).labels)} images{rate}")
+        lines.append(f"- `{arm}`: {path.name}, {len(read_info(path).labels)} images{rate}")
     lines += ["", "Commands (the stages run in this invocation; cached stages are not repeated):", "", "```",
               shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), *log, "```", ""]
     return "\n".join(lines)
