@@ -17,7 +17,7 @@ from augflow.data.phantom import generate_demo_data
 from augflow.data.splits import split_file
 from augflow.data.store import read_info
 from augflow.runs import CHECKPOINT
-from augflow.synthesize import balance_counts, synthesize, training_counts
+from augflow.synthesize import synthesize, topup_counts
 from augflow.train.loop import train
 from augflow.train.recipe import load_recipe
 
@@ -60,8 +60,9 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
          f"-> {result.model_path}")
 
     echo(f"[4/{steps}] synthesizing a balanced top-up of the under-represented classes")
-    counts = balance_counts(training_counts(result.model_path))
-    synthetic = synthesize(result.model_path, out_dir / "synthetic.h5", counts, seed=seed, progress=progress)
+    counts, source = topup_counts(result.model_path, real=parts["train"])
+    synthetic = synthesize(result.model_path, out_dir / "synthetic.h5", counts, seed=seed, progress=progress,
+                           counts_source=source)
     echo(f"  wrote {sum(synthetic.counts.values())} images to {synthetic.out}: "
          + ", ".join(f"{k} {v}" for k, v in synthetic.counts.items() if v))
     paths = {"data": full, **parts, "run": run, "synthetic": synthetic.out}
@@ -77,6 +78,9 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
     echo(f"  FID {fid['synthetic']['fid']:.1f} (real train vs test: {fid['real']['fid']:.1f}); copy fraction "
          f"{report['memorization']['copy_fraction']:.3f}; membership-inference AUC "
          f"{report['membership_inference']['auc']:.3f}")
+    rec = report["recognition"]
+    echo(f"  a classifier trained on the real images files {rec['synthetic_mean']:.0%} of the synthetic images under "
+         f"their own class (real test images: {rec['real_mean']:.0%})")
     balanced = {p: v["summary"]["balanced_accuracy"] for p, v in report["downstream"]["protocols"].items()}
     spread = (lambda v: f" ± {v['std']:.3f}") if audit_seeds > 1 else (lambda v: "")
     echo(f"  downstream balanced accuracy ({audit_seeds} seed(s)): "

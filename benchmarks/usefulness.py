@@ -52,9 +52,10 @@ from augflow.audit.recognition import class_recognition
 from augflow.data.store import read_images, read_info
 
 FAMILIES = {"magic": "", "symm": "-symmflow"}  # recipe suffix per family
-# Generator budgets in epochs (of the scanner training split at 32 px: 60 epochs = 3,600 MAGIC-Flow steps).
+# Generator budgets in epochs (scanner training split at 32 px: MAGIC-Flow 30 epochs = 1,800 steps of 16 images,
+# MedSymmFlow 60 epochs = 1,800 steps of 32).
 TRAIN_SETTINGS = {
-    "magic": ["--set", "train.amp=true", "--set", "train.epochs=60"],
+    "magic": ["--set", "train.amp=true", "--set", "train.epochs=30"],
     "symm": ["--set", "train.amp=true", "--set", "train.epochs=60", "--set", "model.channel_mult=[1,2,2]",
              "--set", "model.attention_resolutions=[8]"],
 }
