@@ -18,8 +18,9 @@ from augflow.audit.figures import figure_closest_pairs, figure_dcr, figure_roc, 
 from augflow.audit.memorization import membership_inference, memorization
 from augflow.audit.recognition import class_recognition
 from augflow.audit.report import GateThresholds, public, release_gate, write_report
+from augflow.classify.calibration import stored_calibration
 from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
-from augflow.classify.metrics import classification_metrics, predict
+from augflow.classify.metrics import Calibration, classification_metrics, predict
 from augflow.data.store import read_images, read_info, sha256_file
 from augflow.errors import DataError
 from augflow.models import ModelFamily, load_model
@@ -230,8 +231,11 @@ def run_audit(
             if flow.has_likelihood:  # the likelihood classifier on the same test images
                 test_ll = dataset_log_likelihoods(flow, real, device=device, amp=amp)
                 counts = meta.get("class_counts") or np.bincount(y["train"], minlength=len(names)).tolist()
-                preds = predict(test_ll, log_prior(counts))
+                # The calibration fitted on a validation split (`augflow classify --calibrate-on`), never on --real.
+                calibration = stored_calibration(model, "train") or Calibration()
+                preds = predict(test_ll, calibration.log_prior(log_prior(counts)), calibration.temperature)
                 metrics["likelihood_classifier"] = classification_metrics(y["real"], preds, names)
+                metrics["likelihood_classifier"]["calibrated"] = calibration.biases is not None
 
     metrics["downstream"] = None
     if run_downstream:
