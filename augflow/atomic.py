@@ -5,8 +5,8 @@ atomic within one file system, which a sibling guarantees), so an interrupted ru
 under the final name. The temporary file is removed on any exception, ``KeyboardInterrupt`` included (the CLI
 turns SIGTERM into one); one left by a killed process (kill -9) is swept by the next write of the same output.
 
-:func:`check_output` is what every command calls before its first write: an existing output is replaced only
-with ``overwrite``, and one of the command's own inputs never.
+:func:`check_output` (a file) and :func:`check_output_folder` are what every command calls before its first write:
+an existing output is replaced only with ``overwrite``, and one of the command's own inputs never.
 """
 
 from __future__ import annotations
@@ -110,6 +110,22 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: Itera
         raise ConfigError(f"{option} {path}: the file already exists; pass --overwrite to replace it, or choose "
                           f"another path")
     return path
+
+
+def check_output_folder(folder: str | os.PathLike, overwrite: bool = False, option: str = "--out") -> Path:
+    """Check, before any work, that a command may write its files into ``folder``: a new or empty folder, or with
+    ``overwrite`` any folder (the command's files of the same names are replaced, others are kept).
+
+    Raises:
+        ConfigError: If ``folder`` is a file, or a non-empty folder without ``overwrite``.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {folder}: is a file; give a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise ConfigError(f"{option} {folder}: the folder is not empty; pass --overwrite to write into it (files of "
+                          f"the same names are replaced), or choose a new folder")
+    return folder
 
 
 def atomic_save(obj, path: str | os.PathLike, private: bool = False) -> None:

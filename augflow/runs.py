@@ -102,18 +102,21 @@ def load_file(path: str | os.PathLike, what: str, map_location: str | torch.devi
         DataError: If the file is empty, truncated, of another kind, or holds Python objects beyond tensors and
             plain data (which ``weights_only`` refuses to run: a malicious file is never executed).
     """
+    def unreadable(reason: str) -> DataError:
+        return DataError(f"{path}: not a readable augflow {what}: {reason}; use a {what} written by augflow (retrain, "
+                         f"or copy the file again)")
+
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        reason = "it holds something other than tensors and plain data (corrupt, another format, or code, never run)"
-    except EOFError:
-        reason = "the file is empty"
+    except pickle.UnpicklingError as e:
+        raise unreadable("it holds something other than tensors and plain data (corrupt, another format, or code, "
+                         "which is never run)") from e
+    except EOFError as e:
+        raise unreadable("the file is empty") from e
     except RuntimeError as e:
-        reason = f"the file is truncated or not a torch file ({str(e).split('.')[0]})"
-    raise DataError(f"{path}: not a readable augflow {what}: {reason}; use a {what} written by augflow (retrain, or "
-                    f"copy the file again)")
+        raise unreadable(f"the file is truncated or not a torch file ({str(e).split('.')[0]})") from e
 
 
 def calibration_file(model: str | os.PathLike) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from augflow.atomic import check_output
 from augflow.data.store import DatasetWriter, read_info, sha256_file
 from augflow.errors import ConfigError, DataError
 from augflow.models import ModelFamily, load_model
@@ -122,6 +123,7 @@ def synthesize(
     amp: bool | None = None,
     selection: Selection | None = None,
     counts_source: dict | None = None,
+    overwrite: bool = False,
 ) -> SynthesisResult:
     """Sample ``counts[class] `` images per class from a trained model into a synthetic dataset file.
 
@@ -137,11 +139,14 @@ def synthesize(
         amp: Run the networks in bf16 (:mod:`augflow.precision`); default: as the model was trained.
         selection: Keep only samples a classifier assigns to their class (default: keep every sample).
         counts_source: How ``counts`` were computed (:func:`topup_counts`), recorded in the provenance.
+        overwrite: Replace ``out`` if it exists (never the model or ``selection.real``).
 
     Raises:
-        ConfigError: For invalid arguments, or a selection that accepts too few samples of a class.
+        ConfigError: For invalid arguments, an existing ``out`` without ``overwrite``, ``out`` naming an input, or a
+            selection that accepts too few samples of a class.
     """
     path = model_file(model)
+    check_output(out, overwrite, [path, selection.real if selection else None])
     flow, meta = load_model(path, map_location="cpu", with_meta=True)
     class_names = meta["class_names"]
     per_class = [0] * len(class_names)

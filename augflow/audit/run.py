@@ -10,13 +10,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from augflow.atomic import check_output, check_output_folder
 from augflow.audit.diversity import diversity
 from augflow.audit.downstream import check_subjects_disjoint, downstream
 from augflow.audit.features import EncoderRecipe, feature_space
 from augflow.audit.fidelity import fidelity, torch_fidelity_metrics
 from augflow.audit.figures import figure_closest_pairs, figure_dcr, figure_roc, figure_samples
 from augflow.audit.memorization import membership_inference, memorization
-from augflow.audit.report import GateThresholds, public, release_gate, write_report
+from augflow.audit.report import REPORT_FILES, GateThresholds, public, release_gate, write_report
 from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
 from augflow.classify.metrics import classification_metrics, predict
 from augflow.data.store import read_images, read_info, sha256_file
@@ -110,6 +111,7 @@ def run_audit(
     command: str | None = None,
     progress: bool = True,
     amp: bool | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Audit a synthetic dataset against the real data it imitates; write the report into ``out``.
 
@@ -138,14 +140,20 @@ def run_audit(
         amp: The generator's networks and the downstream CNNs in bf16 (:mod:`augflow.precision`); default: as the
             model was trained (off without ``model``). The domain encoder always runs in float32, so feature-space
             numbers stay comparable between audits.
+        overwrite: Write into a non-empty ``out`` (its report files are replaced, never an input).
 
     Returns:
         The metrics (as written to ``metrics.json``, plus ``"paths"`` of the files written).
 
     Raises:
-        DataError: if the files differ in classes or image shape, share subjects between train and test, or
-            are too small. ConfigError: on invalid settings.
+        DataError: if the files differ in classes or image shape (the model's included), share subjects between
+            train and test, or are too small. ConfigError: on invalid settings, or a non-empty ``out`` without
+            ``overwrite``; all before the first stage.
     """
+    check_output_folder(out, overwrite)
+    for name in REPORT_FILES:
+        check_output(os.path.join(out, name), True, [real, train, synthetic, model])
+    os.makedirs(out, exist_ok=True)  # an unwritable place fails now, not after the slow stages
     dev = resolve_device(device)
     device = str(dev)
     gate = gate or GateThresholds()
@@ -176,6 +184,9 @@ def run_audit(
         flow, meta = load_model(path, with_meta=True)
         if meta.get("class_names") is not None:
             check_classes(names, meta["class_names"], f"--real {infos['real'].path}")
+        if tuple(flow.config.image_shape) != infos["real"].image_shape:
+            raise DataError(f"--model {path}: made for images of shape {tuple(flow.config.image_shape)}, but the "
+                            f"files hold {infos['real'].image_shape}; audit with the model that made --synthetic")
         metrics["inputs"]["model"] = {"path": str(path), "sha256": sha256_file(path), "privacy": meta.get("privacy")}
         ledger = meta.get("privacy", ledger)
     else:

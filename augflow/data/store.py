@@ -198,8 +198,8 @@ def read_info(path: str | os.PathLike, check_values: bool = True) -> DatasetInfo
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if not path.is_file():
-        kind = "a folder" if path.is_dir() else "not a regular file"
-        raise DataError(f"{path}: {kind}, not a dataset file; give an augflow .h5 file")
+        kind = "a folder" if path.is_dir() else "not a regular file (a device or pipe)"
+        raise DataError(f"{path}: is {kind}; give an augflow .h5 dataset file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
