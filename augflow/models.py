@@ -119,7 +119,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", with_
         raise DataError(f"{path}: not a usable augflow model: {e}") from None
     except (KeyError, RuntimeError, TypeError, AttributeError, StopIteration) as e:
         # A hand-edited or foreign file: weights or config keys missing or of the wrong shape.
-        reason = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:300] or type(e).__name__
         raise DataError(f"{path}: an incomplete augflow model ({reason}); use a model.pt written by augflow "
                         f"train") from None
     model.eval()

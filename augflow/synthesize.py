@@ -175,8 +175,9 @@ def synthesize(
         "augflow_version": __version__, "privacy": _ledger(meta.get("privacy")),
         "counts_source": counts_source, "selection": selector.describe(),
     }
-    bar = tqdm(total=sum(per_class), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True)
-    with DatasetWriter(out, flow.config.image_shape, class_names, "synthetic", provenance) as writer:
+    # The bar starts once the output can be written; an error mid-way ends its line before the message.
+    with (DatasetWriter(out, flow.config.image_shape, class_names, "synthetic", provenance) as writer,
+          tqdm(total=sum(per_class), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True) as bar):
         for k, n in enumerate(per_class):
             generator = torch.Generator(dev).manual_seed(derive_seed(seed, k))
             made = 0
@@ -196,7 +197,6 @@ def synthesize(
                 bar.update(kept)
         writer.provenance["rejected_nonfinite"] = rejected
         writer.provenance["selection"] = selector.describe(class_names)
-    bar.close()
     return SynthesisResult(Path(out), dict(zip(class_names, per_class, strict=True)), rejected)
 
 

@@ -153,7 +153,6 @@ def run_audit(
     check_output_folder(out, overwrite)
     for name in REPORT_FILES:
         check_output(os.path.join(out, name), True, [real, train, synthetic, model])
-    os.makedirs(out, exist_ok=True)  # an unwritable place fails now, not after the slow stages
     dev = resolve_device(device)
     device = str(dev)
     gate = gate or GateThresholds()
@@ -162,7 +161,6 @@ def run_audit(
     names = infos["real"].class_names
     stages = ["features", "fidelity", "diversity", "memorization"] + (["membership"] if model else []) \
         + (["downstream"] if run_downstream else []) + ["report"]
-    bar = tqdm(total=len(stages), desc="audit", unit="stage", disable=not progress, dynamic_ncols=True)
     timings: dict[str, float] = {}
 
     @contextmanager
@@ -194,7 +192,9 @@ def run_audit(
     metrics["privacy"] = _privacy(Ledger.from_dict(ledger))
     amp = resolve_amp(stored_amp(meta or {}) if amp is None else amp, dev)
 
+    os.makedirs(out, exist_ok=True)  # every input is checked: an unwritable place fails now, not after the stages
     # Images and labels stay in memory: the audit compares every set with every other.
+    bar = tqdm(total=len(stages), desc="audit", unit="stage", disable=not progress, dynamic_ncols=True)
     x = {role: read_images(info.path) for role, info in infos.items()}
     y = {role: info.labels for role, info in infos.items()}
 
