@@ -7,6 +7,7 @@ traceback, and the folder unchanged (no partial output, no temporary file, no in
 """
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -226,3 +227,39 @@ def test_a_killed_synthesis_leaves_no_output_and_at_most_a_temporary_file_the_ne
     again = CliRunner().invoke(cli, ["synthesize", "--model", str(world / "run"), "--class", "class1", "--n", "2",
                                      "--out", str(out), "--device", "cpu", "--overwrite"])
     assert again.exit_code == 0 and read_info(out).class_counts()["class1"] == 2
+
+
+def test_a_training_killed_with_kill_9_resumes_exactly_and_leaves_no_temporary_file(tmp_path):
+    data = make_dataset(tmp_path / "d.h5", n_subjects=12, slices=3)
+    recipe = [*TINY, "train.epochs=500"]  # far more steps than the test waits for
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    sets = [arg for setting in recipe for arg in ("--set", setting)]
+    process = subprocess.Popen([sys.executable, "-m", "augflow", "train", "--data", str(data), "--out", str(run),
+                                "--device", "cpu", "--threads", "1", *sets], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+
+    def logged() -> int:
+        return len((run / "metrics.jsonl").read_text().splitlines()) if (run / "metrics.jsonl").exists() else 0
+
+    deadline = time.monotonic() + 60
+    # Past the first checkpoint (step 3) with steps logged after it, which the resumed run must drop.
+    while logged() < 5 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.kill()
+    stderr = process.communicate(timeout=60)[1].decode()
+    assert (run / "checkpoint.pt").exists(), stderr
+    assert len(list(run.glob(".*.tmp"))) <= 1
+    killed_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    stop = f"train.max_steps={killed_at + 4}"
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(run), "--device", "cpu", "--resume",
+                                      *sets, "--set", stop])
+    assert result.exit_code == 0, result.output
+    full = train(data, tmp_path / "full", load_recipe(None, [*recipe, stop]), progress=False)
+    assert list(run.glob(".*.tmp")) == []
+
+    records = {name: [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+               for name, folder in (("resumed", run), ("full", tmp_path / "full"))}
+    assert [r["step"] for r in records["resumed"]] == list(range(1, full.steps + 1))  # no step twice
+    assert [r["loss"] for r in records["resumed"]] == pytest.approx([r["loss"] for r in records["full"]], rel=1e-6,
+                                                                    abs=1e-7)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from augflow.atomic import atomic_write_text
+from augflow.atomic import atomic_write_text, sweep_stale_temporaries
 from augflow.errors import ConfigError, DataError
-from augflow.runs import CALIBRATION, CHECKPOINT, METRICS, MODEL, RUN, load_file, write_json
+from augflow.runs import CALIBRATION, CHECKPOINT, COMMAND, CONFIG, METRICS, MODEL, RUN, load_file, write_json
 from augflow.train.recipe import PrivacyConfig
 from augflow.version import __version__
 
@@ -108,9 +108,11 @@ def mark_run(out: Path, recipe: dict, fingerprint: dict, seed: int, state: dict 
 
     Writes ``run.json`` first. A run that starts from step 0 removes what a replaced run left (its model,
     checkpoint, calibration and log lines); a resumed run keeps the log lines up to its checkpoint's step, so no
-    step is logged twice.
+    step is logged twice. Temporary files of a killed run are removed, whichever file it was writing.
     """
     out.mkdir(parents=True, exist_ok=True)
+    for name in (RUN, CONFIG, COMMAND, METRICS, *_RUN_FILES):
+        sweep_stale_temporaries(out / name)
     write_json({"recipe": recipe, "seed": seed, "fingerprint": fingerprint, "augflow_version": __version__},
                out / RUN)
     if state is None:
