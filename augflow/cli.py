@@ -1,13 +1,19 @@
 """The ``augflow`` command line: a thin click layer over the library.
 
-Each command parses its options, calls one library function and prints the result. Library errors
-(:class:`~augflow.errors.AugflowError`) become ``click.ClickException`` ("Error: ...", exit code 1).
+Each command parses its options, calls one library function and prints the result. Every command runs inside one
+error boundary (:func:`_error_boundary`): a failure is one line ``Error: <what>: <why>; <what to do>`` and exit
+code 1 (click's usage errors: 2), never a traceback unless ``--debug`` or ``AUGFLOW_DEBUG=1`` asks for it. Every
+command that writes refuses an existing output unless ``--overwrite`` is given, and never writes over one of its
+inputs (:func:`augflow.atomic.check_output`). SIGTERM interrupts a command like Ctrl-C, so its temporary files are
+removed (:mod:`augflow.atomic`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 from pathlib import Path
 
 import click
@@ -15,18 +21,55 @@ import click
 from augflow.errors import AugflowError
 from augflow.version import __version__
 
+_DEBUG = "augflow_debug"  # key of ctx.meta, shared by the group's and the commands' contexts
 
-def _library_errors(fn):
-    """Turn library errors into clean CLI errors (no traceback)."""
+
+def _set_debug(ctx, param, value):
+    if value:
+        ctx.meta[_DEBUG] = True
+
+
+def _debug_option(fn):
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                        help="Show the traceback of an error (or set AUGFLOW_DEBUG=1).")(fn)
+
+
+def _error_message(e: Exception) -> str:
+    """One line for an exception that escaped a command: what, why and what to do."""
+    if isinstance(e, AugflowError | FloatingPointError):  # the library's own messages say all three
+        text = str(e)
+    elif isinstance(e, OSError) and e.filename:
+        text = f"{e.filename}: {e.strerror or e}; check the path, that its folder exists and that you may write there"
+    elif isinstance(e, OSError):  # HDF5 errors name no file
+        text = f"cannot read or write a file ({e}); check the input files and the output folder"
+    elif isinstance(e, MemoryError):
+        text = "out of memory; lower --batch-size or use a smaller dataset"
+    else:
+        text = (f"unexpected {type(e).__name__}: {e}; this is a bug in augflow: rerun with --debug and report the "
+                f"traceback")
+    return " ".join(text.split())
+
+
+def _error_boundary(fn):
+    """Turn every failure of a command into one clean line (exit code 1); ``--debug`` shows the traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except AugflowError as e:
-            raise click.ClickException(str(e)) from None
+        except (click.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as e:
+            if click.get_current_context().meta.get(_DEBUG) or os.environ.get("AUGFLOW_DEBUG", "0") not in ("", "0"):
+                raise
+            raise click.ClickException(_error_message(e)) from None
 
-    return wrapper
+    return _debug_option(wrapper)
+
+
+def _overwrite_option(fn):
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace an existing output (never one of this command's inputs).")(fn)
 
 
 def _print_summary(summary: dict) -> None:
@@ -39,6 +82,7 @@ def _print_summary(summary: dict) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="augflow")
+@_debug_option
 def cli():
     """augflow: privacy-preserving data augmentation for medical imaging.
 
@@ -57,8 +101,9 @@ def cli():
 @click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiplier of the class counts.")
-@_library_errors
-def demo_data(task, out, size, seed, scale):
+@_overwrite_option
+@_error_boundary
+def demo_data(task, out, size, seed, scale, overwrite):
     """Generate the built-in brain-MRI dataset from the MNI152 template shipped with nilearn.
 
     \b
@@ -68,7 +113,7 @@ def demo_data(task, out, size, seed, scale):
     from augflow.data.phantom import generate_demo_data
     from augflow.data.store import read_info
 
-    path = generate_demo_data(task, out, size=size, seed=seed, scale=scale)
+    path = generate_demo_data(task, out, size=size, seed=seed, scale=scale, overwrite=overwrite)
     _print_summary(read_info(path, check_values=False).summary())
 
 
@@ -82,8 +127,9 @@ def demo_data(task, out, size, seed, scale):
 @click.option("--axis", type=click.Choice(["sagittal", "coronal", "axial"]), default="coronal",
               show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Skip unusable rows (reported) instead of stopping.")
-@_library_errors
-def prepare(manifest, out, size, slices_per_volume, axis, skip_bad):
+@_overwrite_option
+@_error_boundary
+def prepare(manifest, out, size, slices_per_volume, axis, skip_bad, overwrite):
     """Turn NIfTI volumes listed in a manifest into a 2D slice dataset (HDF5).
 
     \b
@@ -94,7 +140,7 @@ def prepare(manifest, out, size, slices_per_volume, axis, skip_bad):
     from augflow.data.store import read_info
 
     result = prepare_dataset(manifest, out, size=size, slices_per_volume=slices_per_volume, axis=axis,
-                             skip_bad=skip_bad)
+                             skip_bad=skip_bad, overwrite=overwrite)
     for skipped in result.skipped:
         click.echo(f"skipped row {skipped['row']} ({skipped['path']}): {skipped['reason']}", err=True)
     _print_summary(read_info(result.out, check_values=False).summary())
@@ -106,8 +152,9 @@ def prepare(manifest, out, size, slices_per_volume, axis, skip_bad):
 @click.option("--val", type=float, default=0.1, show_default=True, help="Fraction of subjects for validation.")
 @click.option("--test", type=float, default=0.2, show_default=True, help="Fraction of subjects for test.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@_library_errors
-def split(data, out_dir, val, test, seed):
+@_overwrite_option
+@_error_boundary
+def split(data, out_dir, val, test, seed, overwrite):
     """Split a dataset into train/val/test files, stratified by class and grouped by subject.
 
     \b
@@ -117,7 +164,7 @@ def split(data, out_dir, val, test, seed):
     from augflow.data.splits import split_file
     from augflow.data.store import read_info
 
-    for path in split_file(data, out_dir, val=val, test=test, seed=seed).values():
+    for path in split_file(data, out_dir, val=val, test=test, seed=seed, overwrite=overwrite).values():
         _print_summary(read_info(path, check_values=False).summary())
 
 
@@ -139,7 +186,7 @@ def _print_ledger(stored: dict | None) -> None:
 @cli.command()
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_library_errors
+@_error_boundary
 def info(data, as_json):
     """Show a dataset file (schema, shape, class counts, source, provenance), or a trained model (a run folder or
     model.pt: classes, training step and privacy ledger).
@@ -208,6 +255,9 @@ def _threads_option(fn):
               help="TOML recipe file, or a shipped recipe's name (quick, scanner, ...); default: built-in defaults.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True,
+              help="Start a new run in --out even if it holds a run (its model, checkpoint and logs are replaced) "
+                   "or other files.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
               help="Override a recipe key, e.g. --set train.lr=1e-3 (repeatable).")
@@ -224,9 +274,9 @@ def _threads_option(fn):
               help="DP: what is protected, one slice (default) or one subject (one slice per subject per step).")
 @_device_option
 @_threads_option
-@_library_errors
-def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, delta, max_grad_norm, accountant,
-          dp_unit, device):
+@_error_boundary
+def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled, epsilon, delta, max_grad_norm,
+          accountant, dp_unit, device):
     """Train a class-conditional generative model (MAGIC-Flow, or the recipe's model.family) on a dataset file.
 
     \b
@@ -247,7 +297,7 @@ def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, 
         raise click.UsageError("--epsilon, --delta, --max-grad-norm, --accountant and --dp-unit need --dp "
                                "(or a recipe with [privacy] enabled = true)")
     result = run_training(data, out, loaded, val=val, resume=resume, device=device, seed=seed,
-                          command=command_line())
+                          command=command_line(), overwrite=overwrite)
     if result.ledger.dp:
         last = "n/a" if result.last_val_loss is None else f"{result.last_val_loss:.4f}"
         click.echo(f"trained {result.steps} steps; last validation {result.loss_name} {last}; model (last weights): "
@@ -263,7 +313,7 @@ def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, 
               help="Run folder (or its model.pt).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .h5 file.")
 @click.option("--class", "class_name", default=None, help="Class to sample (case-insensitive).")
-@click.option("--n", type=int, default=None, help="Number of images of --class.")
+@click.option("--n", type=click.IntRange(min=1), default=None, help="Number of images of --class.")
 @click.option("--balance", is_flag=True,
               help="Top up every class of the real file to the largest class (the model's whole training file, or "
                    "--real).")
@@ -284,12 +334,13 @@ def train(data, val, recipe, out, resume, seed, overrides, dp_enabled, epsilon, 
 @click.option("--temperature", type=float, default=None, help="Latent temperature (default: the model's, 0.8).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@_overwrite_option
 @_amp_option
 @_device_option
 @_threads_option
-@_library_errors
+@_error_boundary
 def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real, per_class, select, min_confidence,
-               temperature, seed, batch_size, amp, device):
+               temperature, seed, batch_size, overwrite, amp, device):
     """Write synthetic images of a trained model to a dataset file.
 
     \b
@@ -320,7 +371,7 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
         counts, source = topup_counts(model, real, target_count, max_ratio)
     selection = Selection(select, min_confidence, real)
     result = run_synthesis(model, out, counts, temperature=temperature, seed=seed, batch_size=batch_size,
-                           device=device, amp=amp, selection=selection, counts_source=source)
+                           device=device, amp=amp, selection=selection, counts_source=source, overwrite=overwrite)
     made = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
     click.echo(f"wrote {sum(result.counts.values())} synthetic images to {result.out} ({made}); "
                f"rejected non-finite: {result.rejected_nonfinite}")
@@ -341,19 +392,24 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
                    "model (calibration.json) and used when this option is not given.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@_overwrite_option
 @_amp_option
 @_device_option
 @_threads_option
-@_library_errors
-def classify(model, data, out, prior, calibrate_on, batch_size, as_json, amp, device):
+@_error_boundary
+def classify(model, data, out, prior, calibrate_on, batch_size, as_json, overwrite, amp, device):
     """Classify images with the flow's exact likelihood: argmax_y log p(x|y) + log p(y).
 
     \b
     Example:
         augflow classify --model runs/scanner --data data/test.h5 --calibrate-on data/val.h5 --json
     """
+    from augflow.atomic import check_output
     from augflow.classify import classify_file, write_predictions
+    from augflow.runs import model_file
 
+    if out is not None:  # before the work, not after it
+        check_output(out, overwrite, [model_file(model), data, calibrate_on])
     result = classify_file(model, data, prior=prior, calibrate_on=calibrate_on, batch_size=batch_size,
                            device=device, amp=amp)
     metrics = result["metrics"]
@@ -383,10 +439,11 @@ def classify(model, data, out, prior, calibrate_on, batch_size, as_json, amp, de
               help="Show H(x, class) - H(x, CLASS): where the image is more typical of the class than of CLASS.")
 @click.option("--prior", type=click.Choice(["train", "uniform"]), default="train", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Figure (.png, .pdf).")
+@_overwrite_option
 @_device_option
 @_threads_option
-@_library_errors
-def explain(model, data, rows, class_name, contrast, prior, out, device):
+@_error_boundary
+def explain(model, data, rows, class_name, contrast, prior, out, overwrite, device):
     """Draw likelihood attribution maps: which pixels make an image typical of a class.
 
     \b
@@ -394,8 +451,11 @@ def explain(model, data, rows, class_name, contrast, prior, out, device):
         augflow explain --model runs/scanner --data data/test.h5 --index 0 --index 5 --out maps.png
         augflow explain --model runs/scanner --data data/test.h5 --index 3 --contrast "Prisma Fit" --out c.png
     """
+    from augflow.atomic import check_output
     from augflow.explain import explain_file, plot_explanation
+    from augflow.runs import model_file
 
+    check_output(out, overwrite, [model_file(model), data])
     explanation = explain_file(model, data, list(rows), class_name=class_name, contrast=contrast, prior=prior,
                                device=device)
     plot_explanation(explanation, out)
@@ -439,13 +499,15 @@ def explain(model, data, rows, class_name, contrast, prior, out, device):
               help="Encoder cache (default: $AUGFLOW_CACHE_DIR/encoders or ~/.cache/augflow/encoders).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@click.option("--overwrite", is_flag=True,
+              help="Write into a non-empty --out (its report files are replaced; never an input).")
 @_amp_option
 @_device_option
 @_threads_option
-@_library_errors
+@_error_boundary
 def audit(real, train_file, synthetic, model, out, features, inception_weights, gate, max_copy_fraction, max_mia_auc,
           max_exact_copies, seeds, epochs, no_downstream, encoder_epochs, bootstraps, cache_dir, seed, as_json,
-          amp, device):
+          overwrite, amp, device):
     """Audit a synthetic dataset: fidelity, diversity, memorization, privacy, downstream utility, release gate.
 
     Writes metrics.json, report.md and a self-contained report.html (with a data card) into --out.
@@ -464,7 +526,7 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
                        inception_weights=inception_weights, gate=thresholds, seeds=seeds, downstream_epochs=epochs,
                        run_downstream=not no_downstream,
                        encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=cache_dir, bootstraps=bootstraps,
-                       seed=seed, device=device, command=command_line(), amp=amp)
+                       seed=seed, device=device, command=command_line(), amp=amp, overwrite=overwrite)
     verdict = result["gate"]
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -487,8 +549,9 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
               help="Downstream CNN trainings per protocol in the audit.")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True,
               help="Epochs per downstream CNN training (4 protocols x --seeds trainings).")
-@_library_errors
-def demo(out_dir, task, seed, seeds, epochs):
+@click.option("--overwrite", is_flag=True, help="Run in a non-empty --out-dir, replacing a previous demo's files.")
+@_error_boundary
+def demo(out_dir, task, seed, seeds, epochs, overwrite):
     """Run the whole pipeline on the built-in brain-MRI data (5-10 minutes on 2 CPU cores).
 
     \b
@@ -497,7 +560,8 @@ def demo(out_dir, task, seed, seeds, epochs):
     """
     from augflow.demo import run_demo
 
-    run_demo(out_dir, task=task, seed=seed, echo=click.echo, audit_seeds=seeds, audit_epochs=epochs)
+    run_demo(out_dir, task=task, seed=seed, echo=click.echo, audit_seeds=seeds, audit_epochs=epochs,
+             overwrite=overwrite)
 
 
 @cli.command("train-autoencoder")
@@ -515,11 +579,12 @@ def demo(out_dir, task, seed, seeds, epochs):
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty --out (its files are replaced).")
 @_device_option
 @_threads_option
-@_library_errors
+@_error_boundary
 def train_autoencoder(data, out, val, latent_channels, downsample, channels, kl_weight, epochs, batch_size, lr,
-                      seed, device):
+                      seed, overwrite, device):
     """Train the autoencoder of latent MedSymmFlow (model.family = "symmflow") on real training images.
 
     Set model.autoencoder = "OUT/autoencoder.pt" in the recipe; required from 128 px up.
@@ -533,11 +598,13 @@ def train_autoencoder(data, out, val, latent_channels, downsample, channels, kl_
 
     result = run(data, out, val=val, latent_channels=latent_channels, downsample=downsample, channels=channels,
                  kl_weight=kl_weight, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                 command=command_line())
+                 command=command_line(), overwrite=overwrite)
     val_text = "n/a" if result.val_mse is None else f"{result.val_mse:.5f}"
     click.echo(f"reconstruction MSE: train {result.train_mse:.5f}, validation {val_text} (mean image "
                f"{result.mean_image_mse:.5f}); autoencoder: {result.path}")
 
 
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C (KeyboardInterrupt): every atomic write removes its temporary file on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cli(prog_name="augflow")

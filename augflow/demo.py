@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from augflow.atomic import check_output_folder
 from augflow.audit import EncoderRecipe, run_audit
 from augflow.audit.downstream import usefulness_sentence
 from augflow.data.phantom import generate_demo_data
 from augflow.data.splits import split_file
 from augflow.data.store import read_info
-from augflow.runs import CHECKPOINT
 from augflow.synthesize import synthesize, topup_counts
 from augflow.train.loop import train
 from augflow.train.recipe import load_recipe
@@ -26,11 +26,12 @@ DEMO_SIZE = 32
 
 def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Callable = print,
              progress: bool = True, audit: bool = True, audit_seeds: int = 3, audit_epochs: int = 3,
-             encoder_epochs: int = 2, bootstraps: int = 30) -> dict:
+             encoder_epochs: int = 2, bootstraps: int = 30, overwrite: bool = False) -> dict:
     """Run generate → split → train → synthesize → audit in ``out_dir``; return the paths written, by name.
 
     Arguments:
-        out_dir: Folder of everything the demo writes (the domain encoder is cached in ``out_dir/cache``).
+        out_dir: Folder of everything the demo writes (the domain encoder is cached in ``out_dir/cache``): new or
+            empty, or with ``overwrite`` a previous demo's, which it replaces.
         task: "scanner" or "modality".
         seed: Seeds every step.
         echo: Where progress lines go.
@@ -40,13 +41,18 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
         audit_epochs: Epochs per downstream CNN training (the audit's default is 30).
         encoder_epochs: Epochs of the audit's domain encoder (the audit's default is 10).
         bootstraps: FID bootstrap resamples (the audit's default is 100).
+        overwrite: Run in a non-empty ``out_dir``, replacing what a previous demo wrote there.
+
+    Raises:
+        ConfigError: For a non-empty ``out_dir`` without ``overwrite``.
     """
-    out_dir = Path(out_dir)
+    out_dir = check_output_folder(out_dir, overwrite, "--out-dir")
     steps = 5 if audit else 4
     echo(f"[1/{steps}] generating the built-in {task} data at {DEMO_SIZE} px (MNI152 template, seed {seed})")
-    full = generate_demo_data(task, out_dir / f"{task}.h5", size=DEMO_SIZE, seed=seed, progress=progress)
+    full = generate_demo_data(task, out_dir / f"{task}.h5", size=DEMO_SIZE, seed=seed, progress=progress,
+                              overwrite=overwrite)
     echo(f"[2/{steps}] splitting by subject (train 70% / val 10% / test 20%)")
-    parts = split_file(full, out_dir / "data", seed=seed)
+    parts = split_file(full, out_dir / "data", seed=seed, overwrite=overwrite)
     for name, path in parts.items():
         info = read_info(path, check_values=False)
         counts = ", ".join(f"{k} {v}" for k, v in info.class_counts().items())
@@ -54,15 +60,15 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
 
     echo(f"[3/{steps}] training MAGIC-Flow with the quick recipe")
     run = out_dir / "runs" / "quick"
-    result = train(parts["train"], run, load_recipe("quick"), val=parts["val"], seed=seed,
-                   resume=(run / CHECKPOINT).exists(), command="augflow demo", progress=progress)
+    result = train(parts["train"], run, load_recipe("quick"), val=parts["val"], seed=seed, command="augflow demo",
+                   progress=progress, overwrite=overwrite)
     echo(f"  {result.steps} steps, best validation {result.best_val_loss:.3f} {result.loss_name} "
          f"-> {result.model_path}")
 
     echo(f"[4/{steps}] synthesizing a balanced top-up of the under-represented classes")
     counts, source = topup_counts(result.model_path, real=parts["train"])
     synthetic = synthesize(result.model_path, out_dir / "synthetic.h5", counts, seed=seed, progress=progress,
-                           counts_source=source)
+                           counts_source=source, overwrite=overwrite)
     echo(f"  wrote {sum(synthetic.counts.values())} images to {synthetic.out}: "
          + ", ".join(f"{k} {v}" for k, v in synthetic.counts.items() if v))
     paths = {"data": full, **parts, "run": run, "synthetic": synthetic.out}
@@ -73,7 +79,7 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
     report = run_audit(parts["test"], parts["train"], synthetic.out, out_dir / "audit", model=result.model_path,
                        seeds=audit_seeds, downstream_epochs=audit_epochs, bootstraps=bootstraps,
                        encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=out_dir / "cache", seed=seed,
-                       command="augflow demo", progress=progress)
+                       command="augflow demo", progress=progress, overwrite=overwrite)
     fid = report["fidelity"]["overall"]
     echo(f"  FID {fid['synthetic']['fid']:.1f} (real train vs test: {fid['real']['fid']:.1f}); copy fraction "
          f"{report['memorization']['copy_fraction']:.3f}; membership-inference AUC "

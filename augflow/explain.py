@@ -74,7 +74,7 @@ def explain_file(model_path, data, rows: list[int], class_name: str | None = Non
         raise ConfigError(f"--model {model_path}: likelihood attribution needs a model with an exact likelihood "
                           f"(MAGIC-Flow), but the model is of family {model.family!r}")
     names = meta["class_names"]
-    info = read_info(data, check_values=False)
+    info = read_info(data, check_values=False).require_images("--data")
     check_classes(info.class_names, names, f"--data {data}")
     if not rows:
         raise ConfigError("give at least one --index")

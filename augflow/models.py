@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from augflow.errors import ConfigError
+from augflow.errors import AugflowError, ConfigError, DataError
 from augflow.flows import MagicFlow, MagicFlowConfig
-from augflow.runs import model_file
+from augflow.runs import load_file, model_file
 from augflow.symmflow import SymmFlow, SymmFlowConfig
 
 DEFAULT_FAMILY = "magic"
@@ -91,25 +91,37 @@ def model_config(model_table: dict, image_shape, num_classes: int):
     return config_class.from_dict({**table, "image_shape": tuple(image_shape), "num_classes": int(num_classes)})
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", with_meta: bool = False):
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", with_meta: bool = False,
+               option: str = "--model"):
     """Load a model written by any family's ``save`` (``weights_only=True``), in eval mode.
 
     Arguments:
         path: A run folder (its ``model.pt``) or a model file: what every ``--model`` option accepts.
         map_location: Where to put its tensors.
         with_meta: Also return its metadata.
+        option: What named ``path``, for the message when there is no model.
 
     Returns:
         The model, or ``(model, meta)`` when ``with_meta`` is true.
 
     Raises:
-        ConfigError: If there is no model, it is not an augflow model, or it names an unknown family.
+        ConfigError: If there is no model. DataError: If the file is unreadable, not an augflow model, incomplete
+            (a missing weight or key) or names an unknown family.
     """
-    path = model_file(path)
-    payload: Any = torch.load(path, map_location=map_location, weights_only=True)
+    path = model_file(path, option)
+    payload: Any = load_file(path, "model", map_location)
     if not (isinstance(payload, dict) and {"config", "state_dict"} <= set(payload)):
-        raise ConfigError(f"{str(path)!r} is not an augflow model (needs keys 'config' and 'state_dict')")
-    model = family(payload.get("family", DEFAULT_FAMILY)).model.from_checkpoint(payload)
+        raise DataError(f"{path}: not an augflow model (needs the keys 'config' and 'state_dict'); use a model.pt "
+                        f"written by augflow train")
+    try:
+        model = family(payload.get("family", DEFAULT_FAMILY)).model.from_checkpoint(payload)
+    except AugflowError as e:
+        raise DataError(f"{path}: not a usable augflow model: {e}") from None
+    except (KeyError, RuntimeError, TypeError, AttributeError, StopIteration) as e:
+        # A hand-edited or foreign file: weights or config keys missing or of the wrong shape.
+        reason = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:300] or type(e).__name__
+        raise DataError(f"{path}: an incomplete augflow model ({reason}); use a model.pt written by augflow "
+                        f"train") from None
     model.eval()
     return (model, payload.get("meta") or {}) if with_meta else model
 
@@ -119,9 +131,9 @@ def model_summary(path: str | Path) -> dict:
     training step and the privacy ledger (``meta["privacy"]``; None for models from before the ledger existed).
 
     Raises:
-        ConfigError: If there is no model at ``path``.
+        ConfigError: If there is no model at ``path``. DataError: If it cannot be loaded.
     """
-    model, meta = load_model(path, with_meta=True)
+    model, meta = load_model(path, with_meta=True, option="info")
     return {"path": str(model_file(path)), "family": model.family, "image_shape": list(model.config.image_shape),
             "class_names": meta.get("class_names"), "class_counts": meta.get("class_counts"),
             "step": meta.get("step"), "loss_name": meta.get("loss_name"), "privacy": meta.get("privacy")}

@@ -5,11 +5,16 @@ A run folder ``runs/NAME`` (``augflow train``) holds:
 - ``checkpoint.pt`` (:data:`CHECKPOINT`): everything needed to resume exactly (model, EMA, optimiser, scheduler,
   RNG states, step, recipe, data fingerprint, and ``privacy``: the ledger and, under DP, the private state —
   calibrated plan, accountant history, released class counts and the secret seed of sampling and noise), rewritten
-  every ``train.checkpoint_every`` steps and at the end. It is private to the data holder: never release it;
+  every ``train.checkpoint_every`` steps and at the end. It is private to the data holder: never release it (under
+  DP it holds the secret seed of the noise and is written with mode 0600, readable by its owner only);
 - ``model.pt`` (:data:`MODEL`): the model to use (EMA weights when enabled), best by validation loss (under DP: the
   last weights), with its metadata (class names, training class counts, recipe, data fingerprint, sampling
   temperature and the privacy ledger ``meta["privacy"]``) — what every ``--model`` option loads;
-- ``config.json`` (the resolved recipe), ``command.txt`` (the command line) and ``metrics.jsonl``;
+- ``run.json`` (:data:`RUN`): written first, before any other file of the run: the recipe, seed and data
+  fingerprint that make the folder this run's, so a new run never mixes into it and ``--resume`` can check it
+  even before the first checkpoint exists;
+- ``config.json`` (the resolved recipe), ``command.txt`` (the command line) and ``metrics.jsonl`` (one line per
+  logged step; a resumed run drops the lines after its checkpoint's step, so no step is logged twice);
 - ``calibration.json`` (:data:`CALIBRATION`): the posterior's calibration temperature, written by
   ``augflow classify --calibrate-on``.
 
@@ -22,8 +27,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +39,7 @@ import torch
 from augflow.atomic import atomic_write_text
 from augflow.errors import ConfigError, DataError
 
+RUN = "run.json"
 MODEL = "model.pt"
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -62,8 +71,12 @@ def derive_seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
 
 
-def model_file(model: str | os.PathLike) -> Path:
+def model_file(model: str | os.PathLike, option: str = "--model") -> Path:
     """The model file that ``--model`` names: a run folder's ``model.pt``, or a model file itself.
+
+    Arguments:
+        model: A run folder or a model file.
+        option: What named it, for the message (``"--model"``, ``"info"``).
 
     Raises:
         ConfigError: If there is no model there.
@@ -72,9 +85,38 @@ def model_file(model: str | os.PathLike) -> Path:
     if path.is_dir():
         path = path / MODEL
     if not path.is_file():
-        raise ConfigError(f"--model: no trained model at {path}: the file does not exist (expected a run folder or "
-                          f"a model .pt file)")
+        raise ConfigError(f"{option} {model}: no trained model at {path}: the file does not exist; give a run folder "
+                          f"of augflow train or a model .pt file")
     return path
+
+
+def load_file(path: str | os.PathLike, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` of an augflow file with ``weights_only=True``; every way it can be unreadable is a DataError.
+
+    Arguments:
+        path: The file.
+        what: What it should be (``"model"``, ``"checkpoint"``), for the message.
+        map_location: Where to put its tensors.
+
+    Raises:
+        DataError: If the file is empty, truncated, of another kind, or holds Python objects beyond tensors and
+            plain data (which ``weights_only`` refuses to run: a malicious file is never executed).
+    """
+    def unreadable(reason: str) -> DataError:
+        return DataError(f"{path}: not a readable augflow {what}: {reason}; use a {what} written by augflow (retrain, "
+                         f"or copy the file again)")
+
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise unreadable("it holds something other than tensors and plain data (corrupt, another format, or code, "
+                         "which is never run)") from e
+    except EOFError as e:
+        raise unreadable("the file is empty") from e
+    except RuntimeError as e:
+        raise unreadable(f"the file is truncated or not a torch file ({str(e).split('.')[0]})") from e
 
 
 def calibration_file(model: str | os.PathLike) -> Path:

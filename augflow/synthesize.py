@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from augflow.atomic import check_output
 from augflow.data.store import DatasetWriter, read_info, sha256_file
 from augflow.errors import ConfigError, DataError
 from augflow.models import ModelFamily, load_model
@@ -122,6 +123,7 @@ def synthesize(
     amp: bool | None = None,
     selection: Selection | None = None,
     counts_source: dict | None = None,
+    overwrite: bool = False,
 ) -> SynthesisResult:
     """Sample ``counts[class] `` images per class from a trained model into a synthetic dataset file.
 
@@ -137,11 +139,14 @@ def synthesize(
         amp: Run the networks in bf16 (:mod:`augflow.precision`); default: as the model was trained.
         selection: Keep only samples a classifier assigns to their class (default: keep every sample).
         counts_source: How ``counts`` were computed (:func:`topup_counts`), recorded in the provenance.
+        overwrite: Replace ``out`` if it exists (never the model or ``selection.real``).
 
     Raises:
-        ConfigError: For invalid arguments, or a selection that accepts too few samples of a class.
+        ConfigError: For invalid arguments, an existing ``out`` without ``overwrite``, ``out`` naming an input, or a
+            selection that accepts too few samples of a class.
     """
     path = model_file(model)
+    check_output(out, overwrite, [path, selection.real if selection else None])
     flow, meta = load_model(path, map_location="cpu", with_meta=True)
     class_names = meta["class_names"]
     per_class = [0] * len(class_names)
@@ -170,8 +175,9 @@ def synthesize(
         "augflow_version": __version__, "privacy": _ledger(meta.get("privacy")),
         "counts_source": counts_source, "selection": selector.describe(),
     }
-    bar = tqdm(total=sum(per_class), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True)
-    with DatasetWriter(out, flow.config.image_shape, class_names, "synthetic", provenance) as writer:
+    # The bar starts once the output can be written; an error mid-way ends its line before the message.
+    with (DatasetWriter(out, flow.config.image_shape, class_names, "synthetic", provenance) as writer,
+          tqdm(total=sum(per_class), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True) as bar):
         for k, n in enumerate(per_class):
             generator = torch.Generator(dev).manual_seed(derive_seed(seed, k))
             made = 0
@@ -191,7 +197,6 @@ def synthesize(
                 bar.update(kept)
         writer.provenance["rejected_nonfinite"] = rejected
         writer.provenance["selection"] = selector.describe(class_names)
-    bar.close()
     return SynthesisResult(Path(out), dict(zip(class_names, per_class, strict=True)), rejected)
 
 

@@ -30,6 +30,7 @@ from augflow.atomic import atomic_save
 from augflow.audit.baseline import build_resnet18, penultimate, train_cnn
 from augflow.data.store import read_images, read_info, sha256_file
 from augflow.errors import ConfigError
+from augflow.runs import load_file
 
 DOMAIN_EXTRACTOR = "augflow-domain"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -93,8 +94,12 @@ def domain_encoder_path(train: str | os.PathLike, recipe: EncoderRecipe = Encode
 
 
 def load_encoder(path: str | os.PathLike) -> torch.nn.Module:
-    """The ResNet-18 of a cached encoder file, in eval mode."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """The ResNet-18 of a cached encoder file, in eval mode.
+
+    Raises:
+        DataError: If the file is unreadable (delete it from the cache to retrain the encoder).
+    """
+    ckpt = load_file(path, "encoder")
     c, h, _ = ckpt["image_shape"]
     model = build_resnet18(ckpt["num_classes"], h, c)
     model.load_state_dict(ckpt["state_dict"])

@@ -23,6 +23,7 @@ from augflow.audit.downstream import CONFIDENCE, usefulness_sentence
 from augflow.errors import ConfigError
 from augflow.train.privacy.ledger import Ledger
 
+REPORT_FILES = ("metrics.json", "report.md", "report.html")  # what write_report writes, beside figures/
 NOT_DP = ("not differentially private: the generator was trained without differential privacy, so nothing "
           "formally limits what the synthetic images reveal about individual training subjects")
 
@@ -408,7 +409,7 @@ def write_report(metrics: dict, out: str | Path, figures: dict[str, bytes]) -> d
     for name, png in figures.items():
         with atomic_path(out / "figures" / f"{name}.png") as tmp:
             tmp.write_bytes(png)
-    paths = {"metrics": out / "metrics.json", "markdown": out / "report.md", "html": out / "report.html"}
+    paths = {key: out / name for key, name in zip(("metrics", "markdown", "html"), REPORT_FILES, strict=True)}
     atomic_write_text(json.dumps(public(metrics), indent=2, sort_keys=False) + "\n", paths["metrics"])
     atomic_write_text(doc.markdown(), paths["markdown"])
     atomic_write_text(doc.html(f"augflow audit: {Path(metrics['inputs']['synthetic']['path']).name}"), paths["html"])

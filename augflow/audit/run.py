@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from augflow.atomic import check_output, check_output_folder
 from augflow.audit.diversity import diversity
 from augflow.audit.downstream import PROTOCOLS, check_subjects_disjoint, downstream
 from augflow.audit.features import EncoderRecipe, domain_encoder_path, feature_space, load_encoder
@@ -17,7 +18,7 @@ from augflow.audit.fidelity import fidelity, torch_fidelity_metrics
 from augflow.audit.figures import figure_closest_pairs, figure_dcr, figure_roc, figure_samples
 from augflow.audit.memorization import membership_inference, memorization
 from augflow.audit.recognition import class_recognition
-from augflow.audit.report import GateThresholds, public, release_gate, write_report
+from augflow.audit.report import REPORT_FILES, GateThresholds, public, release_gate, write_report
 from augflow.classify.calibration import stored_calibration
 from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
 from augflow.classify.metrics import Calibration, classification_metrics, predict
@@ -111,6 +112,7 @@ def run_audit(
     command: str | None = None,
     progress: bool = True,
     amp: bool | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Audit a synthetic dataset against the real data it imitates; write the report into ``out``.
 
@@ -138,14 +140,19 @@ def run_audit(
         amp: The generator's networks and the downstream CNNs in bf16 (:mod:`augflow.precision`); default: as the
             model was trained (off without ``model``). The domain encoder always runs in float32, so feature-space
             numbers stay comparable between audits.
+        overwrite: Write into a non-empty ``out`` (its report files are replaced, never an input).
 
     Returns:
         The metrics (as written to ``metrics.json``, plus ``"paths"`` of the files written).
 
     Raises:
-        DataError: if the files differ in classes or image shape, share subjects between train and test, or
-            are too small. ConfigError: on invalid settings.
+        DataError: if the files differ in classes or image shape (the model's included), share subjects between
+            train and test, or are too small. ConfigError: on invalid settings, or a non-empty ``out`` without
+            ``overwrite``; all before the first stage.
     """
+    check_output_folder(out, overwrite)
+    for name in REPORT_FILES:
+        check_output(os.path.join(out, name), True, [real, train, synthetic, model])
     dev = resolve_device(device)
     device = str(dev)
     gate = gate or GateThresholds()
@@ -154,7 +161,6 @@ def run_audit(
     names = infos["real"].class_names
     stages = ["features", "fidelity", "diversity", "memorization"] + (["membership"] if model else []) \
         + (["downstream"] if run_downstream else []) + ["report"]
-    bar = tqdm(total=len(stages), desc="audit", unit="stage", disable=not progress, dynamic_ncols=True)
     timings: dict[str, float] = {}
 
     @contextmanager
@@ -176,6 +182,9 @@ def run_audit(
         flow, meta = load_model(path, with_meta=True)
         if meta.get("class_names") is not None:
             check_classes(names, meta["class_names"], f"--real {infos['real'].path}")
+        if tuple(flow.config.image_shape) != infos["real"].image_shape:
+            raise DataError(f"--model {path}: made for images of shape {tuple(flow.config.image_shape)}, but the "
+                            f"files hold {infos['real'].image_shape}; audit with the model that made --synthetic")
         metrics["inputs"]["model"] = {"path": str(path), "sha256": sha256_file(path), "privacy": meta.get("privacy")}
         ledger = meta.get("privacy", ledger)
     else:
@@ -183,7 +192,9 @@ def run_audit(
     metrics["privacy"] = _privacy(Ledger.from_dict(ledger))
     amp = resolve_amp(stored_amp(meta or {}) if amp is None else amp, dev)
 
+    os.makedirs(out, exist_ok=True)  # every input is checked: an unwritable place fails now, not after the stages
     # Images and labels stay in memory: the audit compares every set with every other.
+    bar = tqdm(total=len(stages), desc="audit", unit="stage", disable=not progress, dynamic_ncols=True)
     x = {role: read_images(info.path) for role, info in infos.items()}
     y = {role: info.labels for role, info in infos.items()}
 

@@ -85,7 +85,7 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
     Raises:
         DataError: If the file's classes differ from the model's.
     """
-    val = read_info(calibrate_on)
+    val = read_info(calibrate_on).require_images("--calibrate-on")
     check_classes(val.class_names, class_names, f"--calibrate-on {calibrate_on}")
     scores = scorer.score(calibrate_on)
     fitted = fit_calibration(scores.values, val.labels, scores.log_prior, biases)

@@ -51,7 +51,7 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
     """
     loaded, meta = load_model(model, with_meta=True)
     names = meta["class_names"]
-    info = read_info(data)
+    info = read_info(data).require_images("--data")
     check_classes(info.class_names, names, f"--data {data}")
     amp = stored_amp(meta) if amp is None else amp
     scorer: Scorer

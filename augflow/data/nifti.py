@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from nibabel.filebasedimages import ImageFileError
 from tqdm.auto import tqdm
 
+from augflow.atomic import check_output
 from augflow.data.store import DatasetWriter, sha256_file
 from augflow.errors import ConfigError, ManifestError
 
@@ -155,6 +156,7 @@ def prepare_dataset(
     axis: str = "coronal",
     skip_bad: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PrepareResult:
     """Extract normalised, square 2D slices from the NIfTI volumes of a manifest into a dataset.
 
@@ -162,29 +164,26 @@ def prepare_dataset(
 
     Arguments:
         manifest: CSV file with a header and the columns ``path,label[,subject]``.
-        out: The HDF5 dataset to write (written atomically; an existing file is replaced only
-            when the run succeeds).
+        out: The HDF5 dataset to write (atomically: it appears only when complete).
         size: Side of the square output images, in pixels (>= 1).
         slices_per_volume: Slices taken around the centre of each volume (>= 1).
         axis: "sagittal", "coronal" or "axial".
         skip_bad: Skip bad rows (reported in the result and the provenance) instead of stopping.
         progress: Show a progress bar over volumes.
+        overwrite: Replace ``out`` if it exists (never the manifest or one of its volumes).
 
     Returns:
         A :class:`PrepareResult` with the output path, counts, class names and skipped rows.
 
     Raises:
-        ConfigError: ``size``, ``slices_per_volume``, ``axis`` or ``out`` is invalid.
+        ConfigError: ``size``, ``slices_per_volume``, ``axis`` or ``out`` is invalid, ``out`` exists without
+            ``overwrite``, or ``out`` is the manifest or one of its volumes.
         ManifestError: the manifest is missing or malformed, a row or its file is bad (naming
             the line, the file and the reason) and ``skip_bad`` is false, or every row is bad.
     """
     _check_arguments(size, slices_per_volume, axis)
     manifest = Path(manifest).expanduser()
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise ConfigError(f"out must be a file path, but is a directory: {out}")
-    if manifest.is_file() and out.resolve() == manifest.resolve():
-        raise ConfigError(f"out must differ from the manifest, but both are: {out}")
+    out = check_output(Path(out).expanduser(), overwrite, [manifest])
 
     skipped: list[dict] = []
 
@@ -207,6 +206,7 @@ def prepare_dataset(
         rows.append(item)
     if not rows:
         raise ManifestError(_all_bad(manifest, skipped))
+    check_output(out, overwrite, [row.path for row in rows])
 
     class_names = sorted({row.label for row in rows})
     index = {name: i for i, name in enumerate(class_names)}

@@ -125,6 +125,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
+from augflow.atomic import check_output
 from augflow.data.store import DatasetWriter
 from augflow.errors import ConfigError
 
@@ -313,23 +314,26 @@ def generate_demo_data(
     seed: int = 0,
     scale: float = 1.0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Simulate a demo dataset of coronal brain slices and write it as an augflow HDF5 file.
 
     Arguments:
         task: "scanner" (7 T1-weighted MRI scanners, 1352 slices at scale 1) or "modality" (T1, T2,
             FLAIR, FDG-, amyloid- and tau-PET, 3144 slices at scale 1).
-        out: The file to write (atomically; an existing file is replaced).
+        out: The file to write (atomically: it appears only when complete).
         size: Output images are (1, size, size), in [MIN_SIZE, MAX_SIZE] = [16, 512].
         seed: Non-negative integer; the same seed gives byte-identical images.
         scale: Multiplier of the class sizes of MAGIC-Flow (each class keeps at least one slice).
         progress: Show a progress bar over subjects.
+        overwrite: Replace ``out`` if it exists.
 
     Returns:
         The path written.
 
     Raises:
-        ConfigError: for an unknown task or a size, seed or scale out of range.
+        ConfigError: for an unknown task or a size, seed or scale out of range, or an existing ``out`` without
+            ``overwrite``.
 
     References:
         MAGIC-Flow, arXiv:2510.22070 (class sizes).
@@ -338,6 +342,7 @@ def generate_demo_data(
     size = _check_size(size)
     seed = _check_seed(seed)
     counts = class_counts(task, scale)
+    check_output(out, overwrite)
     plan = [  # (class index, subject index, number of slices)
         (c, j, min(SLICES_PER_SUBJECT, n - j * SLICES_PER_SUBJECT))
         for c, n in enumerate(counts.values())

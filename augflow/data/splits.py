@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from augflow.atomic import check_output
 from augflow.data.store import DatasetWriter, read_images, read_info, sha256_file
 from augflow.errors import ConfigError
 
@@ -93,16 +94,29 @@ def write_subset(src: str | os.PathLike, rows, out: str | os.PathLike, provenanc
     return Path(out)
 
 
-def split_file(path, out_dir, val: float = 0.1, test: float = 0.2, seed: int = 0) -> dict[str, Path]:
+def split_file(path, out_dir, val: float = 0.1, test: float = 0.2, seed: int = 0,
+               overwrite: bool = False) -> dict[str, Path]:
     """Write ``train.h5``, ``val.h5`` and ``test.h5`` of a dataset file into ``out_dir``.
+
+    Arguments:
+        path: The dataset file.
+        out_dir: Folder of the three parts (created).
+        val, test, seed: See :func:`subject_split`.
+        overwrite: Replace parts that exist (never ``path`` itself).
 
     Returns:
         {"train": path, "val": path, "test": path}.
+
+    Raises:
+        ConfigError: For fractions out of range, or a part that exists without ``overwrite`` or is ``path``.
+        DataError: If the file holds no images.
     """
-    info = read_info(path)
+    info = read_info(path).require_images("DATA")
+    out_dir = Path(out_dir)
+    for name in PARTS:
+        check_output(out_dir / f"{name}.h5", overwrite, [path], option="--out-dir")
     parts = subject_split(info.labels, info.subjects, val=val, test=test, seed=seed)
     digest = sha256_file(path)
-    out_dir = Path(out_dir)
     written = {}
     for name, rows in parts.items():
         prov = {"split": name, "val": val, "test": test, "seed": seed, "parent_sha256": digest}

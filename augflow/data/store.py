@@ -67,6 +67,12 @@ class DatasetInfo:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def require_images(self, option: str) -> DatasetInfo:
+        """``self``, or a DataError naming ``option`` (``"--data"``) if the file holds no image."""
+        if not len(self):
+            raise DataError(f"{option} {self.path}: the file holds no images; give a dataset with at least one")
+        return self
+
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=self.num_classes)
         return {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
@@ -189,8 +195,11 @@ def read_info(path: str | os.PathLike, check_values: bool = True) -> DatasetInfo
         DataError: naming the file and what is wrong with it.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device or pipe)"
+        raise DataError(f"{path}: is {kind}; give an augflow .h5 dataset file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:

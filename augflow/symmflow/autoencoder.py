@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from augflow.errors import ConfigError
 from augflow.model_base import ModelConfig, SavedModule, is_int
-from augflow.runs import autoencoder_file
+from augflow.runs import autoencoder_file, load_file
 from augflow.symmflow.unet import group_norm, zero_module
 
 
@@ -156,13 +156,13 @@ def load_autoencoder(path: str | Path) -> Autoencoder:
     """Load an autoencoder file (or the ``autoencoder.pt`` of a ``train-autoencoder`` folder), in eval mode.
 
     Raises:
-        ConfigError: If the file is missing or is not an augflow autoencoder.
+        ConfigError: If the file is missing or is not an augflow autoencoder. DataError: If it is unreadable.
     """
     path = autoencoder_file(path)
     if not path.is_file():
         raise ConfigError(f"model.autoencoder: no file {str(path)!r}; train one with "
                           f"`augflow train-autoencoder --data train.h5 --out ae/`")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_file(path, "autoencoder")
     if not (isinstance(ckpt, dict) and ckpt.get("kind") == "autoencoder"):
         raise ConfigError(f"model.autoencoder: {str(path)!r} is not an augflow autoencoder")
     return Autoencoder.from_checkpoint(ckpt).eval()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from augflow.atomic import atomic_write_text
+from augflow.atomic import atomic_write_text, check_output_folder
 from augflow.data.store import read_images, read_info
 from augflow.errors import ConfigError
 from augflow.model_base import is_int
@@ -60,6 +60,7 @@ def train_autoencoder(
     device: str = "auto",
     progress: bool = True,
     command: str | None = None,
+    overwrite: bool = False,
 ) -> AutoencoderResult:
     """Train an autoencoder on the images of a dataset file; write ``out/autoencoder.pt`` and a run log.
 
@@ -78,20 +79,21 @@ def train_autoencoder(
         device: "auto", "cpu" or "cuda[:N]".
         progress: Show a progress bar.
         command: The command line, written to ``command.txt``.
+        overwrite: Write into a non-empty ``out`` (its files of the same names are replaced).
 
     Returns:
         An :class:`AutoencoderResult` (MSE in ``[0, 1]`` units).
 
     Raises:
-        ConfigError: For invalid options or data.
+        ConfigError: For invalid options or data, or a non-empty ``out`` without ``overwrite``.
     """
     if not is_int(epochs, 1) or not is_int(batch_size, 1) or not lr > 0:
         raise ConfigError(f"--epochs and --batch-size must be >= 1 and --lr > 0, but are: {epochs}, {batch_size}, "
                           f"{lr}")
-    out = Path(out)
     dev = resolve_device(device)
-    info = read_info(data)
+    info = read_info(data).require_images("--data")
     config = AutoencoderConfig(tuple(info.image_shape), latent_channels, downsample, channels, kl_weight).validate()
+    out = check_output_folder(out, overwrite)
     images = torch.from_numpy(read_images(data)).to(dev)
     val_images = None
     if val is not None:

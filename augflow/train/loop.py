@@ -37,7 +37,7 @@ from augflow.models import ModelFamily, family
 from augflow.precision import autocast, resolve_amp
 from augflow.runs import CHECKPOINT, METRICS, MODEL, derive_seed, resolve_device, start_run
 from augflow.train.augment import augment
-from augflow.train.checkpoint import resume_state, rng_states, set_rng_states
+from augflow.train.checkpoint import mark_run, resume_state, rng_states, set_rng_states
 from augflow.train.optim import make_optimizer
 from augflow.train.privacy.ledger import Ledger
 from augflow.train.recipe import Recipe
@@ -69,12 +69,13 @@ def train(
     seed: int = 0,
     command: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a class-conditional generative model (the recipe's family) on a dataset file; write a run folder.
 
     Arguments:
         data: Training file (augflow HDF5). Its image shape and classes define the model.
-        out: Run folder (created; must not hold a run unless ``resume``).
+        out: Run folder (created; must be new or empty, or hold this run with ``resume``, or ``overwrite``).
         recipe: The training recipe; ``recipe.privacy.enabled`` trains with DP-SGD.
         val: Validation file; default: a subject-wise split of ``data`` (``train.val_fraction`` of subjects).
         resume: Continue the run in ``out`` from its last checkpoint.
@@ -83,35 +84,37 @@ def train(
             secret seed instead, see :mod:`augflow.train.privacy`).
         command: The command line, written to ``command.txt``.
         progress: Show a tqdm progress bar.
+        overwrite: Start a new run in ``out`` even if it holds a run (whose model, checkpoint and logs are
+            replaced) or other files.
 
     Returns:
         A :class:`TrainResult`.
 
     Raises:
         ConfigError: For unusable data, recipes, run folders or privacy settings
-            (:class:`~augflow.errors.PrivacyError`).
+            (:class:`~augflow.errors.PrivacyError`), all before the run writes anything.
     """
     out, cfg = Path(out), recipe.train
     device = resolve_device(device)
     rank, world = _distributed(device)
     rows = TrainingRows.open(data, val, cfg.val_fraction, seed)
-    state = resume_state(out, resume, rows.fingerprint, recipe.to_dict(), seed)
+    state = resume_state(out, resume, rows.fingerprint, recipe.to_dict(), seed, overwrite)
     session = open_session(recipe, rows, seed, device, rank, world, state)
     total_steps = cfg.epochs * session.steps_per_epoch
-    if rank == 0:
-        start_run(out, recipe.to_dict(), command)
     model = initial_model(recipe, rows, session, seed, device, resuming=state is not None)
     optimizer, scheduler, ema = make_optimizer(model, session.trainable(model), cfg, total_steps,
                                                session.steps_per_epoch)
     run = _Run(out, recipe, rows, session, model, optimizer, scheduler, ema, seed, device)
     if state is not None:
         run.restore(state)
+    if rank == 0:  # everything is checked: only now the folder becomes this run's
+        mark_run(out, recipe.to_dict(), rows.fingerprint, seed, state)
+        start_run(out, recipe.to_dict(), command)
     session.attach(Objective(model, cfg.ce_weight, session.amp), optimizer)
     end = session.last_step(total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps))
     log = (out / METRICS).open("a") if rank == 0 else None
     bar = tqdm(total=end, initial=run.step, desc="train", unit="step", disable=not (progress and rank == 0),
                dynamic_ncols=True)
-    started = time.perf_counter()
     model.train()
     while run.step < end:
         step = run.step
@@ -137,7 +140,7 @@ def train(
         if rank == 0:  # validation, logs and checkpoints are the first process's
             record = {"step": run.step, "epoch": step // session.steps_per_epoch, "loss": stats.loss,
                       "grad_norm": stats.grad_norm, "lr": lr, **stats.extra}
-            run.after_step(record, end, log, started)
+            run.after_step(record, end, log)
     bar.close()
     if rank == 0:
         log.close()
@@ -217,6 +220,7 @@ class _Run:
         self.seed, self.device = seed, device
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
         self.step, self.best_val, self.last_val = 0, None, None
+        self.started = time.perf_counter()  # moved back by the elapsed time of a resumed run
 
     @property
     def eval_model(self) -> ModelFamily:
@@ -232,8 +236,9 @@ class _Run:
             self.ema.load_state_dict(state["ema"])
         set_rng_states(state["rng"])
         self.step, self.best_val, self.last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
+        self.started -= state.get("elapsed_s", 0.0)  # checkpoints from before elapsed_s restart the clock
 
-    def after_step(self, record: dict, end: int, log, started: float) -> None:
+    def after_step(self, record: dict, end: int, log) -> None:
         """Validate at the end of an epoch, log every ``train.log_every`` steps, checkpoint every
         ``train.checkpoint_every``; keep the model best by validation loss, or under DP the last one."""
         cfg, step, releases_validation = self.recipe.train, self.step, self.session.releases_validation
@@ -246,7 +251,7 @@ class _Run:
                 self.best_val = self.last_val
                 self.save_model()
         if step % cfg.log_every == 0 or "val_loss" in record:
-            record["elapsed_s"] = round(time.perf_counter() - started, 2)
+            record["elapsed_s"] = round(time.perf_counter() - self.started, 2)
             log.write(json.dumps(record) + "\n")
             log.flush()
         if step % cfg.checkpoint_every == 0 or step == end:
@@ -268,14 +273,16 @@ class _Run:
         self.eval_model.save(self.out / MODEL, meta=meta)
 
     def save_checkpoint(self) -> None:
-        """Write ``checkpoint.pt``: everything a resumed run needs, the session's private state included."""
+        """Write ``checkpoint.pt``: everything a resumed run needs, the session's private state included (under DP
+        the secret seed of the noise: the file is then readable by its owner only)."""
         atomic_save({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng_states(), "step": self.step, "best_val_loss": self.best_val, "last_val_loss": self.last_val,
+            "elapsed_s": time.perf_counter() - self.started,
             "recipe": self.recipe.to_dict(), "seed": self.seed, "fingerprint": self.rows.fingerprint,
             "privacy": {"ledger": self.session.ledger(self.model).to_dict(), "state": self.session.state()},
-        }, self.out / CHECKPOINT)
+        }, self.out / CHECKPOINT, private=self.recipe.privacy.enabled)
 
 
 def _distributed(device: torch.device) -> tuple[int, int]:

@@ -5,7 +5,10 @@ family's config except the image shape and class count, which always come from t
 (:class:`TrainConfig`), ``[augment]`` (:class:`AugmentConfig`) and ``[privacy]`` (:class:`PrivacyConfig`, DP-SGD;
 off by default). ``--set table.key=value`` overrides any key; the
 value is parsed as TOML (``--set train.lr=1e-3``, ``--set model.hidden_channels=[32,64,64,64]``). Unknown tables or
-keys are errors that list the valid ones.
+keys are errors that list the valid ones; every ``[train]`` and ``[augment]`` value is checked against its type and
+allowed range (:data:`RANGES`) when the recipe is loaded, before a run writes anything. ``[model]`` values are
+checked by the family's config, ``[privacy]`` ones by :func:`augflow.train.privacy.checks.validate_config`, both
+before a run writes anything too.
 
 The shipped recipes live in the top-level ``recipes/`` folder of the source tree, and inside the wheel as the
 package data ``augflow/recipes`` (``pyproject.toml`` maps the folder there), so ``--recipe quick`` works from a
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
@@ -121,6 +125,65 @@ class Recipe:
                 "augment": dataclasses.asdict(self.augment), "privacy": dataclasses.asdict(self.privacy)}
 
 
+# The allowed values of every number of [train] and [augment]: (low, high, low included, high included).
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "train.epochs": (1, math.inf, True, False),
+    "train.batch_size": (1, math.inf, True, False),
+    "train.lr": (0, math.inf, False, False),
+    "train.min_lr": (0, math.inf, True, False),
+    "train.weight_decay": (0, math.inf, True, False),
+    "train.warmup_epochs": (0, math.inf, True, False),
+    "train.warmup_start": (0, 1, False, True),
+    "train.grad_clip": (0, math.inf, False, False),
+    "train.ema_decay": (0, 1, True, False),
+    "train.val_fraction": (0, 1, True, False),
+    "train.checkpoint_every": (1, math.inf, True, False),
+    "train.log_every": (1, math.inf, True, False),
+    "train.max_steps": (0, math.inf, True, False),
+    "train.temperature": (0, 2, False, True),
+    "train.ce_weight": (0, math.inf, True, False),
+    "augment.rotation_deg": (0, 180, True, True),
+    "augment.shift_px": (0, math.inf, True, False),
+    "augment.noise_std": (0, math.inf, True, False),
+}
+
+
+def _describe_range(low: float, high: float, low_in: bool, high_in: bool) -> str:
+    if high == math.inf:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def check_values(table: str, config, source: str = "recipe") -> None:
+    """Check every field of a ``[train]`` or ``[augment]`` config against its type and :data:`RANGES`.
+
+    Raises:
+        ConfigError: Naming the key, the allowed values and the value received.
+    """
+    for f in dataclasses.fields(config):
+        key, value = f"{table}.{f.name}", getattr(config, f.name)
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind == "int":
+            ok, allowed = number and isinstance(value, int), "an integer"
+        elif kind == "float":
+            ok, allowed = number and math.isfinite(value), "a number"
+        elif kind == "bool":
+            ok, allowed = isinstance(value, bool), "true or false"
+        else:
+            ok, allowed = isinstance(value, str), "a string"
+        if key in RANGES:
+            ok = ok and _in_range(value, *RANGES[key])
+            allowed += " " + _describe_range(*RANGES[key])
+        if not ok:
+            raise ConfigError(f"{source}: {key} must be {allowed}, but is: {value!r}; change it in the recipe or "
+                              f"with --set {key}=VALUE")
+
+
+def _in_range(value: float, low: float, high: float, low_in: bool, high_in: bool) -> bool:
+    return (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
+
+
 def _model_keys(family_name: str) -> list[str]:
     fields = dataclasses.fields(family(family_name).config)
     return ["family", *(f.name for f in fields if f.name not in DATA_FIELDS)]
@@ -154,6 +217,10 @@ def recipe_from_dict(data: dict, name: str = "custom", source: str = "recipe") -
         privacy = PrivacyConfig(**data.get("privacy", {}))
     except TypeError as e:
         raise ConfigError(f"{source}: {e}") from None
+    check_values("train", train, source)
+    check_values("augment", augment, source)
+    if not isinstance(privacy.enabled, bool):
+        raise ConfigError(f"{source}: privacy.enabled must be true or false, but is: {privacy.enabled!r}")
     return Recipe(model=dict(data.get("model", {})), train=train, augment=augment, privacy=privacy, name=name)
 
 

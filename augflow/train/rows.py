@@ -21,7 +21,9 @@ class TrainingRows:
         train: Reader of the training rows.
         val: Reader of the validation rows (possibly empty).
         subjects: ``(N,)`` the subject of each training row (the units of privacy under ``--dp-unit subject``).
-        fingerprint: Paths, SHA-256 and row counts of the data: a checkpoint resumes only on the same.
+        fingerprint: What the data are, not where: the SHA-256 of the training (and validation) file, the image
+            shape and the row counts. A checkpoint resumes only on the same data (a byte-identical
+            copy elsewhere is the same data).
     """
 
     info: DatasetInfo
@@ -42,15 +44,16 @@ class TrainingRows:
 
         Raises:
             ConfigError: If the validation file's classes or shape differ, or no training image is left.
+            DataError: If a file holds no images.
         """
         data = Path(data)
-        info = read_info(data)
+        info = read_info(data).require_images("--data")
         if val is None:
             parts = subject_split(info.labels, info.subjects, val=val_fraction, test=0.0, seed=seed)
             train_rows, val_rows, val_path, val_labels = parts["train"], parts["val"], data, info.labels[parts["val"]]
         else:
             val = Path(val)
-            val_info = read_info(val)
+            val_info = read_info(val).require_images("--val")
             if val_info.class_names != info.class_names or val_info.image_shape != info.image_shape:
                 raise ConfigError(f"--val {val}: classes {val_info.class_names} and shape {val_info.image_shape} "
                                   f"must match --data {data}: {info.class_names}, {info.image_shape}")
@@ -59,8 +62,8 @@ class TrainingRows:
         if len(train_rows) == 0:
             raise ConfigError(f"--data {data}: no training images")
         fingerprint = {
-            "data": str(data.resolve()), "data_sha256": sha256_file(data),
-            "val": str(val.resolve()) if val else None, "val_sha256": sha256_file(val) if val else None,
+            "data_sha256": sha256_file(data), "val_sha256": sha256_file(val) if val else None,
+            "image_shape": list(info.image_shape),  # no class counts: under DP they are released only with noise
             "train_rows": len(train_rows), "val_rows": len(val_rows),
         }
         return cls(info, RowReader(data, train_rows, info.labels[train_rows]),

@@ -22,9 +22,20 @@ def test_resume_continues_exactly(tmp_path):
     assert full.steps == 8  # 27 training images / batch 8 = 4 steps per epoch, 2 epochs
     killed = train(data, tmp_path / "part", load_recipe(None, [*TINY, "train.max_steps=5"]), progress=False)
     assert killed.steps == 5
-    resumed = train(data, tmp_path / "part", load_recipe(None, TINY), resume=True, progress=False)
+    # A kill after step 5's checkpoint: steps 6 and 7 logged, the last line cut mid-write.
+    log = tmp_path / "part" / "metrics.jsonl"
+    elapsed = json.loads(log.read_text().splitlines()[-1])["elapsed_s"]
+    log.write_text(log.read_text() + '{"step": 6, "loss": 1.0}\n{"step": 7, "loss": 1.0}\n{"step": 8, "lo')
+    # The data may move: a byte-identical copy elsewhere is the same data.
+    copy = tmp_path / "moved" / "d.h5"
+    copy.parent.mkdir()
+    copy.write_bytes(data.read_bytes())
+    resumed = train(copy, tmp_path / "part", load_recipe(None, TINY), resume=True, progress=False)
     assert resumed.steps == 8
     assert _losses(tmp_path / "part") == pytest.approx(_losses(tmp_path / "full"), rel=1e-6, abs=1e-7)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))  # no step twice
+    assert records[5]["elapsed_s"] >= elapsed  # the clock continues
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
     for name in a:
@@ -53,15 +64,43 @@ def test_run_folder_and_model_metadata(tmp_path):
 def test_refusals(tmp_path):
     data = make_dataset(tmp_path / "d.h5")
     train(data, tmp_path / "run", load_recipe(None, [*TINY, "train.max_steps=1"]), progress=False)
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume to continue it, --overwrite"):
         train(data, tmp_path / "run", load_recipe(None, TINY), progress=False)
-    with pytest.raises(ConfigError, match="recipe or seed differ"):
+    with pytest.raises(ConfigError, match=r"recipe or seed differ from the run's: train.lr 0.0004 \(run\) vs 0.1"):
         train(data, tmp_path / "run", load_recipe(None, [*TINY, "train.lr=0.1"]), resume=True, progress=False)
     other = make_dataset(tmp_path / "other.h5", seed=1)
-    with pytest.raises(ConfigError, match="data differ"):
+    with pytest.raises(ConfigError, match=r"data differ from the run's: data_sha256 \w{12}\.\.\. \(run\) vs"):
         train(other, tmp_path / "run", load_recipe(None, TINY), resume=True, progress=False)
-    with pytest.raises(ConfigError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no run in"):
         train(data, tmp_path / "none", load_recipe(None, TINY), resume=True, progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty and holds no augflow run"):
+        train(data, tmp_path / "other", load_recipe(None, TINY), progress=False)
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+    with pytest.raises(ConfigError, match="is a file"):
+        train(data, data, load_recipe(None, TINY), progress=False)
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_cleanly_and_overwrite_starts_over(tmp_path):
+    data = make_dataset(tmp_path / "d.h5")
+    fresh = train(data, tmp_path / "fresh", load_recipe(None, TINY), progress=False)
+    run = tmp_path / "run"
+    train(data, run, load_recipe(None, [*TINY, "train.max_steps=2"]), progress=False)
+    for name in ("checkpoint.pt", "model.pt"):  # as if killed at step 2, before checkpoint_every = 3
+        (run / name).unlink()
+    assert json.loads((run / "run.json").read_text())["seed"] == 0
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(data, run, load_recipe(None, TINY), progress=False)
+    with pytest.raises(ConfigError, match=r"train.lr 0.0004 \(run\) vs 0.001 \(now\)"):
+        train(data, run, load_recipe(None, [*TINY, "train.lr=1e-3"]), resume=True, progress=False)
+    resumed = train(data, run, load_recipe(None, TINY), resume=True, progress=False)
+    assert resumed.steps == 8 and _losses(run) == pytest.approx(_losses(tmp_path / "fresh"), rel=1e-6, abs=1e-7)
+    # --overwrite replaces the run: its log starts again, nothing of the old model is kept.
+    again = train(data, run, load_recipe(None, [*TINY, "train.lr=1e-3", "train.max_steps=1"]), overwrite=True,
+                  progress=False)
+    assert again.steps == 1 and len(_losses(run)) == 1 and fresh.steps == 8
+    assert json.loads((run / "run.json").read_text())["recipe"]["train"]["lr"] == 1e-3
 
 
 def test_user_brain_mask_is_used(tmp_path):

@@ -195,6 +195,8 @@ def test_resume_continues_the_accountant_exactly(tmp_path, monkeypatch):
     for name in a["model"]:
         torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-6, atol=1e-7)
     assert b["privacy"]["ledger"] == a["privacy"]["ledger"] == full.ledger.to_dict()
+    # The checkpoint holds the secret seed: owner-only whatever the umask (the released model is not secret).
+    assert (tmp_path / "part" / "checkpoint.pt").stat().st_mode & 0o777 == 0o600
     # Asking a finished run for more epochs than were planned stops before the budget would be exceeded.
     with pytest.warns(PrivacyWarning, match="one more step would exceed privacy.epsilon = 8"):
         more = train(data, tmp_path / "part", load_recipe(None, [*DP, "train.epochs=4"]), resume=True, progress=False)

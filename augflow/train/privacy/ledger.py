@@ -42,7 +42,7 @@ class Ledger:
         target_epsilon, planned_steps, delta_rule, population, expected_batch_size: The calibrated plan.
         sampling, protects, composition, model_selection, randomness: The guarantee in words.
         public_inputs: What the model took from outside the private training data.
-        dataset_fingerprint: The training data (paths, SHA-256 and row counts).
+        dataset_fingerprint: The training data (SHA-256, image shape and row counts).
         references: Papers of the mechanisms.
         extra: Keys this version does not know (from a newer augflow), kept so a round trip loses nothing.
     """
