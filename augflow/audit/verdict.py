@@ -30,7 +30,9 @@ def _num(v, digits: int = 3) -> str:
 
 def _line(label: str, status: str, word: str, text: str) -> dict:
     assert status in STATUSES, status
-    return {"label": label, "status": status, "word": word, "text": text[:1].upper() + text[1:]}
+    if text[:1].isascii():  # a sentence starts with a capital; "ε" stays Greek small epsilon
+        text = text[:1].upper() + text[1:]
+    return {"label": label, "status": status, "word": word, "text": text}
 
 
 def privacy_line(m: dict) -> dict:
