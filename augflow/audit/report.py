@@ -1,10 +1,14 @@
 """The audit's outputs: the release gate, and ``metrics.json`` / ``report.md`` / ``report.html``.
 
-The report opens with a *data card* for the synthetic file (after "Datasheets for Datasets", Gebru et al.
+The report opens with the verdict (:mod:`augflow.audit.verdict`: privacy, usefulness, fidelity, release gate, one
+coloured line each), then a *data card* for the synthetic file (after "Datasheets for Datasets", Gebru et al.
 2018, arXiv 1803.09010, and "Model Cards", Mitchell et al. 2019, arXiv 1810.03993): what the data is, how it
-was made, its privacy status in plain words, the audit summary, and intended and unsuitable uses. The HTML
-file is self-contained (the figures of :mod:`augflow.audit.figures` embedded as base64 PNG); the Markdown file
-links the same PNGs in ``figures/``. Every file is written atomically.
+was made, its privacy status in plain words, the audit summary, and intended and unsuitable uses. Each topic
+follows with its figure before the table of its numbers; the recipe and the settings come last, as key-value
+tables with the raw JSON folded in a closed ``<details>``. The report is meant to travel with the release, so it
+names files by base name and SHA-256 and every text passes :func:`scrub_paths`; ``metrics.json`` keeps the full
+paths. The HTML file is self-contained (the figures of :mod:`augflow.audit.figures` embedded as base64 PNG); the
+Markdown file links the same PNGs in ``figures/``. Every file is written atomically.
 """
 
 from __future__ import annotations
