@@ -75,8 +75,9 @@ def usefulness_line(m: dict) -> dict:
     status = {"helped": "good", "hurt": "bad"}.get(c["verdict"], "warn")
     arms = ds["protocols"]
     means = ", ".join(f"{name} {arms[name]['summary']['balanced_accuracy']['mean']:.3f}" for name in arms)
+    seeds = " One seed has no interval: rerun with --seeds 3 or more to tell." if c["low"] is None else ""
     return _line("Usefulness", status, c["verdict"],
-                 f"{usefulness_sentence(ds)} Balanced accuracy on held-out real images: {means}.")
+                 f"{usefulness_sentence(ds)} Balanced accuracy on held-out real images: {means}.{seeds}")
 
 
 def fidelity_line(m: dict) -> dict:

@@ -44,6 +44,14 @@ def test_usefulness_word_and_colour(word, status):
     assert v["gate"]["status"] == "good" and "worse" not in v["gate"]["text"]
 
 
+def test_one_seed_is_not_distinguishable_and_says_why():
+    m = metrics("not distinguishable")
+    m["downstream"]["comparisons"]["real+synthetic vs real+oversampled"].update(low=None, high=None, n=1)
+    v = verdict(m)["usefulness"]
+    assert v["word"] == "not distinguishable" and "--seeds 3" in v["text"]
+    assert "--seeds" not in verdict(metrics("not distinguishable"))["usefulness"]["text"]
+
+
 def test_without_downstream_usefulness_is_not_evaluated():
     v = verdict(metrics(downstream=False))
     assert v["usefulness"]["word"] == "not evaluated" and v["usefulness"]["status"] == "none"
