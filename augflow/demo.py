@@ -92,7 +92,8 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
     echo(f"  downstream balanced accuracy ({audit_seeds} seed(s)): "
          + ", ".join(f"{p} {v['mean']:.3f}{spread(v)}" for p, v in balanced.items()))
     echo(f"  {usefulness_sentence(report['downstream'])}")
-    gate = report["gate"]
-    echo("  release gate: " + ("passed" if gate["passed"] else f"failed ({', '.join(gate['failed'])})"))
+    gate, said = report["gate"], report["verdict"]["gate"]
+    caveat = f" ({said['text'][:1].lower()}{said['text'][1:]})" if said["status"] == "warn" else ""
+    echo("  release gate: " + ("passed" + caveat if gate["passed"] else f"failed ({', '.join(gate['failed'])})"))
     echo(f"  report: {report['paths']['html']}")
     return {**paths, "report": Path(report["paths"]["html"]), "metrics": Path(report["paths"]["metrics"])}

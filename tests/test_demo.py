@@ -1,6 +1,7 @@
 """One small end-to-end run: `augflow demo` generates, splits, trains the quick recipe, tops up classes and audits."""
 
 import json
+import re
 
 import numpy as np
 from click.testing import CliRunner
@@ -63,3 +64,9 @@ def test_demo_end_to_end(tmp_path):
     assert isinstance(metrics["gate"]["passed"], bool)
     html = (audit / "report.html").read_text()
     assert "Data card" in html and "not differentially private" in html and "data:image/png;base64," in html
+    # The verdict first, with the usefulness word; no path of this machine (the demo's files are absolute here).
+    word = metrics["verdict"]["usefulness"]["word"]
+    assert html.index('<div class="verdict"') < html.index("<table>") and f">{word}</span>" in html
+    for name in ("report.html", "report.md"):
+        text = re.sub(r"base64,[A-Za-z0-9+/=]+", "", (audit / name).read_text())
+        assert str(tmp_path) not in text, name

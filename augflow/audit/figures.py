@@ -1,4 +1,5 @@
-"""The audit's figures, as PNG bytes: samples beside real images, the closest pairs, distances, the ROC curve.
+"""The audit's figures, as PNG bytes: samples beside real images, the closest pairs, distances, the ROC curve,
+per-class downstream recall and per-class precision / recall / density / coverage beside the real reference.
 
 Embedded as base64 in ``report.html`` and written to ``figures/`` for ``report.md`` (:mod:`augflow.audit.report`).
 """
@@ -114,4 +115,67 @@ def figure_roc(roc: dict, auc: float) -> bytes:
     return _png(fig)
 
 
-# ------------------------------------------------------------------------------------------------ the document
+ARM_COLOURS = {"real": "#4c72b0", "real+oversampled": "#8c8c8c", "real+synthetic": "#dd8452", "synthetic": "#55a868"}
+
+
+def figure_recall(downstream: dict, class_names: list[str]) -> bytes:
+    """Per-class recall of the downstream CNN on the held-out real images: grouped bars, one per training arm
+    (± std over seeds), minority classes starred and shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(downstream["protocols"])
+    minority = set(downstream.get("minority_classes", []))
+    x = np.arange(len(class_names))
+    width = 0.8 / max(1, len(arms))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(class_names) + 1.5), 3.2))
+    for k, name in enumerate(class_names):
+        if name in minority:
+            ax.axvspan(k - 0.45, k + 0.45, color="#f3e6c4", zorder=0)
+    for i, arm in enumerate(arms):
+        recall = downstream["protocols"][arm]["summary"]["per_class_recall"]
+        mean = [recall[n]["mean"] for n in class_names]
+        std = [recall[n]["std"] for n in class_names] if downstream.get("seeds", 1) > 1 else None
+        ax.bar(x - 0.4 + width * (i + 0.5), mean, width, yerr=std, capsize=2, label=arm.replace("+", " + "),
+               color=ARM_COLOURS.get(arm), zorder=2, error_kw={"linewidth": 0.8})
+    ax.set_xticks(x, [f"{n} *" if n in minority else n for n in class_names], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("recall (held-out real)")
+    ax.legend(fontsize=7, ncol=len(arms), loc="upper center", bbox_to_anchor=(0.5, 1.18), frameon=False)
+    return _png(fig)
+
+
+PRDC = ("precision", "recall", "density", "coverage")
+
+
+def figure_prdc(fidelity: dict, class_names: list[str]) -> bytes:
+    """Precision, recall, density and coverage overall and per class: synthetic beside the real-vs-real reference
+    (real training images against the same held-out images). A value missing for too few images is marked n/a."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [("overall", fidelity["overall"])] + [(n, fidelity["per_class"][n]) for n in class_names]
+    x = np.arange(len(groups))
+    fig, axes = plt.subplots(2, 2, figsize=(max(7.0, 0.75 * len(groups) + 3), 5.6), sharex=True, squeeze=False)
+    for ax, metric in zip(axes.flat, PRDC, strict=True):
+        for i, (cand, label, colour) in enumerate((("synthetic", "synthetic", "#dd8452"),
+                                                   ("real", "real vs real (reference)", "#4c72b0"))):
+            values = [d[cand].get(metric) for _, d in groups]
+            pos = x - 0.2 + 0.4 * i
+            ax.bar(pos, [np.nan if v is None else v for v in values], 0.4, label=label, color=colour)
+            for p, v in zip(pos, values, strict=True):
+                if v is None:
+                    ax.text(p, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="#666")
+        ax.set_title(metric, fontsize=9)
+        if metric != "density":  # density is unbounded above (about 1 for real-like images)
+            ax.set_ylim(0, 1.05)
+    for ax in axes[1]:
+        ax.set_xticks(x, [g for g, _ in groups], rotation=35, ha="right", fontsize=7)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=2, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 1.03))
+    fig.tight_layout()
+    return _png(fig)

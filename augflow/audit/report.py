@@ -1,10 +1,14 @@
 """The audit's outputs: the release gate, and ``metrics.json`` / ``report.md`` / ``report.html``.
 
-The report opens with a *data card* for the synthetic file (after "Datasheets for Datasets", Gebru et al.
+The report opens with the verdict (:mod:`augflow.audit.verdict`: privacy, usefulness, fidelity, release gate, one
+coloured line each), then a *data card* for the synthetic file (after "Datasheets for Datasets", Gebru et al.
 2018, arXiv 1803.09010, and "Model Cards", Mitchell et al. 2019, arXiv 1810.03993): what the data is, how it
-was made, its privacy status in plain words, the audit summary, and intended and unsuitable uses. The HTML
-file is self-contained (the figures of :mod:`augflow.audit.figures` embedded as base64 PNG); the Markdown file
-links the same PNGs in ``figures/``. Every file is written atomically.
+was made, its privacy status in plain words, the audit summary, and intended and unsuitable uses. Each topic
+follows with its figure before the table of its numbers; the recipe and the settings come last, as key-value
+tables with the raw JSON folded in a closed ``<details>``. The report is meant to travel with the release, so it
+names files by base name and SHA-256 and every text passes :func:`scrub_paths`; ``metrics.json`` keeps the full
+paths. The HTML file is self-contained (the figures of :mod:`augflow.audit.figures` embedded as base64 PNG); the
+Markdown file links the same PNGs in ``figures/``. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import base64
 import html
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +25,7 @@ import numpy as np
 
 from augflow.atomic import atomic_path, atomic_write_text
 from augflow.audit.downstream import CONFIDENCE, usefulness_sentence
+from augflow.audit.verdict import CLOSE, FAR, verdict
 from augflow.errors import ConfigError
 from augflow.train.privacy.ledger import Ledger
 
@@ -110,29 +116,94 @@ def _pm(stat: dict, seeds: int) -> str:
     return f"{stat['mean']:.3f}" if seeds == 1 else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
+_ABS_PATH = re.compile(r"(?<![\w.:/\\-])(?:~|[A-Za-z]:)?[/\\][^\s\"'<>|,;()\[\]]*")
+
+
+def base_name(path) -> str:
+    """The last component of a POSIX or Windows path (the path itself if it has none, e.g. "/")."""
+    return re.split(r"[/\\]", str(path).rstrip("/\\"))[-1] or str(path)
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with every absolute path (``/...``, ``~/...``, ``C:\\...``) replaced by its base name.
+
+    The report is shared with the release; the data holder's directory layout is not. URLs and relative
+    fractions such as ``bits/dim`` are left alone.
+    """
+    return _ABS_PATH.sub(lambda match: base_name(match.group()), text)
+
+
+def public_command(command: str) -> str:
+    """The command line with each path argument (a token, or an ``--option=`` value, with a slash) as its base name."""
+    out = []
+    for token in command.split(" "):
+        option, eq, value = token.partition("=") if token.startswith("-") else ("", "", token)
+        out.append(option + eq + (base_name(value) if re.search(r"[/\\]", value) else value))
+    return scrub_paths(" ".join(out))
+
+
+def public_paths(obj):
+    """A copy of a JSON-like object for the report: absolute paths in strings as base names, and so is every
+    value whose key has a ``<key>_sha256`` sibling (a file named next to its hash, as in ledgers and provenance)."""
+    if isinstance(obj, dict):
+        return {k: base_name(v) if isinstance(v, str) and f"{k}_sha256" in obj else public_paths(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [public_paths(v) for v in obj]
+    return scrub_paths(obj) if isinstance(obj, str) else obj
+
+
+def _value(v) -> str:
+    if isinstance(v, str):
+        return v or '""'
+    if isinstance(v, list) and v and all(isinstance(i, str) for i in v):
+        return "; ".join(v)
+    return json.dumps(v)
+
+
+def key_values(obj: dict, prefix: str = "") -> list[list[str]]:
+    """Rows ``[dotted key, value]`` of a nested dict, for a readable table of a recipe or a ledger."""
+    rows = []
+    for k, v in obj.items():
+        if isinstance(v, dict) and v:
+            rows += key_values(v, f"{prefix}{k}.")
+        else:
+            rows.append([f"{prefix}{k}", _value(v)])
+    return rows
+
+
 class _Doc:
-    """Blocks rendered to both Markdown and self-contained HTML."""
+    """Blocks rendered to both Markdown and self-contained HTML. Every text passes :func:`scrub_paths`."""
 
     def __init__(self):
         self.blocks: list[tuple] = []
 
     def h(self, level: int, text: str):
-        self.blocks.append(("h", level, text))
+        self.blocks.append(("h", level, scrub_paths(text)))
 
     def p(self, text: str):
-        self.blocks.append(("p", text))
+        self.blocks.append(("p", scrub_paths(text)))
 
     def items(self, items: list[str]):
-        self.blocks.append(("ul", items))
+        self.blocks.append(("ul", [scrub_paths(i) for i in items]))
 
     def table(self, header: list[str], rows: list[list]):
-        self.blocks.append(("table", header, [[_fmt(v) if not isinstance(v, str) else v for v in r] for r in rows]))
+        self.blocks.append(("table", header, [[scrub_paths(_fmt(v) if not isinstance(v, str) else v) for v in r]
+                                              for r in rows]))
 
     def figure(self, name: str, png: bytes, caption: str):
-        self.blocks.append(("figure", name, png, caption))
+        self.blocks.append(("figure", name, png, scrub_paths(caption)))
 
     def code(self, text: str):
-        self.blocks.append(("code", text))
+        self.blocks.append(("code", scrub_paths(text)))
+
+    def details(self, summary: str, text: str):
+        """Raw text (JSON) folded away: a closed ``<details>`` element in both formats."""
+        self.blocks.append(("details", scrub_paths(summary), scrub_paths(text)))
+
+    def verdict(self, lines: list[dict]):
+        """The verdict block: per line a label, a status (badge colour), a word and a sentence."""
+        self.blocks.append(("verdict", [{k: scrub_paths(v) for k, v in line.items()} for line in lines]))
 
     def markdown(self) -> str:
         out = []
@@ -151,6 +222,10 @@ class _Doc:
                 out.append(f"![{b[3]}](figures/{b[1]}.png)\n\n*{b[3]}*")
             elif b[0] == "code":
                 out.append(f"```\n{b[1]}\n```")
+            elif b[0] == "details":
+                out.append(f"<details><summary>{html.escape(b[1])}</summary>\n\n```json\n{b[2]}\n```\n\n</details>")
+            elif b[0] == "verdict":
+                out.append("\n".join(f"- **{v['label']}: {v['word']}** — {v['text']}" for v in b[1]))
         return "\n\n".join(out) + "\n"
 
     def html(self, title: str) -> str:
@@ -173,10 +248,21 @@ class _Doc:
                            f"<figcaption>{e(b[3])}</figcaption></figure>")
             elif b[0] == "code":
                 out.append(f"<pre>{e(b[1])}</pre>")
+            elif b[0] == "details":
+                out.append(f"<details><summary>{e(b[1])}</summary><pre>{e(b[2])}</pre></details>")
+            elif b[0] == "verdict":
+                out.append('<div class="verdict" id="verdict">' + "".join(
+                    f'<p><b>{e(v["label"])}</b> <span class="badge {e(v["status"])}">{e(v["word"])}</span> '
+                    f"— {e(v['text'])}</p>" for v in b[1]) + "</div>")
         style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:1.4}"
                  "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;"
-                 "text-align:right}th{background:#eee}img{max-width:100%}pre{background:#f6f6f6;padding:0.5em;"
-                 "overflow-x:auto}figcaption{font-style:italic;font-size:90%}")
+                 "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#eee}"
+                 "img{max-width:100%}pre{background:#f6f6f6;padding:0.5em;overflow-x:auto}"
+                 "figcaption{font-style:italic;font-size:90%}"
+                 ".verdict{border:1px solid #bbb;border-radius:6px;padding:0.2em 1em;margin:1em 0}"
+                 ".verdict p{margin:0.5em 0}.badge{display:inline-block;padding:0 0.5em;border-radius:4px;"
+                 "color:#fff;font-weight:bold}.good{background:#2e7d32}.warn{background:#a15c00}"
+                 ".bad{background:#c62828}.none{background:#6b6b6b}summary{cursor:pointer;color:#444}")
         return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
                 f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 
@@ -194,18 +280,29 @@ def _privacy_text(privacy: dict) -> str:
             "synthetic output by at most a factor e^epsilon (plus delta).")
 
 
+def _file(path, sha256: str | None) -> str:
+    """A file as the report names it: its base name and the start of its SHA-256."""
+    return base_name(path) + ("" if not sha256 else f" (SHA-256 {sha256[:16]}...)")
+
+
 def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
-    """The report of an audit's metrics (see :func:`augflow.audit.run_audit`) with its figures."""
+    """The report of an audit's metrics (see :func:`augflow.audit.run_audit`) with its figures.
+
+    Order: the verdict (privacy, usefulness, fidelity, release gate), the data card, then per topic the figure
+    before the table of its exact numbers, and last the settings (key-value tables, the raw JSON folded) and the
+    inputs. Files are named by base name and SHA-256; no absolute path of the data holder's machine is written.
+    """
     doc = _Doc()
     names = m["inputs"]["class_names"]
     syn = m["inputs"]["synthetic"]
     gate = m["gate"]
-    doc.h(1, f"Audit of {Path(syn['path']).name}")
-    verdict = "PASSED" if gate["passed"] else "FAILED (" + ", ".join(gate["failed"]) + ")"
-    doc.p(f"Release gate: {verdict}. {_privacy_text(m['privacy'])}")
     ds = m.get("downstream")
-    if ds is not None:
-        doc.p(f"Usefulness: {usefulness_sentence(ds)}")
+    doc.h(1, f"Audit of {base_name(syn['path'])}")
+    doc.verdict(list((m.get("verdict") or verdict(m)).values()))
+    doc.p(f"Privacy and the release gate judge copying and leakage only; usefulness compares a classifier trained "
+          "on the real images plus the synthetic top-up with one trained on the real images with the minority "
+          f"classes duplicated to the same count; fidelity is close to real when class recognition, precision and "
+          f"coverage all reach {CLOSE:.0%} of the real-vs-real value (far below {FAR:.0%}). Details below.")
 
     doc.h(2, "Data card")
     doc.h(3, "What the data is")
@@ -220,24 +317,29 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
     doc.h(3, "How it was made")
     prov = syn.get("provenance") or {}
     model = m["inputs"].get("model")
+    recipe = prov.get("recipe")
     doc.table(["item", "value"], [
         ["generator", str(prov.get("generator", "unknown"))],
-        ["model file", str(prov.get("model", model["path"] if model else "unknown"))],
-        ["model SHA-256", str(prov.get("model_sha256", model["sha256"] if model else "unknown"))],
+        ["model file", _file(prov["model"], prov.get("model_sha256")) if prov.get("model") else
+         _file(model["path"], model["sha256"]) if model else "unknown"],
+        ["recipe", "unknown" if recipe is None else f"{recipe.get('name', 'unnamed')} (every setting under Settings)"],
         ["temperature", prov.get("temperature", "unknown")],
         ["seed", prov.get("seed", "unknown")],
         ["augflow version", str(prov.get("augflow_version", syn.get("augflow_version", "unknown")))],
         ["created", str(syn.get("created_at", "unknown"))],
-        ["training file", f"{m['inputs']['train']['path']} (SHA-256 {m['inputs']['train']['sha256'][:16]}...)"],
+        ["training file", _file(m["inputs"]["train"]["path"], m["inputs"]["train"]["sha256"])],
     ])
-    if prov.get("recipe") is not None:
-        doc.p("Training recipe of the model:")
-        doc.code(json.dumps(prov["recipe"], indent=1, sort_keys=True))
+    if prov:
+        doc.details("Raw provenance of the synthetic file (JSON)", json.dumps(
+            public_paths({k: v for k, v in prov.items() if k not in ("recipe", "privacy")}), indent=1,
+            sort_keys=True, default=str))
     doc.h(3, "Privacy")
     privacy = m["privacy"]
     doc.p(_privacy_text(privacy))
     if privacy.get("ledger"):
-        doc.code(json.dumps(privacy["ledger"], indent=1, sort_keys=True, default=str))
+        ledger = public_paths(privacy["ledger"])
+        doc.table(["privacy ledger", "value"], key_values(ledger))
+        doc.details("Raw privacy ledger (JSON)", json.dumps(ledger, indent=1, sort_keys=True, default=str))
     mia = m.get("membership_inference")
     if mia is not None:
         doc.p(f"Empirical check: a likelihood membership-inference attack reaches ROC AUC {mia['auc']:.3f}; the "
@@ -285,11 +387,52 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
     doc.p("Defaults: copy_fraction <= 0.05, exact copies 0, membership-inference AUC <= 0.6 "
           "(change with --max-copy-fraction, --max-exact-copies, --max-mia-auc).")
 
+    if ds is not None:
+        doc.h(2, "Downstream classification")
+        r = ds["recipe"]
+        seeds = ds["seeds"]
+        doc.p(f"ResNet-18 from scratch ({r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']}, class-weighted "
+              "loss), "
+              + ("one seed" if seeds == 1 else f"mean ± std over {seeds} seeds")
+              + f", tested on {ds['test_n']} held-out real images. Minority classes (marked *): "
+              + (", ".join(ds["minority_classes"]) or "none") + ". " + usefulness_sentence(ds))
+        if "recall" in figures:
+            doc.figure("recall", figures["recall"], "Per-class recall on the held-out real images by training set "
+                       "(minority classes starred and shaded)")
+        protocols = list(ds["protocols"])
+        rows = [[key] + [_pm(ds["protocols"][p]["summary"][key], seeds) for p in protocols]
+                for key in ("accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro",
+                            "f1_macro")]
+        rows += [[f"recall {n}{' *' if n in ds['minority_classes'] else ''}"]
+                 + [_pm(ds["protocols"][p]["summary"]["per_class_recall"][n], seeds) for p in protocols]
+                 for n in names]
+        rows.append(["training images"] + [str(ds["protocols"][p]["n_train"]) for p in protocols])
+        doc.table(["metric", *protocols], rows)
+        if ds.get("comparisons"):
+            doc.table(["paired difference (balanced accuracy)", "mean", f"{CONFIDENCE:.0%} interval", "verdict"],
+                      [[name, f"{c['mean']:+.3f}", "n/a (one seed)" if c["low"] is None else
+                        f"{c['low']:+.3f} to {c['high']:+.3f}", c["verdict"]]
+                       for name, c in ds["comparisons"].items()])
+    lk = m.get("likelihood_classifier")
+    if lk is not None:
+        calibrated = ("with the per-class offsets and temperature fitted on a validation file (`augflow classify "
+                      "--calibrate-on`)" if lk.get("calibrated") else "uncalibrated (no `augflow classify "
+                      "--calibrate-on` was run for this model)")
+        doc.p(f"The model's own likelihood classifier on the same test images, {calibrated}: accuracy "
+              f"{lk['accuracy']:.3f}, "
+              f"balanced accuracy {lk['balanced_accuracy']:.3f}, macro AUC {_fmt(lk['auc_macro'])}.")
+
     doc.h(2, "Fidelity")
     fs = m["feature_space"]
     doc.p(f"Feature space: {fs['description']}. Reference set: the held-out real test images. Each row compares "
           "an equally sized subsample of synthetic and of real training images against it; FID with its 95% "
-          "bootstrap interval, KID ± its standard deviation over subsets, PRDC with k = 5.")
+          "bootstrap interval, KID ± its standard deviation over subsets, PRDC with k = 5. The real training "
+          "images give the real-vs-real reference: the values a perfect generator could reach.")
+    if "samples" in figures:
+        doc.figure("samples", figures["samples"], "Synthetic (left) and real training (right) images per class")
+    if "prdc" in figures:
+        doc.figure("prdc", figures["prdc"], "Precision, recall, density and coverage, overall and per class: "
+                   "synthetic beside the real-vs-real reference")
     header = ["set", "n", "FID [95% CI]", "KID", "precision", "recall", "density", "coverage"]
     rows = []
     for group, d in [("overall", fo), *m["fidelity"]["per_class"].items()]:
@@ -299,7 +442,6 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
             rows.append([f"{group}: {cand}", c["n_candidate"], _fmt(c["fid"]) + _ci(c["fid_ci95"]), kid,
                          c["precision"], c["recall"], c["density"], c["coverage"]])
     doc.table(header, rows)
-    rec = m.get("recognition")
     if rec is not None:
         doc.p("Class recognition: the fraction of each class's images that a ResNet-18 trained on the real training "
               "images assigns to that class. A synthetic image filed under another class teaches a downstream "
@@ -308,8 +450,6 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
                   [["mean over classes", rec["synthetic_mean"], rec["real_mean"]],
                    *[[n, "n/a" if rec["synthetic"][n] is None else rec["synthetic"][n],
                       "n/a" if rec["real"][n] is None else rec["real"][n]] for n in names]])
-    if "samples" in figures:
-        doc.figure("samples", figures["samples"], "Synthetic (left) and real training (right) images per class")
 
     doc.h(2, "Diversity")
     st = div["settings"]
@@ -326,62 +466,45 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
           "held-out real images. A synthetic image closer than the closest 1% of held-out images is flagged. "
           "Pixel distances also shrink when synthetic images are smoother than real ones (a latent temperature "
           "below 1 removes acquisition noise) without any copying: when only the pixel space flags images, look "
-          "at the closest pairs below.")
+          "at the closest pairs.")
+    for name, caption in (("closest_pairs", "The 16 closest synthetic-training pairs"),
+                          ("dcr", "Distance to the closest training image")):
+        if name in figures:
+            doc.figure(name, figures[name], caption)
     doc.table(["space", "copy fraction", "threshold", "median DCR synthetic", "median DCR held-out", "ratio"],
               [[s, mem[s]["copy_fraction"], mem[s]["threshold"], mem[s]["median_synthetic"],
                 mem[s]["median_heldout"], mem[s]["ratio"]] for s in ("pixel", "feature")])
     doc.p(f"Exact copies (pixel RMS <= half a grey level): {mem['exact_copies']}; near copies (closer than any "
           f"held-out image): {mem['near_copies']}.")
-    for name, caption in (("dcr", "Distance to the closest training image"),
-                          ("closest_pairs", "The 16 closest synthetic-training pairs")):
-        if name in figures:
-            doc.figure(name, figures[name], caption)
     if mia is not None:
         doc.h(3, "Membership inference")
+        if "roc" in figures:
+            doc.figure("roc", figures["roc"], "Membership-inference ROC (log FPR)")
         doc.table(["members", "non-members", "AUC", "TPR @ FPR 1%", "TPR @ FPR 0.1%", "epsilon lower bound"],
                   [[mia["n_members"], mia["n_nonmembers"], mia["auc"], mia["tpr_at_fpr"]["0.01"],
                     mia["tpr_at_fpr"]["0.001"], mia["epsilon_lower_bound"]]])
         if not all(mia["fpr_resolvable"].values()):
             doc.p("Fewer non-members than 1/FPR: at that FPR the TPR shown is the one at zero false positives.")
-        if "roc" in figures:
-            doc.figure("roc", figures["roc"], "Membership-inference ROC (log FPR)")
 
-    if ds is not None:
-        doc.h(2, "Downstream classification")
-        r = ds["recipe"]
-        seeds = ds["seeds"]
-        doc.p(f"ResNet-18 from scratch ({r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']}, class-weighted "
-              "loss), "
-              + ("one seed" if seeds == 1 else f"mean ± std over {seeds} seeds")
-              + f", tested on {ds['test_n']} held-out real images. Minority classes (marked *): "
-              + (", ".join(ds["minority_classes"]) or "none") + ".")
-        protocols = list(ds["protocols"])
-        rows = [[key] + [_pm(ds["protocols"][p]["summary"][key], seeds) for p in protocols]
-                for key in ("accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro",
-                            "f1_macro")]
-        rows += [[f"recall {n}{' *' if n in ds['minority_classes'] else ''}"]
-                 + [_pm(ds["protocols"][p]["summary"]["per_class_recall"][n], seeds) for p in protocols]
-                 for n in names]
-        rows.append(["training images"] + [str(ds["protocols"][p]["n_train"]) for p in protocols])
-        doc.table(["metric", *protocols], rows)
-        doc.table(["paired difference (balanced accuracy)", "mean", f"{CONFIDENCE:.0%} interval", "verdict"],
-                  [[name, f"{c['mean']:+.3f}", "n/a (one seed)" if c["low"] is None else
-                    f"{c['low']:+.3f} to {c['high']:+.3f}", c["verdict"]] for name, c in ds["comparisons"].items()])
-    lk = m.get("likelihood_classifier")
-    if lk is not None:
-        calibrated = ("with the per-class offsets and temperature fitted on a validation file (`augflow classify "
-                      "--calibrate-on`)" if lk.get("calibrated") else "uncalibrated (no `augflow classify "
-                      "--calibrate-on` was run for this model)")
-        doc.p(f"The model's own likelihood classifier on the same test images, {calibrated}: accuracy "
-              f"{lk['accuracy']:.3f}, "
-              f"balanced accuracy {lk['balanced_accuracy']:.3f}, macro AUC {_fmt(lk['auc_macro'])}.")
+    doc.h(2, "Settings")
+    if recipe is not None:
+        doc.h(3, f"Training recipe of the model ({recipe.get('name', 'unnamed')})")
+        recipe = public_paths(recipe)
+        doc.table(["setting", "value"], key_values(recipe))
+        doc.details("Raw recipe (JSON)", json.dumps(recipe, indent=1, sort_keys=True, default=str))
+    if m.get("settings"):
+        doc.h(3, "Audit settings")
+        doc.table(["setting", "value"], key_values(public_paths(m["settings"])))
 
     doc.h(2, "Inputs")
     doc.table(["role", "file", "images", "SHA-256"],
-              [[role, m["inputs"][role]["path"], m["inputs"][role]["n"], m["inputs"][role]["sha256"][:16] + "..."]
+              [[role, base_name(m["inputs"][role]["path"]), m["inputs"][role]["n"], m["inputs"][role]["sha256"]]
                for role in ("real", "train", "synthetic")])
+    if model:
+        doc.p(f"Model: {base_name(model['path'])} (SHA-256 {model['sha256']}).")
     if m.get("command"):
-        doc.code(m["command"])
+        doc.p("Command (file paths as base names):")
+        doc.code(public_command(m["command"]))
     return doc
 
 

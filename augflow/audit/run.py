@@ -15,10 +15,18 @@ from augflow.audit.diversity import diversity
 from augflow.audit.downstream import PROTOCOLS, check_subjects_disjoint, downstream
 from augflow.audit.features import EncoderRecipe, domain_encoder_path, feature_space, load_encoder
 from augflow.audit.fidelity import fidelity, torch_fidelity_metrics
-from augflow.audit.figures import figure_closest_pairs, figure_dcr, figure_roc, figure_samples
+from augflow.audit.figures import (
+    figure_closest_pairs,
+    figure_dcr,
+    figure_prdc,
+    figure_recall,
+    figure_roc,
+    figure_samples,
+)
 from augflow.audit.memorization import membership_inference, memorization
 from augflow.audit.recognition import class_recognition
 from augflow.audit.report import REPORT_FILES, GateThresholds, public, release_gate, write_report
+from augflow.audit.verdict import verdict
 from augflow.classify.calibration import stored_calibration
 from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
 from augflow.classify.metrics import Calibration, classification_metrics, predict
@@ -228,7 +236,8 @@ def run_audit(
 
     figures = {"samples": figure_samples(x["synthetic"], y["synthetic"], x["train"], y["train"], names),
                "dcr": figure_dcr(mem["_arrays"], {s: mem[s]["threshold"] for s in ("pixel", "feature")}),
-               "closest_pairs": figure_closest_pairs(mem["closest_pairs"], x["synthetic"], x["train"])}
+               "closest_pairs": figure_closest_pairs(mem["closest_pairs"], x["synthetic"], x["train"]),
+               "prdc": figure_prdc(metrics["fidelity"], names)}
 
     metrics["membership_inference"] = metrics["likelihood_classifier"] = None
     if flow is not None:
@@ -258,11 +267,13 @@ def run_audit(
                 train_subjects=infos["train"].subjects, test_subjects=infos["real"].subjects, seeds=seeds,
                 epochs=downstream_epochs, device=device, progress=inner.update, amp=amp)
             inner.close()
+        figures["recall"] = figure_recall(metrics["downstream"], names)
 
     with stage("report"):
         metrics["settings"] = {"features": features, "bootstraps": bootstraps, "pairs": pairs, "seed": seed,
                                "seeds": seeds, "amp": amp, "encoder_recipe": encoder_recipe.__dict__}
         metrics["gate"] = release_gate(metrics, gate)
+        metrics["verdict"] = verdict(metrics)
         metrics["timings_s"] = timings
         paths = write_report(metrics, out, figures)
     bar.close()

@@ -21,13 +21,14 @@ def blobs(counts, size=16, seed=0, noise=0.1):
     return np.clip(np.concatenate(xs), 0, 1).astype(np.float32), np.concatenate(ys)
 
 
-def write_blobs(path, counts, seed, prefix, source="real", images=None, labels=None):
-    """A dataset file of :func:`blobs` (or the given images), two slices per subject named ``prefix-NNN``."""
+def write_blobs(path, counts, seed, prefix, source="real", images=None, labels=None, provenance=None):
+    """A dataset file of :func:`blobs` (or the given images), two slices per subject named ``prefix-NNN``;
+    ``provenance`` is added to the default ``{"generator": "test", "seed": seed}``."""
     if images is None:
         images, labels = blobs(counts, seed=seed)
     subjects = [f"{prefix}-{i // 2:03d}" for i in range(len(labels))]
     return write_dataset(path, images, labels, subjects, np.zeros(len(labels)), CLASSES, source=source,
-                         provenance={"generator": "test", "seed": seed})
+                         provenance={"generator": "test", "seed": seed, **(provenance or {})})
 
 
 def tiny_flow(path, class_counts, privacy=None):

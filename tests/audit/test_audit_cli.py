@@ -1,6 +1,10 @@
 """``augflow audit`` end to end in tmp_path: report files with stable keys, the data card, the gate's exit code."""
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -33,16 +37,41 @@ def test_counts_and_budgets_out_of_range_are_refused_before_any_work(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
-def test_audit_end_to_end_and_gate(tmp_path):
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory, one_thread):
+    """One audit of tiny files through the CLI, with a command line and a provenance full of absolute paths
+    (the synthetic file names its model, recipe mask and training data as ``synthesize`` does)."""
+    tmp_path = tmp_path_factory.mktemp("audit")
     real = write_blobs(tmp_path / "test.h5", [8, 8, 8], seed=1, prefix="test")
     train = write_blobs(tmp_path / "train.h5", [16, 10, 6], seed=0, prefix="train")
-    synthetic = write_blobs(tmp_path / "synth.h5", [0, 6, 10], seed=2, prefix="synthetic", source="synthetic")
     model = tiny_flow(tmp_path / "model.pt", [16, 10, 6])
+    fingerprint = {"data": str(train.resolve()), "data_sha256": "ab" * 32, "train_rows": 32}
+    synthetic = write_blobs(tmp_path / "synth.h5", [0, 6, 10], seed=2, prefix="synthetic", source="synthetic",
+                            provenance={"model": str(model.resolve()), "model_sha256": "cd" * 32,
+                                        "training_fingerprint": fingerprint,
+                                        "recipe": {"name": "tiny", "train": {"lr": 0.001,
+                                                                            "app_mask": str(tmp_path / "mask.npy")}},
+                                        "privacy": {"dp": False, "guarantee": "none: trained without differential "
+                                                    "privacy", "dataset_fingerprint": fingerprint}})
     common = ["--real", str(real), "--train", str(train), "--model", str(model), "--cache-dir", str(tmp_path / "c"),
               "--encoder-epochs", "1", "--bootstraps", "10", "--threads", "1"]
     out = tmp_path / "report"
-    result = CliRunner().invoke(cli, ["audit", *common, "--synthetic", str(synthetic), "--out", str(out), "--seeds",
-                                      "1", "--epochs", "1", "--json"], catch_exceptions=False)
+    args = ["audit", *common, "--synthetic", str(synthetic), f"--out={out}", "--seeds", "1", "--epochs", "1",
+            "--json"]
+    with pytest.MonkeyPatch.context() as mp:  # the command line recorded in the report, as a shell would pass it
+        mp.setattr(sys, "argv", ["/usr/local/bin/augflow", *args])
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    return {"result": result, "out": out, "tmp": tmp_path, "common": common,
+            "inputs": {"real": real, "train": train, "synthetic": synthetic, "model": model}}
+
+
+def _text(path):
+    """A report file without its embedded images (base64 could spell anything)."""
+    return re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:image/png;base64,", path.read_text())
+
+
+def test_audit_end_to_end(audited):
+    result, out, tmp_path = audited["result"], audited["out"], audited["tmp"]
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert TOP_LEVEL <= set(metrics) and metrics["schema"] == "augflow-audit/1"
@@ -60,12 +89,72 @@ def test_audit_end_to_end_and_gate(tmp_path):
     rec = metrics["recognition"]
     assert rec["synthetic"]["a"] is None and 0 <= rec["synthetic"]["c"] <= 1 and 0 <= rec["real_mean"] <= 1
     assert metrics["inputs"]["synthetic"]["provenance"]["generator"] == "test"
+    assert list(metrics["verdict"]) == ["privacy", "usefulness", "fidelity", "gate"]
+    assert metrics["verdict"]["usefulness"]["word"] == metrics["downstream"]["comparisons"][
+        "real+synthetic vs real+oversampled"]["verdict"]
     html = (out / "report.html").read_text()
     assert "Data card" in html and "data:image/png;base64," in html and "not differentially private" in html
-    assert "Intended uses" in (out / "report.md").read_text() and (out / "figures" / "closest_pairs.png").is_file()
+    assert "<details><summary>Raw privacy ledger (JSON)</summary>" in html and "<details open" not in html
+    assert "Intended uses" in (out / "report.md").read_text()
+    for name in ("closest_pairs", "samples", "dcr", "roc", "prdc", "recall"):
+        assert (out / "figures" / f"{name}.png").is_file(), name
     assert list((tmp_path / "c").glob("*.pt"))  # the encoder was cached
+    # metrics.json is the data holder's: it keeps the full paths.
+    assert metrics["inputs"]["real"]["path"] == str(audited["inputs"]["real"])
 
-    # Planted exact copies of training images: the gate fails and names the failed thresholds.
+
+def test_report_names_no_absolute_path(audited):
+    """No absolute path of the inputs, of the model or of the tmp dir in report.html / report.md; base names and
+    SHA-256 instead, also on the command line and in the provenance, ledger and recipe."""
+    out, tmp = audited["out"], audited["tmp"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("report.html", "report.md"):
+        text = _text(out / name)
+        assert str(tmp) not in text and str(tmp.parent) not in text and "/usr/local/bin" not in text, name
+        for path in audited["inputs"].values():
+            assert str(path) not in text and str(path.resolve()) not in text, (name, path)
+            assert path.name in text, (name, path)
+        assert "mask.npy" in text and metrics["inputs"]["train"]["sha256"] in text
+        assert re.search(r"augflow audit --real test\.h5 --train train\.h5 .*--out=report ", text), name
+
+
+def test_verdict_comes_before_the_first_table(audited):
+    out = audited["out"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    word = metrics["verdict"]["usefulness"]["word"]
+    assert word in ("helped", "hurt", "not distinguishable")
+    html = (out / "report.html").read_text()
+    start, end = html.index('<div class="verdict"'), html.index("</div>")
+    assert end < html.index("<table>") and start < html.index("Data card")
+    block = html[start:end]
+    for label in ("Privacy", "Usefulness", "Fidelity", "Release gate"):
+        assert f"<b>{label}</b>" in block
+    assert f">{word}</span>" in block and 'class="badge ' in block
+    md = (out / "report.md").read_text()
+    assert md.index(f"- **Usefulness: {word}**") < md.index("## Data card") < md.index("| class |")
+
+
+CHROME = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
+                                         "chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(CHROME is None, reason="no chromium / chrome on PATH (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(audited, tmp_path):
+    """The browser loads report.html without error, and its rendered DOM has the verdict above the first table."""
+    out = audited["out"]
+    result = subprocess.run([CHROME, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                             "--dump-dom", (out / "report.html").as_uri()], capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    assert 'id="verdict"' in dom and "Usefulness" in dom
+    assert dom.index('id="verdict"') < dom.index("<table")
+    assert dom.count("<img") == (out / "report.html").read_text().count("<img") >= 6
+
+
+def test_gate_fails_on_planted_copies_and_reports_a_dp_ledger(audited):
+    """Planted exact copies of training images: the gate fails and names the failed thresholds."""
+    tmp_path, common = audited["tmp"], audited["common"]
     x, y = blobs([16, 10, 6], seed=0)
     copies = write_blobs(tmp_path / "copies.h5", None, seed=0, prefix="synthetic", source="synthetic",
                          images=x[::2], labels=y[::2])
@@ -85,3 +174,9 @@ def test_audit_end_to_end_and_gate(tmp_path):
     gate = metrics["gate"]
     assert gate["failed"] == ["copy_fraction", "exact_copies"] and np.isclose(
         gate["checks"]["copy_fraction"]["value"], 1.0)
+    v = metrics["verdict"]
+    assert v["privacy"]["status"] == "bad" and v["privacy"]["word"] == "differentially private (ε = 8)"
+    assert v["gate"]["word"] == "failed" and v["usefulness"]["word"] == "not evaluated"
+    assert "- **Release gate: failed** — Do not release: copy_fraction = 1 > 0.05" in report
+    assert "- **Privacy: differentially private (ε = 8)** — ε = 8, δ = 1e-06 per subject" in report
+    assert "COPIES TRAINING IMAGES" in report and "- **Usefulness: not evaluated**" in report
