@@ -130,6 +130,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="Default: work/usefulness-TASK-SIZE.")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--recognition-only", action="store_true",
+                        help="Only the class recognition of the synthetic files (no downstream training): a cheap "
+                             "screen of generators before their CNN runs.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = (args.work or Path(f"work/usefulness-{args.task}-{args.size}")).resolve()
@@ -162,7 +165,7 @@ def main() -> None:
     cache = work / "cnn"
     cache.mkdir(exist_ok=True)
     results: dict[str, list[dict]] = {}
-    for arm in arms:
+    for arm in [] if args.recognition_only else arms:
         results[arm] = []
         for seed in range(args.seeds):
             source = files.get(arm)
@@ -193,9 +196,37 @@ def main() -> None:
 
 def render(args, results: dict, names: list[str], minority: list[str], log: list[str], files: dict,
            test, recognition: dict) -> str:
+    lines = [f"# Usefulness: {args.task} task, {args.size} px, evaluated on the {args.eval} split", ""]
+    if results:
+        lines += downstream_tables(args, results, names, minority, test)
+    if recognition:
+        reference = next(iter(recognition.values()))
+        lines += ["", "Class recognition: the fraction of each class's images that a ResNet-18 trained on the real "
+                  f"training images (the audit's domain encoder) files under their own class; reference: the "
+                  f"{args.eval} images.", "", "| images | mean | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names),
+                  f"| real {args.eval} | {reference['real_mean']:.2f} | "
+                  + " | ".join("" if reference["real"][n] is None else f"{reference['real'][n]:.2f}" for n in names)
+                  + " |"]
+        for arm, rec in recognition.items():
+            lines.append(f"| {arm} | {rec['synthetic_mean']:.2f} | " + " | ".join(
+                "" if rec["synthetic"][n] is None else f"{rec['synthetic'][n]:.2f}" for n in names) + " |")
+    lines += ["", "Synthetic files:", ""]
+    for arm, path in files.items():
+        prov = read_info(path).provenance or {}
+        sel = prov.get("selection") or {}
+        rate = sel.get("acceptance_rate")
+        rate = (", acceptance " + ", ".join(f"{k} {v:.2f}" for k, v in rate.items())) if rate else ""
+        lines.append(f"- `{arm}`: {path.name}, {len(read_info(path).labels)} images{rate}")
+    lines += ["", "Commands (the stages run in this invocation; cached stages are not repeated):", "", "```",
+              shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), *log, "```", ""]
+    return "\n".join(lines)
+
+
+def downstream_tables(args, results: dict, names: list[str], minority: list[str], test) -> list[str]:
+    """Balanced accuracy per arm with its paired differences, and the per-class recall."""
     bal = {a: [r["balanced_accuracy"] for r in rs] for a, rs in results.items()}
-    lines = [f"# Usefulness: {args.task} task, {args.size} px, evaluated on the {args.eval} split", "",
-             f"ResNet-18 from scratch, class-weighted loss, {args.epochs} epochs, bf16, seeds 0..{args.seeds - 1}; "
+    lines = [f"ResNet-18 from scratch, class-weighted loss, {args.epochs} epochs, bf16, seeds 0..{args.seeds - 1}; "
              f"{len(test.labels)} {args.eval} images of {len(set(test.subjects))} subjects never seen in training. "
              f"Minority classes (*): {', '.join(minority) or 'none'}.", "",
              "| arm | training images | balanced accuracy | vs real+oversampled | vs real | CPU s / training |",
@@ -219,28 +250,7 @@ def render(args, results: dict, names: list[str], minority: list[str], log: list
     for arm, rs in results.items():
         lines.append(f"| {label(arm)} | " + " | ".join(f"{np.mean([r['recall'][n] for r in rs]):.2f}"
                                                        for n in names) + " |")
-    if recognition:
-        reference = next(iter(recognition.values()))
-        lines += ["", "Class recognition: the fraction of each class's images that a ResNet-18 trained on the real "
-                  f"training images (the audit's domain encoder) files under their own class; reference: the "
-                  f"{args.eval} images.", "", "| images | mean | " + " | ".join(names) + " |",
-                  "|---|---|" + "---|" * len(names),
-                  f"| real {args.eval} | {reference['real_mean']:.2f} | "
-                  + " | ".join("" if reference["real"][n] is None else f"{reference['real'][n]:.2f}" for n in names)
-                  + " |"]
-        for arm, rec in recognition.items():
-            lines.append(f"| {arm} | {rec['synthetic_mean']:.2f} | " + " | ".join(
-                "" if rec["synthetic"][n] is None else f"{rec['synthetic'][n]:.2f}" for n in names) + " |")
-    lines += ["", "Synthetic files:", ""]
-    for arm, path in files.items():
-        prov = read_info(path).provenance or {}
-        sel = prov.get("selection") or {}
-        rate = sel.get("acceptance_rate")
-        rate = (", acceptance " + ", ".join(f"{k} {v:.2f}" for k, v in rate.items())) if rate else ""
-        lines.append(f"- `{arm}`: {path.name}, {len(read_info(path).labels)} images{rate}")
-    lines += ["", "Commands (the stages run in this invocation; cached stages are not repeated):", "", "```",
-              shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), *log, "```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def label(arm: str) -> str:
