@@ -2,7 +2,7 @@
 
 Generates the built-in scanner data at 32 px, splits it by subject, trains the ``quick`` recipe, writes a
 balanced synthetic top-up of the under-represented scanners and audits it (``augflow audit`` with a smaller
-downstream protocol: 3 epochs per CNN, a 2-epoch domain encoder). 5-10 minutes on 2 CPU cores. The audit
+downstream protocol: 2 epochs per CNN, a 2-epoch domain encoder). 5-10 minutes on 2 CPU cores. The audit
 compares the top-up with oversampling the real minority images and prints its verdict in one sentence.
 """
 
@@ -25,7 +25,7 @@ DEMO_SIZE = 32
 
 
 def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Callable = print,
-             progress: bool = True, audit: bool = True, audit_seeds: int = 3, audit_epochs: int = 3,
+             progress: bool = True, audit: bool = True, audit_seeds: int = 3, audit_epochs: int = 2,
              encoder_epochs: int = 2, bootstraps: int = 30, overwrite: bool = False) -> dict:
     """Run generate → split → train → synthesize → audit in ``out_dir``; return the paths written, by name.
 

@@ -68,13 +68,17 @@ def run(command: list[str], log: list[str], cwd: Path) -> None:
     subprocess.run(command, cwd=cwd, check=True)
 
 
-def parse_arm(spec: str) -> dict:
-    """``only:magic:T=1.0:select=classifier`` -> {"only": True, "family": "magic", "T": "1.0", ...}."""
+def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
+    """``only:magic:T=1.0:select=classifier`` -> {"only": True, "family": "magic", "T": "1.0", ...}.
+
+    The "family" is a model family (trained here when no ``--run`` gives it) or the label of a ``--run``.
+    """
     parts = spec.split(":")
     only = parts[0] == "only"
     parts = parts[1:] if only else parts
-    if parts[0] not in FAMILIES:
-        raise SystemExit(f"--arms: unknown family {parts[0]!r} in {spec!r}; allowed: {sorted(FAMILIES)}")
+    if parts[0] not in FAMILIES and parts[0] not in labels:
+        raise SystemExit(f"--arms: unknown generator {parts[0]!r} in {spec!r}; allowed: a family "
+                         f"{sorted(FAMILIES)} or a --run label {sorted(labels)}")
     options = dict(p.split("=", 1) for p in parts[1:])
     unknown = set(options) - {"T", "select", "conf", "ratio"}
     if unknown:
@@ -126,7 +130,9 @@ def main() -> None:
     parser.add_argument("--arms", default="real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=15, help="Epochs per downstream CNN training.")
-    parser.add_argument("--run", action="append", default=[], help="FAMILY=DIR: reuse a trained generator.")
+    parser.add_argument("--run", action="append", default=[],
+                        help="LABEL=DIR: a trained generator; LABEL is a family (reused instead of trained) or a "
+                             "name arms refer to (e.g. --run eps8=runs/eps8 --arms real,eps8:T=0.8).")
     parser.add_argument("--work", type=Path, default=None, help="Default: work/usefulness-TASK-SIZE.")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
@@ -146,9 +152,9 @@ def main() -> None:
         run(["augflow", "split", str(data), "--out-dir", str(split), "--seed", "0"], log, work)
     train_file, eval_file = split / "train.h5", split / f"{args.eval}.h5"
     arms = args.arms.split(",")
-    specs = {a: parse_arm(a) for a in arms if a not in ("real", "oversampled")}
     runs = dict(r.split("=", 1) for r in args.run)
     runs = {f: Path(d).resolve() for f, d in runs.items()}
+    specs = {a: parse_arm(a, set(runs)) for a in arms if a not in ("real", "oversampled")}
     for family in {s["family"] for s in specs.values()} - set(runs):
         runs[family] = work / "runs" / family
         if not (runs[family] / "model.pt").exists():
