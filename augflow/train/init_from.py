@@ -89,7 +89,8 @@ class InitFrom:
                 "model_privacy": self.model_privacy, "declared_public": self.declared_public,
                 "declaration": DECLARED if self.declared_public else NOT_DECLARED,
                 "reinitialized": list(self.reinitialized),
-                "reinitialized_why": "shape depends on the number of classes, and the class set differs"}
+                "reinitialized_why": ("their shape depends on the number of classes, and the class set differs"
+                                      if self.reinitialized else "none: the class names are the same")}
 
     @classmethod
     def from_record(cls, record: dict) -> InitFrom:
