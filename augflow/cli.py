@@ -15,11 +15,15 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from augflow.errors import AugflowError
 from augflow.version import __version__
+
+if TYPE_CHECKING:
+    from augflow.train.privacy.ledger import Ledger
 
 _DEBUG = "augflow_debug"  # key of ctx.meta, shared by the group's and the commands' contexts
 
@@ -181,6 +185,23 @@ def _print_ledger(stored: dict | None) -> None:
                    f"({ledger.accountant}, noise multiplier {ledger.noise_multiplier:.3g}, sample rate "
                    f"{ledger.sample_rate:.3g}, {ledger.steps} steps, clipping norm {ledger.max_grad_norm:g}; "
                    f"class counts: {ledger.class_counts_release['release']})")
+    if ledger is not None:
+        _print_init(ledger)
+
+
+def _print_init(ledger: Ledger) -> None:
+    """The model a ledger's run started from (``--init-from``), if any: two lines."""
+    if ledger.init_from:
+        init = ledger.init_from
+        trained = init.get("trainable") or {}
+        selection = trained.get("selection", "all")
+        if "trained_elements" in trained:
+            total = trained["trained_elements"] + trained["frozen_elements"]
+            selection = f"{selection} ({trained['trained_elements']:,} of {total:,} parameters)"
+        click.echo(f"initialisation: {ledger.pretraining()}")
+        names = init["reinitialized"]
+        reinit = f"{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else "none"
+        click.echo(f"  from {init['model']}; re-initialised (class-shaped): {reinit}; trained: {selection}")
 
 
 @cli.command()
@@ -272,11 +293,17 @@ def _threads_option(fn):
               help="DP: privacy accountant, Renyi DP or privacy random variables (default rdp).")
 @click.option("--dp-unit", type=click.Choice(["slice", "subject"]), default=None,
               help="DP: what is protected, one slice (default) or one subject (one slice per subject per step).")
+@click.option("--init-from", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Start from this model's weights (run folder or model.pt; same family, architecture and image "
+                   "shape; class-shaped entries are re-initialised when the classes differ) (train.init_from).")
+@click.option("--init-from-public", is_flag=True,
+              help="Declare that the --init-from model was trained on public data only: required under --dp "
+                   "(train.init_from_public).")
 @_device_option
 @_threads_option
 @_error_boundary
 def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled, epsilon, delta, max_grad_norm,
-          accountant, dp_unit, device):
+          accountant, dp_unit, init_from, init_from_public, device):
     """Train a class-conditional generative model (MAGIC-Flow, or the recipe's model.family) on a dataset file.
 
     \b
@@ -284,6 +311,8 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
         augflow train --data data/train.h5 --recipe recipes/scanner.toml --out runs/scanner
         augflow train --data data/train.h5 --recipe recipes/scanner.toml --out runs/scanner --resume
         augflow train --data data/train.h5 --recipe scanner --out runs/dp --dp --epsilon 8 --dp-unit subject
+        augflow train --data data/train.h5 --recipe scanner-dp --out runs/ft --init-from runs/public \\
+            --init-from-public --set privacy.trainable=conditioning
     """
     from augflow.runs import command_line
     from augflow.train.loop import train as run_training
@@ -292,7 +321,10 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
     dp_options = {"epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
                   "unit": dp_unit}
     dp_overrides = [f"privacy.{key}={value!r}" for key, value in dp_options.items() if value is not None]
-    loaded = load_recipe(recipe, [*overrides, *dp_overrides, *(["privacy.enabled=true"] if dp_enabled else [])])
+    init_overrides = [*([f"train.init_from={json.dumps(str(init_from))}"] if init_from is not None else []),
+                      *(["train.init_from_public=true"] if init_from_public else [])]
+    loaded = load_recipe(recipe, [*overrides, *dp_overrides, *init_overrides,
+                                  *(["privacy.enabled=true"] if dp_enabled else [])])
     if dp_overrides and not loaded.privacy.enabled:
         raise click.UsageError("--epsilon, --delta, --max-grad-norm, --accountant and --dp-unit need --dp "
                                "(or a recipe with [privacy] enabled = true)")
@@ -306,6 +338,7 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
         return
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
     click.echo(f"trained {result.steps} steps; best validation {result.loss_name} {best}; model: {result.model_path}")
+    _print_init(result.ledger)
 
 
 @cli.command()

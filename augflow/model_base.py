@@ -138,3 +138,27 @@ class FamilyModel(SavedModule):
     @torch.no_grad()
     def initialize(self, x: Tensor, y: Tensor) -> None:
         """Data-dependent initialisation before training; none by default."""
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Named groups of parameters for fine-tuning (``privacy.trainable``), as parameter-name glob patterns;
+        none by default."""
+        return {}
+
+    def class_entries(self) -> list[str]:
+        """Names of the state-dict entries whose shape depends on ``num_classes`` (label embeddings, per-class
+        buffers): found by building the same architecture for another class count and comparing shapes, so no
+        family has to list them by hand. The global RNG is left as it was.
+
+        Returns:
+            The names, in state-dict order (empty when no shape depends on the class count).
+        """
+        state = self.state_dict()
+        for count in (self.config.num_classes + 1, self.config.num_classes - 1):
+            try:
+                other = dataclasses.replace(self.config, num_classes=count).validate()
+            except ConfigError:  # a family's bound on the class count (MedSymmFlow: 2..64)
+                continue
+            with torch.random.fork_rng(devices=[]):
+                twin = self.build({"config": other.to_dict(), **self.parts()}).state_dict()
+            return [name for name, tensor in state.items() if tensor.shape != twin[name].shape]
+        return []

@@ -52,6 +52,14 @@ class ModelFamily(Protocol):
     def initialize(self, x: Tensor, y: Tensor) -> None:
         """Data-dependent initialisation before training (a no-op where there is none)."""
 
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Named parameter groups a DP fine-tune may train alone (``"conditioning"``, ``"top"``), as parameter-name
+        glob patterns; empty where the family defines none."""
+
+    def class_entries(self) -> list[str]:
+        """Names of the state-dict entries whose shape depends on ``num_classes`` (re-initialised by
+        ``--init-from`` when the class set differs)."""
+
     def sample(self, y: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """Class-conditional images ``(B, C, H, W)``, nominally in ``[0, 1]``."""
 

@@ -4,7 +4,8 @@ A run folder ``runs/NAME`` (``augflow train``) holds:
 
 - ``checkpoint.pt`` (:data:`CHECKPOINT`): everything needed to resume exactly (model, EMA, optimiser, scheduler,
   RNG states, step, recipe, data fingerprint, and ``privacy``: the ledger and, under DP, the private state —
-  calibrated plan, accountant history, released class counts and the secret seed of sampling and noise), rewritten
+  calibrated plan, accountant history, released class counts and the secret seed of sampling and noise, and
+  ``init``: the record of the ``--init-from`` model), rewritten
   every ``train.checkpoint_every`` steps and at the end. It is private to the data holder: never release it (under
   DP it holds the secret seed of the noise and is written with mode 0600, readable by its owner only);
 - ``model.pt`` (:data:`MODEL`): the model to use (EMA weights when enabled), best by validation loss (under DP: the

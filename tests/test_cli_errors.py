@@ -160,6 +160,26 @@ CASES = [
     ("audit with a model of another size", [*[a.replace("parts", "big") for a in AUDIT], "--model", "{w}/run",
                                             "--out", "{w}/audit"], 1,
      ["--model", "(1, 8, 8)", "(1, 16, 16)"]),
+    # 8. --init-from and privacy.trainable (issue 18): refused before the run folder exists.
+    ("train --init-from a model of another size", [*_train(*TINY_SETS, "--init-from", "{w}/run"), "--data",
+                                                   "{w}/big.h5"], 1,
+     ["--init-from", "run", "(1, 8, 8)", "big.h5", "(1, 16, 16)", "must match"]),
+    ("train --init-from another architecture", _train("--init-from", "{w}/run"), 1,
+     ["--init-from", "architecture differs", "model.hidden_channels", "(init model)", "(recipe)"]),
+    ("train --dp --init-from undeclared", _train(*TINY_SETS, "--dp", "--epsilon", "8", "--init-from", "{w}/run"), 1,
+     ["--init-from", "under --dp", "--init-from-public"]),
+    ("train --dp --init-from a model of this data", _train(*TINY_SETS, "--dp", "--epsilon", "8", "--init-from",
+                                                           "{w}/run", "--init-from-public"), 1,
+     ["--init-from", "trained on a file of this run", "not public"]),
+    ("train --init-from-public alone", _train("--init-from-public"), 1, ["--init-from-public", "no model is given"]),
+    ("train --init-from nothing", _train("--init-from", "{w}/no-such-run"), 2, ["--init-from", "no-such-run"]),
+    ("--set privacy.trainable=bogus", _train("--dp", "--epsilon", "8", "--set", "privacy.trainable=bogus"), 1,
+     ["privacy.trainable", "'all', 'conditioning', 'top'", "'bogus'"]),
+    ("privacy.trainable without --dp", _train("--set", "privacy.trainable=top"), 1,
+     ["privacy.trainable = 'top'", "DP training only", "--dp"]),
+    ("privacy.trainable under --dp without --init-from", _train(*TINY_SETS, "--dp", "--epsilon", "8", "--set",
+                                                                  "privacy.trainable=conditioning"), 1,
+     ["privacy.trainable = 'conditioning'", "--init-from MODEL --init-from-public"]),
 ]
 
 

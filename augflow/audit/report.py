@@ -268,16 +268,22 @@ class _Doc:
 
 
 def _privacy_text(privacy: dict) -> str:
-    """The model's privacy in words, from its ledger (the metrics' ``privacy["ledger"]``)."""
+    """The model's privacy in words, from its ledger (the metrics' ``privacy["ledger"]``); a model that started from
+    another one (``--init-from``) first says so: "pretrained on public data X; fine-tuned with (epsilon, delta)-DP"."""
     ledger = Ledger.from_dict(privacy["ledger"])
+    origin = "" if ledger is None or not ledger.pretraining() else f"The generator was {ledger.pretraining()}. "
     if ledger is None or not ledger.differentially_private:
-        return "Privacy: " + NOT_DP + "."
+        return "Privacy: " + origin + (NOT_DP[0].upper() + NOT_DP[1:] if origin else NOT_DP) + "."
     # The ledger's unit of privacy: a slice, or a subject (all of one patient's slices) with --dp-unit subject.
     who = "any single training subject (all of a patient's slices)" if ledger.unit == "subject" else \
         "any single training image (slice; a patient with k slices is protected only at about k * epsilon)"
+    effect = f"{who} changes the probability of any synthetic output by at most a factor e^epsilon (plus delta)."
+    if origin:
+        return (f"Privacy: {origin}Per the model's privacy ledger (epsilon = {_fmt(ledger.epsilon)}, delta = "
+                f"{_fmt(ledger.delta)}), {effect} The guarantee covers the private fine-tuning data only; the "
+                "pretraining data are not protected by it.")
     return (f"Privacy: trained with differential privacy, (epsilon = {_fmt(ledger.epsilon)}, delta = "
-            f"{_fmt(ledger.delta)}) per the model's privacy ledger: {who} changes the probability of any "
-            "synthetic output by at most a factor e^epsilon (plus delta).")
+            f"{_fmt(ledger.delta)}) per the model's privacy ledger: {effect}")
 
 
 def _file(path, sha256: str | None) -> str:

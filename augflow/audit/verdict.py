@@ -43,6 +43,10 @@ def privacy_line(m: dict) -> dict:
         unit = (p.get("ledger") or {}).get("unit") or "image"
         word = f"differentially private (ε = {_num(p['epsilon'])})"
         parts = [f"ε = {_num(p['epsilon'])}, δ = {_num(p['delta'])} per {unit}, from the model's privacy ledger"]
+        init = (p.get("ledger") or {}).get("init_from")
+        if init:  # --init-from: the guarantee covers the fine-tuning data, not the pretraining data
+            parts[0] += (", fine-tuned from a model pretrained on data declared public by the user"
+                         if init.get("declared_public") else ", fine-tuned from a model not declared public")
     else:
         word = "not differentially private"
         parts = ["no formal guarantee (trained without differential privacy)"]

@@ -3,7 +3,8 @@
 A run marks its folder first with ``run.json`` (recipe, seed and data fingerprint, see :mod:`augflow.runs`): a new
 run refuses a folder that holds a run (``--resume`` continues it, ``--overwrite`` starts over) or anything else. The
 checkpoint (``checkpoint.pt``) holds the model, EMA, optimiser, scheduler, RNG states, step, elapsed time, recipe,
-seed, data fingerprint and ``privacy`` (the ledger and the private session's state). A run resumes only on the same
+seed, data fingerprint, ``privacy`` (the ledger and the private session's state) and ``init`` (the record of the
+``--init-from`` model, so a resumed run needs not the file). A run resumes only on the same
 data, recipe and seed; only its stopping point and logging may change. A run marked but killed before its first
 checkpoint resumes by starting cleanly.
 """

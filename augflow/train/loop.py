@@ -14,6 +14,9 @@ enabled`` it is a :class:`~augflow.train.privacy.session.PrivacySession` and the
 Poisson-sampled batches, exact per-sample gradients clipped and noised by Opacus' DPOptimizer, an accountant
 continued across resumes, public-only initialisation and mask, and the last weights released with their privacy
 ledger. Every checkpoint and model records the ledger (``{"dp": False, ...}`` without DP: never a made-up epsilon).
+
+A run may start from a trained model instead of a fresh initialisation (``train.init_from``, e.g. a model
+pretrained on public data before a DP fine-tune; :mod:`augflow.train.init_from`); the ledger records it.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from tqdm.auto import tqdm
 
 from augflow.atomic import atomic_save
 from augflow.data.store import RowReader, read_info
+from augflow.errors import ConfigError
 from augflow.flows import dequantize, load_mask
 from augflow.models import ModelFamily, family
 from augflow.precision import autocast, resolve_amp
 from augflow.runs import CHECKPOINT, METRICS, MODEL, derive_seed, resolve_device, start_run
 from augflow.train.augment import augment
 from augflow.train.checkpoint import mark_run, resume_state, rng_states, set_rng_states
+from augflow.train.init_from import InitFrom, open_init
 from augflow.train.optim import make_optimizer
 from augflow.train.privacy.ledger import Ledger
 from augflow.train.recipe import Recipe
@@ -78,7 +83,8 @@ def train(
         out: Run folder (created; must be new or empty, or hold this run with ``resume``, or ``overwrite``).
         recipe: The training recipe; ``recipe.privacy.enabled`` trains with DP-SGD.
         val: Validation file; default: a subject-wise split of ``data`` (``train.val_fraction`` of subjects).
-        resume: Continue the run in ``out`` from its last checkpoint.
+        resume: Continue the run in ``out`` from its last checkpoint (a run started with ``train.init_from`` too: the
+            checkpoint holds its weights and the record of the init model).
         device: "auto", "cpu" or "cuda[:N]".
         seed: Seed of initialisation, batch order and noise (under DP the sampling and gradient noise come from a
             secret seed instead, see :mod:`augflow.train.privacy`).
@@ -91,7 +97,8 @@ def train(
         A :class:`TrainResult`.
 
     Raises:
-        ConfigError: For unusable data, recipes, run folders or privacy settings
+        ConfigError: For unusable data, recipes, run folders, ``train.init_from`` models (another family, image
+            shape or architecture; under DP not declared public) or privacy settings
             (:class:`~augflow.errors.PrivacyError`), all before the run writes anything.
     """
     out, cfg = Path(out), recipe.train
@@ -99,12 +106,13 @@ def train(
     rank, world = _distributed(device)
     rows = TrainingRows.open(data, val, cfg.val_fraction, seed)
     state = resume_state(out, resume, rows.fingerprint, recipe.to_dict(), seed, overwrite)
-    session = open_session(recipe, rows, seed, device, rank, world, state)
+    init = open_init(recipe, rows, state)
+    session = open_session(recipe, rows, seed, device, rank, world, state, init)
     total_steps = cfg.epochs * session.steps_per_epoch
-    model = initial_model(recipe, rows, session, seed, device, resuming=state is not None)
+    model = initial_model(recipe, rows, session, seed, device, resuming=state is not None, init=init)
     optimizer, scheduler, ema = make_optimizer(model, session.trainable(model), cfg, total_steps,
                                                session.steps_per_epoch)
-    run = _Run(out, recipe, rows, session, model, optimizer, scheduler, ema, seed, device)
+    run = _Run(out, recipe, rows, session, model, optimizer, scheduler, ema, seed, device, init)
     if state is not None:
         run.restore(state)
     if rank == 0:  # everything is checked: only now the folder becomes this run's
@@ -153,7 +161,7 @@ def train(
 
 
 def open_session(recipe: Recipe, rows: TrainingRows, seed: int, device: torch.device, rank: int = 0,
-                 world: int = 1, saved: dict | None = None) -> Session:
+                 world: int = 1, saved: dict | None = None, init: InitFrom | None = None) -> Session:
     """The session of a run: a :class:`~augflow.train.privacy.session.PrivacySession` under ``[privacy] enabled``,
     else a :class:`~augflow.train.session.PlainSession`.
 
@@ -165,36 +173,47 @@ def open_session(recipe: Recipe, rows: TrainingRows, seed: int, device: torch.de
         rank: This process's rank under torchrun.
         world: The number of processes.
         saved: The checkpoint being resumed, if any (a private session continues its state).
+        init: The model the run starts from (``--init-from``), if any.
 
     Raises:
-        PrivacyError: For DP settings or runs that cannot give the guarantee.
+        PrivacyError: For DP settings or runs that cannot give the guarantee. ConfigError: For
+            ``privacy.trainable`` without DP.
     """
     if not recipe.privacy.enabled:
-        return PlainSession(recipe.train, rows, seed, device, rank, world)
+        if recipe.privacy.trainable != "all":
+            raise ConfigError(f"privacy.trainable = {recipe.privacy.trainable!r} applies to DP training only (--dp); "
+                              f"without --dp every parameter is trained: drop the setting or add --dp")
+        return PlainSession(recipe.train, rows, seed, device, rank, world, init)
     from augflow.train.privacy.session import PrivacySession  # Opacus loads only for private runs
 
-    return PrivacySession.open(recipe, rows, device, world, saved)
+    return PrivacySession.open(recipe, rows, device, world, saved, init)
 
 
 def initial_model(recipe: Recipe, rows: TrainingRows, session: Session, seed: int, device: torch.device,
-                  resuming: bool = False) -> ModelFamily:
+                  resuming: bool = False, init: InitFrom | None = None) -> ModelFamily:
     """The recipe's model for the data, built from ``seed`` on ``device``.
 
-    A new model is initialised by the session (from a fixed training batch, or under DP from public data only).
-    MAGIC-Flow's application-specific (brain) mask is the file ``train.app_mask`` (under DP: declared public), else
-    the session's (Otsu on the training mean image, or under DP on the public template); a resumed model takes
-    its mask, a buffer, from the checkpoint.
+    A new model is initialised by the session (from a fixed training batch, or under DP from public data only), or
+    takes the weights of the ``--init-from`` model (``init``): then nothing data-dependent runs, and only the
+    entries whose shape depends on the classes keep their fresh initialisation (when the class set differs).
+    MAGIC-Flow's application-specific (brain) mask is the init model's, else the file ``train.app_mask`` (under DP:
+    declared public), else the session's (Otsu on the training mean image, or under DP on the public template); a
+    resumed model takes its mask, a buffer, from the checkpoint.
     """
     config = recipe.model_config(rows.info.image_shape, rows.info.num_classes)
     torch.manual_seed(seed)
     parts = {}
-    if config.uses_app_mask and not resuming:
+    if config.uses_app_mask and not resuming and init is None:
         height, width = rows.info.image_shape[1:]
         mask_file = recipe.train.app_mask
         parts["app_mask"] = load_mask(mask_file, height, width) if mask_file else session.app_mask(height, width)
     model = family(recipe.family).model(config, **parts).to(device)
-    if not resuming:
+    if resuming:
+        return model
+    if init is None:
         session.initialize(model)
+    else:
+        init.apply(model)
     return model
 
 
@@ -215,8 +234,8 @@ class _Run:
     """The state of a run between steps, and what the first process does after each: validate, log, save."""
 
     def __init__(self, out: Path, recipe: Recipe, rows: TrainingRows, session: Session, model: ModelFamily,
-                 optimizer, scheduler, ema, seed: int, device: torch.device):
-        self.out, self.recipe, self.rows, self.session = out, recipe, rows, session
+                 optimizer, scheduler, ema, seed: int, device: torch.device, init: InitFrom | None = None):
+        self.out, self.recipe, self.rows, self.session, self.init = out, recipe, rows, session, init
         self.seed, self.device = seed, device
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
         self.step, self.best_val, self.last_val = 0, None, None
@@ -282,6 +301,7 @@ class _Run:
             "elapsed_s": time.perf_counter() - self.started,
             "recipe": self.recipe.to_dict(), "seed": self.seed, "fingerprint": self.rows.fingerprint,
             "privacy": {"ledger": self.session.ledger(self.model).to_dict(), "state": self.session.state()},
+            "init": None if self.init is None else self.init.record(),
         }, self.out / CHECKPOINT, private=self.recipe.privacy.enabled)
 
 

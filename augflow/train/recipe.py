@@ -64,6 +64,8 @@ class TrainConfig:
     app_mask: str = ""  # .npy (H, W) brain mask (public under DP); "" = Otsu on the training mean (DP: on the template)
     amp: bool = False  # bf16 networks where the hardware has bf16 (augflow.precision); else float32 with a warning
     ce_weight: float = 0.0  # MAGIC-Flow hybrid objective: bits/dim + ce_weight * cross-entropy of the Bayes posterior
+    init_from: str = ""  # --init-from: a run folder or model.pt to start from (augflow.train.init_from); "" = fresh
+    init_from_public: bool = False  # --init-from-public: the user declares the init_from model trained on public data
 
 
 @dataclass
@@ -99,6 +101,9 @@ class PrivacyConfig:
     count_epsilon_fraction: float = 0.05  # share of epsilon spent on the noisy class counts (Laplace)
     max_slices_per_subject: int = 11  # unit "subject": a subject's weight in the noisy counts is capped here
     actnorm_init: str = "template"  # "template" (public MNI152 slices) or "identity"
+    # What DP-SGD trains: "all", "conditioning", "top" (the family's groups) or a list of parameter-name patterns;
+    # anything but "all" needs a declared-public train.init_from (augflow.train.privacy.trainable).
+    trainable: str | list[str] = "all"
 
 
 @dataclass

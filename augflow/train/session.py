@@ -10,7 +10,7 @@ accountant, public-only initialisation); the loop opens the one its recipe asks 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from augflow.runs import derive_seed
 from augflow.train.privacy.ledger import Ledger
 from augflow.train.recipe import TrainConfig
 from augflow.train.rows import TrainingRows
+
+if TYPE_CHECKING:
+    from augflow.train.init_from import InitFrom
 
 
 class StepStats(NamedTuple):
@@ -106,13 +109,15 @@ class PlainSession:
         device: The training device (bf16 networks with ``train.amp`` where it runs bf16 natively).
         rank: This process's rank under torchrun (0 alone).
         world: The number of processes.
+        init: The model the run started from (``--init-from``), recorded in the ledger, or None.
     """
 
     releases_validation = True
 
     def __init__(self, cfg: TrainConfig, data: TrainingRows, seed: int, device: torch.device, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, init: InitFrom | None = None):
         self.cfg, self.data, self.seed, self.device, self.rank, self.world = cfg, data, seed, device, rank, world
+        self.init = init
         self.amp = resolve_amp(cfg.amp, device)
         self.steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
         self.class_counts = np.bincount(data.train.labels, minlength=data.info.num_classes).tolist()
@@ -164,7 +169,8 @@ class PlainSession:
         return StepStats(loss.item(), grad_norm, {})
 
     def ledger(self, model: ModelFamily) -> Ledger:
-        return Ledger.without_dp(self.data.fingerprint)
+        init = None if self.init is None else {**self.init.record(), "trainable": {"selection": "all"}}
+        return Ledger.without_dp(self.data.fingerprint, init)
 
     def state(self) -> None:
         return None

@@ -163,6 +163,27 @@ def test_same_seed_same_bytes_and_different_seed_differs(tmp_path, scanner_file)
     assert not np.array_equal(read_info(other).slice_index, read_info(scanner_file).slice_index)
 
 
+def test_another_seed_simulates_other_subjects_the_public_pretraining_set(tmp_path, scanner_file):
+    # recipes/scanner-public.toml pretrains on seed 1 before a DP fine-tune on seed 0: no image may recur, and a
+    # seed-1 image must be no closer to the seed-0 images than seed-0 subjects are to each other (other subjects,
+    # not the same ones re-simulated with other noise).
+    public = generate_demo_data("scanner", tmp_path / "public.h5", size=SIZE, seed=1, scale=0.2, progress=False)
+    a, b = read_images(scanner_file).reshape(len(read_info(scanner_file)), -1).astype(np.float64), \
+        read_images(public).reshape(len(read_info(public)), -1).astype(np.float64)
+    assert not {x.tobytes() for x in a} & {x.tobytes() for x in b}
+    subjects = np.asarray(read_info(scanner_file).subjects, dtype=str)
+
+    def distances(p, q):
+        return np.sqrt(((p * p).sum(1)[:, None] + (q * q).sum(1)[None] - 2 * p @ q.T).clip(0))
+
+    within = distances(a, a)
+    within[subjects[:, None] == subjects[None]] = np.inf  # another subject of the same file
+    cross, other = np.median(distances(b, a).min(1)), np.median(within.min(1))
+    assert cross > 0.9 * other, (cross, other)
+    same_subject = distances(a, a)[subjects[:, None] == subjects[None]]
+    assert np.median(same_subject[same_subject > 0]) < 0.75 * other  # the distance tells subjects apart
+
+
 def test_subject_is_what_the_file_holds(scanner_file):
     info = read_info(scanner_file, check_values=False)
     rows = np.flatnonzero(info.subjects == "scanner-Intera-0002")

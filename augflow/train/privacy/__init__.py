@@ -9,6 +9,7 @@ seed, the accountant, the units of privacy and the ledger. The modules:
 - :mod:`~augflow.train.privacy.sampling`: units of privacy, Poisson sampling and the secret seed;
 - :mod:`~augflow.train.privacy.accounting`: the calibrated plan, the accountants and the noisy class counts;
 - :mod:`~augflow.train.privacy.gradients`: exact per-sample gradients and one DP-SGD step;
+- :mod:`~augflow.train.privacy.trainable`: what DP-SGD trains (``privacy.trainable``) after a public ``--init-from``;
 - :mod:`~augflow.train.privacy.ledger`: the privacy ledger stored with the model and everything made from it;
 - :mod:`~augflow.train.privacy.session`: the session the loop runs.
 
@@ -36,6 +37,10 @@ What they do:
   composed into the ledger (basic composition); the released model is the last one (no selection on private
   validation data); the sampling and noise are drawn from a secret seed (OS entropy) kept only in the private
   ``checkpoint.pt``, so a resumed run is exact while the released model does not reveal them.
+- **Public pretraining.** A run may start from a model the user declares trained on public data
+  (``--init-from MODEL --init-from-public``, :mod:`augflow.train.init_from`): its weights, mask and ActNorm replace
+  the template's; parameters frozen by ``privacy.trainable`` must come from it. The ledger records the model's
+  SHA-256, its data fingerprint and the declaration; the guarantee covers the private fine-tuning data.
 
 The guarantee is (epsilon, delta)-DP of the released model (and everything made from it) with respect to adding or
 removing one unit of the training file; the dataset size N is treated as public, as in Abadi et al. The run folder

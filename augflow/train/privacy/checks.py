@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -13,6 +14,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from augflow.errors import PrivacyError
 from augflow.train.privacy.accounting import ACCOUNTANTS, DELTA_RULE
 from augflow.train.privacy.sampling import UNITS
+from augflow.train.privacy.trainable import check_trainable
 from augflow.train.recipe import PrivacyConfig
 
 if TYPE_CHECKING:
@@ -50,32 +52,40 @@ def validate_config(cfg: PrivacyConfig) -> PrivacyConfig:
         raise bad("max_slices_per_subject", "an int >= 1", cfg.max_slices_per_subject)
     if cfg.actnorm_init not in ACTNORM_INITS:
         raise bad("actnorm_init", f"one of {list(ACTNORM_INITS)}", cfg.actnorm_init)
+    check_trainable(cfg.trainable)
     return cfg
 
 
-def check_model(model: ModelFamily) -> None:
+def check_model(model: ModelFamily, public: Container[str] = ()) -> None:
     """Refuse a family's model that DP-SGD cannot train privately: the family's own reason
     (:attr:`~augflow.models.ModelFamily.dp_blocker`, e.g. MedSymmFlow's non-private autoencoder), or a module
     :func:`check_modules` refuses.
+
+    Arguments:
+        model: The model.
+        public: Names of the parameters loaded from a model declared public (``--init-from-public``), which may
+            be frozen.
 
     Raises:
         PrivacyError: Naming the reason.
     """
     if model.dp_blocker:
         raise PrivacyError(f"--dp: {type(model).__name__}: {model.dp_blocker}")
-    check_modules(model)
+    check_modules(model, public)
 
 
-def check_modules(model: nn.Module) -> None:
+def check_modules(model: nn.Module, public: Container[str] = ()) -> None:
     """Refuse modules that break the per-sample DP-SGD analysis.
 
     Like Opacus' ``ModuleValidator``, but it names the module and also catches weight/spectral normalisation and
-    frozen pretrained parameters (fitted outside the accounting, yet released with the model).
+    frozen pretrained parameters (fitted outside the accounting, yet released with the model) — except those named
+    in ``public``: weights of a model the user declared trained on public data (``--init-from-public``).
 
     Raises:
         PrivacyError: Naming the first incompatible module, its type and why.
     """
     for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
         reason = None
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             reason = ("BatchNorm mixes the examples of a batch, so one example's gradient depends on the others and "
@@ -90,10 +100,13 @@ def check_modules(model: nn.Module) -> None:
                 type(p).__name__ in ("_WeightNorm", "_SpectralNorm")
                 for plist in module.parametrizations.values() for p in plist):
             reason = "weight_norm/spectral_norm parametrisations are not supported by DP-SGD here; use plain layers"
-        elif any(not p.requires_grad and p.numel() for p in module.parameters(recurse=False)):
+        elif any(not p.requires_grad and p.numel() and prefix + n not in public
+                 for n, p in module.named_parameters(recurse=False)):
             reason = ("it has frozen (pretrained) parameters, which are released with the model but were fitted "
-                      "outside the DP accounting (e.g. an autoencoder trained on the private images); train in pixel "
-                      "space under DP")
+                      "outside the DP accounting (e.g. an autoencoder trained on the private images); frozen "
+                      "parameters are allowed only when loaded from a model declared public (--init-from MODEL "
+                      "--init-from-public); otherwise train every parameter under DP (privacy.trainable = \"all\"; "
+                      "MedSymmFlow: in pixel space)")
         if reason:
             raise PrivacyError(f"the model is not compatible with DP-SGD: module {name or '<root>'!r} "
                                f"({type(module).__name__}): {reason}")

@@ -42,6 +42,9 @@ class Ledger:
         target_epsilon, planned_steps, delta_rule, population, expected_batch_size: The calibrated plan.
         sampling, protects, composition, model_selection, randomness: The guarantee in words.
         public_inputs: What the model took from outside the private training data.
+        init_from: The model the run started from (``--init-from``; :mod:`augflow.train.init_from`): its file and
+            SHA-256, the data it was trained on (fingerprint), the user's declaration that it is public, its own
+            privacy, the entries re-initialised because their shape depends on the classes, and what was trained.
         dataset_fingerprint: The training data (SHA-256, image shape and row counts).
         references: Papers of the mechanisms.
         extra: Keys this version does not know (from a newer augflow), kept so a round trip loses nothing.
@@ -69,6 +72,7 @@ class Ledger:
     protects: str | None = None
     composition: str | None = None
     public_inputs: dict | None = None
+    init_from: dict | None = None
     model_selection: str | None = None
     randomness: str | None = None
     dataset_fingerprint: dict | None = None
@@ -76,13 +80,14 @@ class Ledger:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def without_dp(cls, fingerprint: dict) -> Ledger:
-        """The ledger of a model trained without DP: it says so, and states no epsilon."""
-        return cls(dp=False, guarantee=NO_GUARANTEE, dataset_fingerprint=fingerprint)
+    def without_dp(cls, fingerprint: dict, init_from: dict | None = None) -> Ledger:
+        """The ledger of a model trained without DP: it says so, and states no epsilon (and the model it started
+        from, if any)."""
+        return cls(dp=False, guarantee=NO_GUARANTEE, init_from=init_from, dataset_fingerprint=fingerprint)
 
     @classmethod
     def with_dp(cls, plan, epsilon_sgd: float, steps: int, counts_info: dict, fingerprint: dict,
-                public_inputs: dict) -> Ledger:
+                public_inputs: dict, init_from: dict | None = None) -> Ledger:
         """The ledger of a DP model after ``steps`` DP-SGD steps.
 
         Arguments:
@@ -92,6 +97,9 @@ class Ledger:
             counts_info: How the class counts were released (``{"release", "epsilon", ...}``).
             fingerprint: The training data.
             public_inputs: What the model took from outside the private training data.
+        init_from: The model the run started from (``--init-from``; :mod:`augflow.train.init_from`): its file and
+            SHA-256, the data it was trained on (fingerprint), the user's declaration that it is public, its own
+            privacy, the entries re-initialised because their shape depends on the classes, and what was trained.
         """
         subject = plan.unit == "subject"
         return cls(
@@ -107,7 +115,7 @@ class Ledger:
                       + ("" if subject else "; a subject with k slices is protected only at group-privacy level "
                          "(about k * epsilon): use --dp-unit subject for a per-subject guarantee")),
             composition="epsilon = epsilon_sgd (accountant) + epsilon_class_counts (basic composition)",
-            public_inputs={**public_inputs, "dataset_size": "N treated as public"},
+            public_inputs={**public_inputs, "dataset_size": "N treated as public"}, init_from=init_from,
             model_selection="last weights (no selection on private validation data)",
             randomness="Poisson sampling and Gaussian noise from a secret OS-entropy seed kept only in checkpoint.pt",
             dataset_fingerprint=fingerprint, references=list(REFERENCES))
@@ -116,6 +124,27 @@ class Ledger:
     def differentially_private(self) -> bool:
         """Whether the ledger states a DP guarantee (``dp`` and an epsilon)."""
         return self.dp and self.epsilon is not None
+
+    def pretraining(self) -> str | None:
+        """The model's origin in one sentence when it started from another model (``--init-from``), else None:
+        "pretrained on public data X; fine-tuned with (epsilon, delta)-DP" for a declared-public start under DP.
+        Files are named by SHA-256 only (no path of the data holder's machine)."""
+        init = self.init_from
+        if not init:
+            return None
+        data = init.get("dataset_fingerprint") or {}
+        what = ", ".join(filter(None, [
+            f"data SHA-256 {data['data_sha256'][:12]}..." if data.get("data_sha256") else "data not recorded",
+            f"{data['train_rows']} training images" if data.get("train_rows") is not None else None,
+            f"model SHA-256 {init.get('model_sha256', '?')[:12]}..."]))
+        source = (f"pretrained on public data ({what}; declared public by the user)" if init.get("declared_public")
+                  else f"initialised from a model trained on other data ({what}; not declared public)")
+        own = init.get("model_privacy") or {}
+        if own.get("dp") and own.get("epsilon") is not None:
+            source += f"; that model is itself ({own['epsilon']:.3g}, {own['delta']:.0e})-DP per {own.get('unit')}"
+        if self.differentially_private:
+            return f"{source}; fine-tuned with ({self.epsilon:.3g}, {self.delta:.0e})-DP per {self.unit}"
+        return f"{source}; fine-tuned without differential privacy"
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict stored in ``meta["privacy"]`` and in provenance: ``dp`` and the fields that are set."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,9 +32,13 @@ from augflow.train.privacy.gradients import PrivateStep
 from augflow.train.privacy.ledger import Ledger
 from augflow.train.privacy.public import public_initialize, template_mask
 from augflow.train.privacy.sampling import Units, make_units, new_secret, poisson_sample, secret_seed
+from augflow.train.privacy.trainable import select_trainable
 from augflow.train.recipe import Recipe
 from augflow.train.rows import TrainingRows
 from augflow.train.session import StepStats
+
+if TYPE_CHECKING:
+    from augflow.train.init_from import InitFrom
 
 _INITIALIZATION = {"identity": "identity (no data)", "template": "MNI152 template slices (public)"}
 
@@ -51,13 +56,15 @@ class PrivacySession:
         class_counts: The released training class counts.
         counts_info: How they were released.
         amp: Whether the networks run in bf16 (never on a CPU under DP: per-sample gradients are slower there).
+        init: The declared-public model the run started from (``--init-from``), or None.
     """
 
     releases_validation = False  # the last weights, without a statistic of the private validation data
 
     def __init__(self, recipe: Recipe, data: TrainingRows, units: Units, plan: PrivacyPlan, secret: str, accountant,
-                 class_counts: list[int], counts_info: dict, amp: bool = False):
+                 class_counts: list[int], counts_info: dict, amp: bool = False, init: InitFrom | None = None):
         self.cfg, self.data, self.units, self.plan, self.amp = recipe.privacy, data, units, plan, amp
+        self.init, self.trained = init, None  # trained: what privacy.trainable selected (set by trainable())
         self.mask_file = recipe.train.app_mask
         self.secret, self.accountant = secret, accountant
         self.class_counts, self.counts_info = class_counts, counts_info
@@ -66,7 +73,7 @@ class PrivacySession:
 
     @classmethod
     def open(cls, recipe: Recipe, data: TrainingRows, device: torch.device, world: int = 1,
-             saved: dict | None = None) -> PrivacySession:
+             saved: dict | None = None, init: InitFrom | None = None) -> PrivacySession:
         """Check a run's DP settings, then plan it (a new run) or continue its saved state (``--resume``).
 
         Arguments:
@@ -75,12 +82,18 @@ class PrivacySession:
             device: The training device.
             world: Processes under torchrun (must be 1).
             saved: The checkpoint being resumed, or None.
+            init: The model the run starts from (``--init-from``, checked to be declared public), or None.
 
         Raises:
-            PrivacyError: For invalid settings, torchrun, class-balanced sampling, delta >= 1/N, or a budget no
-                noise level reaches.
+            PrivacyError: For invalid settings, torchrun, class-balanced sampling, delta >= 1/N, a budget no
+                noise level reaches, or frozen parameters (``privacy.trainable``) without a declared-public init.
         """
         pcfg, cfg = validate_config(recipe.privacy), recipe.train
+        if pcfg.trainable != "all" and not (init is not None and init.declared_public):
+            raise PrivacyError(f"privacy.trainable = {pcfg.trainable!r} freezes the other parameters, which under DP "
+                               f"is allowed only for weights loaded from a model trained on public data: their values "
+                               f"are released without being covered by the accounting; give --init-from MODEL "
+                               f"--init-from-public, or set privacy.trainable = \"all\"")
         amp = resolve_amp(cfg.amp, device)
         if world > 1:
             raise PrivacyError("DP training runs in one process: under torchrun every process would need its "
@@ -106,13 +119,14 @@ class PrivacySession:
             plan = PrivacyPlan(**state["plan"])
             accountant = make_accountant(plan.accountant, state["accountant"])
             return cls(recipe, data, units, plan, state["secret"], accountant, state["class_counts"],
-                       state["counts_info"], amp)
+                       state["counts_info"], amp, init)
         planned = cfg.epochs * math.ceil(units.count / cfg.batch_size)
         plan = plan_privacy(pcfg, units.count, cfg.batch_size, planned)
         secret = new_secret()
         counts, counts_info = release_class_counts(data.train.labels, units, data.info.num_classes, pcfg,
                                                    plan.epsilon_counts, secret_seed(secret, 0))
-        return cls(recipe, data, units, plan, secret, make_accountant(plan.accountant), counts, counts_info, amp)
+        return cls(recipe, data, units, plan, secret, make_accountant(plan.accountant), counts, counts_info, amp,
+                   init)
 
     def app_mask(self, height: int, width: int) -> Tensor:
         """Never the private images' mean: Otsu on the public template."""
@@ -123,10 +137,17 @@ class PrivacySession:
         public_initialize(model, self.cfg.actnorm_init)
 
     def trainable(self, model: ModelFamily) -> list[nn.Parameter]:
-        """Refuse a model DP-SGD cannot train privately; the parameters with elements (DPOptimizer cannot clip an
-        empty one, such as the LU factors of a 1-channel 1x1 convolution)."""
-        check_model(model)
-        return [p for p in model.parameters() if p.numel() > 0]
+        """Freeze what ``privacy.trainable`` leaves out (the re-initialised entries are always trained), refuse a
+        model DP-SGD cannot train privately (frozen parameters only from a declared-public init); return the
+        trained parameters with elements (DPOptimizer cannot clip an empty one, such as the LU factors of a
+        1-channel 1x1 convolution). Per-sample gradients and the DPOptimizer then see only these."""
+        init = self.init
+        names, self.trained = select_trainable(model, self.cfg.trainable, init.reinitialized if init else ())
+        for name, p in model.named_parameters():
+            if name not in names:
+                p.requires_grad_(False)  # never the reverse: a family's own frozen part stays frozen (and refused)
+        check_model(model, {n for n, _ in model.named_parameters() if init is not None and init.is_public(n)})
+        return [p for p in model.parameters() if p.requires_grad and p.numel() > 0]
 
     def attach(self, objective: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.private_step = PrivateStep(objective, optimizer, self.plan, self.cfg.microbatch)
@@ -153,8 +174,9 @@ class PrivacySession:
     def ledger(self, model: ModelFamily) -> Ledger:
         """The ledger after the steps in the accountant's history."""
         steps = sum(int(h[2]) for h in self.accountant.history)
+        init = None if self.init is None else {**self.init.record(), "trainable": self.trained}
         return Ledger.with_dp(self.plan, spent_epsilon(self.accountant, self.plan.delta), steps, self.counts_info,
-                              self.data.fingerprint, self._public_inputs(model))
+                              self.data.fingerprint, self._public_inputs(model), init)
 
     def state(self) -> dict:
         """The private state a checkpoint keeps (never released: it holds the secret seed)."""
@@ -164,6 +186,10 @@ class PrivacySession:
 
     def _public_inputs(self, model: ModelFamily) -> dict:
         """What the model took from outside the private training data."""
+        if self.init is not None:
+            loaded = f"the --init-from model {self.init.model} (declared public), loaded with its weights"
+            return {"app_mask": loaded if model.config.uses_app_mask else "not used by this model",
+                    "initialization": f"{loaded}; see init_from"}
         if not model.config.uses_app_mask:
             mask = "not used by this model"
         elif self.mask_file:
