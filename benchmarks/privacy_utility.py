@@ -53,9 +53,9 @@ def audit(label: str, model: Path, topup: Path, split: Path, work: Path, log: li
 
 
 def row(label: str, metrics: dict) -> str:
-    ledger = metrics["privacy"]
+    ledger = metrics["privacy"]["ledger"] or {}
     eps = ledger.get("epsilon")
-    init = (ledger.get("public_initialization") or {}).get("model_sha256")
+    init = (ledger.get("init_from") or {}).get("declared_public")
     synthetic = metrics["fidelity"]["overall"]["synthetic"]
     mia = metrics["membership_inference"]
     cells = [label, "∞" if eps is None else f"{eps:.2f}", "yes" if init else "no",
