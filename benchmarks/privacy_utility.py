@@ -5,8 +5,9 @@ runs, each stage once (outputs are kept in ``--work`` and reused):
 
 1. the **public** pretraining set: ``augflow demo-data`` with its own seed (other simulated subjects, declared
    public), split into train / val, and one non-private MAGIC-Flow trained on it (``scanner-public`` recipe);
-2. per ε in ``--epsilons``: a DP run from scratch (``scanner-dp``) and a DP fine-tune of the public model
-   (``scanner-dp-finetune``: ``--init-from`` the public model, declared public), both at ε per subject;
+2. DP runs at ε per subject: from scratch (``scanner-dp``, ε in ``--scratch``) and fine-tunes of the public model
+   (``scanner-dp-finetune``: ``--init-from`` the public model, declared public; ε in ``--epsilons``), which train
+   the class conditioning only, or every parameter (ε in ``--all-trainable``);
 3. per generator: a balanced top-up at the stored temperature (``augflow synthesize --balance --real train.h5``)
    and ``augflow audit --no-downstream`` against the held-out split: precision / coverage in the domain feature
    space, class recognition, likelihood membership inference and its empirical ε lower bound, the ledger's ε.
@@ -70,7 +71,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="A usefulness.py work folder (its split is used).")
     parser.add_argument("--epsilons", default="1,4,8", help="ε per subject of the DP runs.")
     parser.add_argument("--scratch", default="8", help="ε of the DP runs without pretraining ('' for none).")
-    parser.add_argument("--nonprivate", type=Path, default=None, help="A non-private run on the private split (ε = ∞).")
+    parser.add_argument("--all-trainable", default="8",
+                        help="ε of DP fine-tunes of every parameter (the recipe's: the conditioning only).")
+    parser.add_argument("--nonprivate", type=Path, default=None,
+                        help="A non-private MAGIC-Flow run on the private split (ε = ∞), labelled 'magic'.")
     parser.add_argument("--temperature", default="0.8")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -103,8 +107,13 @@ def main() -> None:
         runs[f"dp{eps}-pub"] = train(["augflow", "train", *private, "--recipe", "scanner-dp-finetune",
                                       "--init-from", str(runs["public"]), "--init-from-public", "--epsilon", eps],
                                      work / "runs" / f"dp{eps}-pub", log, work)
-    if args.nonprivate:
-        runs["nonprivate"] = args.nonprivate.resolve()
+    for eps in filter(None, args.all_trainable.split(",")):  # the recipe trains the conditioning only
+        runs[f"dp{eps}-pub-all"] = train(["augflow", "train", *private, "--recipe", "scanner-dp-finetune",
+                                          "--init-from", str(runs["public"]), "--init-from-public", "--epsilon",
+                                          eps, "--set", "privacy.trainable=all"],
+                                         work / "runs" / f"dp{eps}-pub-all", log, work)
+    if args.nonprivate:  # labelled as usefulness.py's own MAGIC-Flow run, so its top-up and CNN runs are shared
+        runs["magic"] = args.nonprivate.resolve()
 
     lines = ["| generator | ε (subject) | public pretraining | precision | coverage | class recognition | FID | "
              "MIA AUC | ε lower bound |", "|---|---|---|---|---|---|---|---|---|"]
