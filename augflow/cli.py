@@ -585,7 +585,7 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
 @click.option("--overwrite", is_flag=True, help="Run in a non-empty --out-dir, replacing a previous demo's files.")
 @_error_boundary
 def demo(out_dir, task, seed, seeds, epochs, overwrite):
-    """Run the whole pipeline on the built-in brain-MRI data (5-10 minutes on 2 CPU cores).
+    """Run the whole pipeline on the built-in brain-MRI data (12-15 minutes on 2 CPU cores).
 
     \b
     Example:
