@@ -54,9 +54,10 @@ def audit(label: str, model: Path, topup: Path, split: Path, work: Path, log: li
 
 
 def row(label: str, metrics: dict) -> str:
+    """One table row; the public model never saw the private data, so its ε with respect to them is 0."""
     ledger = metrics["privacy"]["ledger"] or {}
-    eps = ledger.get("epsilon")
-    init = (ledger.get("init_from") or {}).get("declared_public")
+    eps = 0.0 if label == "public" else ledger.get("epsilon")
+    init = label == "public" or (ledger.get("init_from") or {}).get("declared_public")
     synthetic = metrics["fidelity"]["overall"]["synthetic"]
     mia = metrics["membership_inference"]
     cells = [label, "∞" if eps is None else f"{eps:.2f}", "yes" if init else "no",
