@@ -28,6 +28,9 @@ import sys
 from pathlib import Path
 
 from augflow.data.store import read_info
+from augflow.models import load_model
+from augflow.runs import model_file
+from augflow.train.loop import dataset_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from usefulness import parse_arm, run, synthetic_file  # noqa: E402
@@ -53,14 +56,14 @@ def audit(label: str, model: Path, topup: Path, split: Path, work: Path, log: li
     return json.loads((out / "metrics.json").read_text())
 
 
-def row(label: str, metrics: dict) -> str:
+def row(label: str, metrics: dict, val_bpd: float) -> str:
     """One table row; the public model never saw the private data, so its ε with respect to them is 0."""
     ledger = metrics["privacy"]["ledger"] or {}
     eps = 0.0 if label == "public" else ledger.get("epsilon")
     init = label == "public" or (ledger.get("init_from") or {}).get("declared_public")
     synthetic = metrics["fidelity"]["overall"]["synthetic"]
     mia = metrics["membership_inference"]
-    cells = [label, "∞" if eps is None else f"{eps:.2f}", "yes" if init else "no",
+    cells = [label, "∞" if eps is None else f"{eps:.2f}", "yes" if init else "no", f"{val_bpd:.4f}",
              f"{synthetic['precision']:.2f}", f"{synthetic['coverage']:.2f}",
              f"{metrics['recognition']['synthetic_mean']:.2f}", f"{synthetic['fid']:.0f}",
              f"{mia['auc']:.3f}", f"{mia['epsilon_lower_bound']:.2f}"]
@@ -116,16 +119,18 @@ def main() -> None:
     if args.nonprivate:  # labelled as usefulness.py's own MAGIC-Flow run, so its top-up and CNN runs are shared
         runs["magic"] = args.nonprivate.resolve()
 
-    lines = ["| generator | ε (subject) | public pretraining | precision | coverage | class recognition | FID | "
-             "MIA AUC | ε lower bound |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| generator | ε (subject) | public pretraining | val bits/dim | precision | coverage | "
+             "class recognition | FID | MIA AUC | ε lower bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, model in runs.items():
         arm = parse_arm(f"{label}:T={args.temperature}", set(runs))
         topup = synthetic_file(arm, work, runs, split / "train.h5", log)
-        lines.append(row(label, audit(label, model, topup, split, work, log, args.threads)))
+        val_bpd = dataset_loss(load_model(model_file(model)), split / "val.h5", device="cpu")
+        lines.append(row(label, audit(label, model, topup, split, work, log, args.threads), val_bpd))
     arms = ",".join(["real", "oversampled", *(f"{label}:T={args.temperature}" for label in runs)])
     downstream = ["python", "benchmarks/usefulness.py", "--work", str(work), "--eval", "test", "--epochs", "10",
                   "--arms", arms, *sum((["--run", f"{k}={v}"] for k, v in runs.items()), [])]
     text = "\n".join(["# Privacy–utility on the built-in scanner data", "", *lines, "",
+                      "Validation bits/dim: the private validation split (fixed dequantisation noise). "
                       "Precision / coverage and FID in the audit's domain feature space against the held-out test "
                       "split; class recognition: the fraction of synthetic images a ResNet-18 trained on the real "
                       "training split files under their own class; MIA: likelihood membership inference of the "
