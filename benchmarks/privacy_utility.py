@@ -39,10 +39,10 @@ PUBLIC_SEED = 1  # the simulator's subjects of seed 1 are not those of seed 0 (t
 
 
 def train(command: list[str], out: Path, log: list[str], work: Path) -> Path:
-    """``augflow train ... --out out`` unless it already finished; resumed when it was interrupted."""
+    """``augflow train ... --out out`` unless ``out`` holds a model. Training writes ``model.pt`` at checkpoints too,
+    so a folder of an interrupted run counts as done: finish it with ``augflow train ... --resume`` first."""
     if not (out / "model.pt").exists():
-        resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-        run([*command, "--out", str(out), *resume], log, work)
+        run([*command, "--out", str(out)], log, work)
     return out
 
 
