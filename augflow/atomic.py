@@ -2,8 +2,9 @@
 
 A file is written to a temporary sibling ``.NAME.PID.XXXX.tmp`` and renamed only when complete (``os.replace`` is
 atomic within one file system, which a sibling guarantees), so an interrupted run never leaves a truncated file
-under the final name. The temporary file is removed on any exception, ``KeyboardInterrupt`` included (the CLI
-turns SIGTERM into one); one left by a killed process (kill -9) is swept by the next write of the same output.
+under the final name. The temporary file is removed on any exception, ``KeyboardInterrupt`` included
+(:func:`unwind_on_sigterm` turns SIGTERM into one); one left by a killed process (kill -9) is swept by the next write
+of the same output.
 
 :func:`check_output` (a file) and :func:`check_output_folder` are what every command calls before its first write:
 an existing output is replaced only with ``overwrite``, and one of the command's own inputs never.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -35,6 +38,7 @@ def atomic_path(path: str | os.PathLike, private: bool = False) -> Iterator[Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    _live.add(tmp)
     try:
         yield tmp
         # mkstemp creates 0600; give the result the mode a plain open() would (0666 minus the umask).
@@ -42,6 +46,38 @@ def atomic_path(path: str | os.PathLike, private: bool = False) -> Iterator[Path
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        _live.discard(tmp)
+
+
+_live: set[Path] = set()  # this process's temporary files not yet renamed or removed
+
+
+def unwind_on_sigterm(grace: float = 5.0) -> None:
+    """Make SIGTERM interrupt the process like Ctrl-C, so that every :func:`atomic_path` removes its temporary file.
+
+    Python drops an exception raised while it runs a weakref callback or a ``__del__`` (it only prints "Exception
+    ignored"), and a signal can land there; the process would then go on writing. A dropped interrupt therefore
+    removes this process's temporary files and exits with status 143 (128 + SIGTERM) at once, and a ``grace``-second
+    alarm does the same for one lost anywhere else.
+    """
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGALRM, lambda *_: exit_now())
+        signal.setitimer(signal.ITIMER_REAL, grace)
+        raise KeyboardInterrupt
+
+    def exit_now():
+        for tmp in list(_live):
+            tmp.unlink(missing_ok=True)
+        print("Aborted!", file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGTERM)
+
+    def dropped(unraisable, previous=sys.unraisablehook):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            exit_now()
+        previous(unraisable)
+
+    sys.unraisablehook = dropped
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:

@@ -5,7 +5,7 @@ error boundary (:func:`_error_boundary`): a failure is one line ``Error: <what>:
 code 1 (click's usage errors: 2), never a traceback unless ``--debug`` or ``AUGFLOW_DEBUG=1`` asks for it. Every
 command that writes refuses an existing output unless ``--overwrite`` is given, and never writes over one of its
 inputs (:func:`augflow.atomic.check_output`). SIGTERM interrupts a command like Ctrl-C, so its temporary files are
-removed (:mod:`augflow.atomic`).
+removed (:func:`augflow.atomic.unwind_on_sigterm`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
+from augflow.atomic import unwind_on_sigterm
 from augflow.errors import AugflowError
 from augflow.version import __version__
 
@@ -638,6 +638,5 @@ def train_autoencoder(data, out, val, latent_channels, downsample, channels, kl_
 
 
 def main() -> None:
-    # SIGTERM unwinds like Ctrl-C (KeyboardInterrupt): every atomic write removes its temporary file on the way out.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    unwind_on_sigterm()
     cli(prog_name="augflow")

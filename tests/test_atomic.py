@@ -1,8 +1,11 @@
 """Safe file output: temporary files removed on error or swept after a kill, private modes, overwrite checks."""
 
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 
 import pytest
 
@@ -17,6 +20,40 @@ def test_an_error_removes_the_temporary_file_and_keeps_the_old_output(tmp_path):
         tmp.write_text("half")
         raise KeyboardInterrupt  # what the CLI turns SIGTERM into
     assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+_SWALLOWED = textwrap.dedent("""
+    import os, signal, sys, time
+    from augflow.atomic import atomic_path, unwind_on_sigterm
+
+    class Dropper:  # Python drops an exception raised in __del__ ("Exception ignored"), a signal's included
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs here, inside __del__
+
+    unwind_on_sigterm(grace=float(sys.argv[2]))
+    with atomic_path(sys.argv[1]) as tmp:
+        tmp.write_text("half")
+        Dropper()
+        print("interrupt dropped", flush=True)
+        while True:  # a writer that did not notice
+            time.sleep(0.05)
+""")
+
+
+def test_sigterm_removes_the_temporary_file_even_when_python_drops_the_interrupt(tmp_path):
+    out = tmp_path / "a.txt"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _SWALLOWED, str(out), "1"], capture_output=True, text=True,
+                          timeout=60)
+    assert "interrupt dropped" not in done.stdout and done.stderr.strip() == "Aborted!", done.stderr
+    assert done.returncode == 128 + signal.SIGTERM and list(tmp_path.iterdir()) == []
+    # A drop the hook does not see: the alarm ends the process after the grace period.
+    lost = _SWALLOWED.replace("Dropper()", "sys.unraisablehook = lambda _: None; Dropper()")
+    done = subprocess.run([sys.executable, "-c", lost, str(out), "1"], capture_output=True, text=True, timeout=60)
+    assert "interrupt dropped" in done.stdout and done.stderr.strip() == "Aborted!", done.stderr
+    assert done.returncode == 128 + signal.SIGTERM and list(tmp_path.iterdir()) == []
+    assert time.monotonic() - start < 30
 
 
 def test_stale_temporaries_of_dead_writers_are_swept_live_ones_kept(tmp_path):
