@@ -365,6 +365,8 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @click.option("--min-confidence", type=float, default=0.5, show_default=True,
               help="With --select: the class probability a sample needs, in (0, 1).")
 @click.option("--temperature", type=float, default=None, help="Latent temperature (default: the model's, 0.8).")
+@click.option("--denoise", is_flag=True,
+              help="Remove the training input noise (augment.noise_std) from each sample with one score step.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @_overwrite_option
@@ -373,7 +375,7 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @_threads_option
 @_error_boundary
 def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real, per_class, select, min_confidence,
-               temperature, seed, batch_size, overwrite, amp, device):
+               temperature, denoise, seed, batch_size, overwrite, amp, device):
     """Write synthetic images of a trained model to a dataset file.
 
     \b
@@ -404,7 +406,8 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
         counts, source = topup_counts(model, real, target_count, max_ratio)
     selection = Selection(select, min_confidence, real)
     result = run_synthesis(model, out, counts, temperature=temperature, seed=seed, batch_size=batch_size,
-                           device=device, amp=amp, selection=selection, counts_source=source, overwrite=overwrite)
+                           device=device, amp=amp, selection=selection, counts_source=source, denoise=denoise,
+                           overwrite=overwrite)
     made = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
     click.echo(f"wrote {sum(result.counts.values())} synthetic images to {result.out} ({made}); "
                f"rejected non-finite: {result.rejected_nonfinite}")

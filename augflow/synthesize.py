@@ -12,6 +12,11 @@ selection (:class:`Selection`) keeps a sample only when a classifier assigns it 
 probability at least ``min_confidence``: the flow's own Bayes posterior, or a ResNet-18 trained on the real
 training file. Filtering synthetic images by classifier confidence narrows the gap between synthetic and real
 training data (GaFi, Lomurno et al. 2023, arXiv 2305.10118; He et al. 2023, arXiv 2210.07574).
+
+A model trained on images with Gaussian noise of standard deviation sigma added (``augment.noise_std``) learns the
+density of the noisy images, and its samples carry that noise. ``denoise`` removes it with one score step,
+``x + sigma^2 * grad_x log p(x | y)`` (Tweedie's formula; TarFlow, Zhai et al. 2024, arXiv 2412.06329), so the
+released images keep the noise of their scanner and not the training augmentation's.
 """
 
 from __future__ import annotations
@@ -110,7 +115,7 @@ def balance_counts(counts: dict[str, int], target: int | None = None) -> dict[st
     return {name: max(0, target - n) for name, n in counts.items()}
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: --denoise differentiates through the model
 def synthesize(
     model: str | Path,
     out: str | Path,
@@ -123,6 +128,7 @@ def synthesize(
     amp: bool | None = None,
     selection: Selection | None = None,
     counts_source: dict | None = None,
+    denoise: bool = False,
     overwrite: bool = False,
 ) -> SynthesisResult:
     """Sample ``counts[class] `` images per class from a trained model into a synthetic dataset file.
@@ -139,6 +145,8 @@ def synthesize(
         amp: Run the networks in bf16 (:mod:`augflow.precision`); default: as the model was trained.
         selection: Keep only samples a classifier assigns to their class (default: keep every sample).
         counts_source: How ``counts`` were computed (:func:`topup_counts`), recorded in the provenance.
+        denoise: Remove the model's training input noise from each sample with one score step (needs an exact
+            likelihood and a model trained with ``augment.noise_std > 0``).
         overwrite: Replace ``out`` if it exists (never the model or ``selection.real``).
 
     Raises:
@@ -162,6 +170,7 @@ def synthesize(
         raise ConfigError(f"--temperature must be in range (0, 2], but is: {temperature}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, but is: {batch_size}")
+    sigma = _training_noise(flow, meta, path) if denoise else 0.0
     dev = resolve_device(device)
     amp = resolve_amp(stored_amp(meta) if amp is None else amp, dev)
     flow = flow.to(dev).eval()
@@ -171,7 +180,8 @@ def synthesize(
     provenance = {
         "generator": "augflow synthesize", "model": str(path.resolve()), "model_sha256": sha256_file(path),
         "recipe": meta.get("recipe"), "training_fingerprint": meta.get("fingerprint"),
-        "temperature": temperature, "seed": seed, "amp": amp, "counts": dict(zip(class_names, per_class, strict=True)),
+        "temperature": temperature, "denoise_sigma": sigma, "seed": seed, "amp": amp,
+        "counts": dict(zip(class_names, per_class, strict=True)),
         "augflow_version": __version__, "privacy": _ledger(meta.get("privacy")),
         "counts_source": counts_source, "selection": selector.describe(),
     }
@@ -187,7 +197,8 @@ def synthesize(
                 b = min(batch_size, n - made) if selector.method == "none" else batch_size
                 with autocast(dev, amp):
                     x = _finite_batch(flow, k, b, temperature, generator, dev)
-                    images = selector.keep(x.images.clamp(0, 1), k)[: n - made]
+                    images = _denoised(flow, x.images, k, sigma) if sigma else x.images
+                    images = selector.keep(images.clamp(0, 1), k)[: n - made]
                 rejected += x.rejected
                 kept = len(images)
                 if kept:
@@ -275,7 +286,7 @@ class _Selector:
             if info.image_shape != tuple(flow.config.image_shape):
                 raise DataError(f"--real {selection.real}: image shape {info.image_shape} differs from the model's "
                                 f"{tuple(flow.config.image_shape)}")
-            with torch.inference_mode(False), torch.enable_grad():  # trains on the first call (then cached)
+            with torch.enable_grad():  # trains on the first call (then cached)
                 encoder_file = domain_encoder_path(selection.real, EncoderRecipe(), selection.cache_dir,
                                                    device=str(device))
             classifier = load_encoder(encoder_file).to(device)
@@ -325,6 +336,28 @@ def _ledger(stored: dict | None) -> dict | None:
     """The model's privacy ledger, for the provenance of everything made from it."""
     ledger = Ledger.from_dict(stored)
     return None if ledger is None else ledger.to_dict()
+
+
+def _training_noise(flow: ModelFamily, meta: dict, path: Path) -> float:
+    """The standard deviation of the Gaussian noise the model's training added to its images, for ``denoise``."""
+    if not flow.has_likelihood:
+        raise ConfigError(f"--denoise needs a model with an exact likelihood (MAGIC-Flow); {path} is a "
+                          f"{flow.family!r} model")
+    augment = (meta.get("recipe") or {}).get("augment", {})
+    sigma = float(augment.get("noise_std", 0.0)) if augment.get("enabled", False) else 0.0
+    if sigma <= 0:
+        raise ConfigError(f"--denoise removes the training input noise, but {path} was trained without it "
+                          "(augment.noise_std = 0 or augment.enabled = false): drop --denoise")
+    return sigma
+
+
+def _denoised(flow: ModelFamily, x: torch.Tensor, k: int, sigma: float) -> torch.Tensor:
+    """One Tweedie step ``x + sigma^2 * grad_x log p(x | k)`` (TarFlow): the noise-free image expected given x."""
+    y = torch.full((len(x),), k, dtype=torch.long, device=x.device)
+    with torch.enable_grad():
+        x = x.clone().requires_grad_(True)
+        score, = torch.autograd.grad(flow.log_prob(x, y).sum(), x)
+    return (x + sigma ** 2 * score.to(x.dtype)).detach()
 
 
 def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float, generator, device) -> _Batch:

@@ -17,8 +17,8 @@ minority classes marked, CPU time per training, and every command.
 
 Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAMILY[:key=value...]`` with FAMILY
 ``magic`` or ``symm`` and keys ``T`` (sampling temperature), ``select`` (none | posterior | classifier), ``conf``
-(the selection's minimum confidence), ``ratio`` (``--max-ratio``); ``only:`` before a top-up spec trains on a
-balanced synthetic set alone (``--per-class`` = the largest real class).
+(the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``); ``only:``
+before a top-up spec trains on a balanced synthetic set alone (``--per-class`` = the largest real class).
 
     python benchmarks/usefulness.py --task scanner --size 32 --eval test --seeds 5 --threads 1 \\
         --arms real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0 --out reports/usefulness.md
@@ -61,6 +61,9 @@ TRAIN_SETTINGS = {
 }
 
 
+ARM_KEYS = ("T", "select", "conf", "ratio", "denoise")
+
+
 def run(command: list[str], log: list[str], cwd: Path) -> None:
     """Run one augflow command in ``cwd`` and record it for the report."""
     log.append(shlex.join(command))
@@ -80,15 +83,15 @@ def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
         raise SystemExit(f"--arms: unknown generator {parts[0]!r} in {spec!r}; allowed: a family "
                          f"{sorted(FAMILIES)} or a --run label {sorted(labels)}")
     options = dict(p.split("=", 1) for p in parts[1:])
-    unknown = set(options) - {"T", "select", "conf", "ratio"}
+    unknown = set(options) - set(ARM_KEYS)
     if unknown:
-        raise SystemExit(f"--arms: unknown keys {sorted(unknown)} in {spec!r}; allowed: T, select, conf, ratio")
+        raise SystemExit(f"--arms: unknown keys {sorted(unknown)} in {spec!r}; allowed: {', '.join(ARM_KEYS)}")
     return {"only": only, "family": parts[0], **options}
 
 
 def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log: list[str]) -> Path:
     """The top-up (or the balanced synthetic-only set) of an arm, sampled once."""
-    name = "_".join([arm["family"]] + [f"{k}{arm[k]}" for k in ("T", "select", "conf", "ratio") if k in arm])
+    name = "_".join([arm["family"]] + [f"{k}{arm[k]}" for k in ARM_KEYS if k in arm])
     out = work / "synthetic" / (("only_" if arm["only"] else "topup_") + name + ".h5")
     if out.exists():
         return out
@@ -105,6 +108,8 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
         command += ["--select", arm["select"], "--min-confidence", arm.get("conf", "0.5")]
     if "ratio" in arm:
         command += ["--max-ratio", arm["ratio"]]
+    if arm.get("denoise", "0") == "1":
+        command += ["--denoise"]
     run(command, log, work)
     return out
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY, make_dataset
 
 from augflow.data.store import read_images, read_info, sha256_file
@@ -192,3 +193,28 @@ def test_bad_selection_and_balance_options_are_named_and_write_nothing(imbalance
     result = CliRunner().invoke(cli, ["synthesize", "--model", str(run), "--out", str(out), *args])
     assert result.exit_code != 0 and message in result.output, result.output
     assert not out.exists()
+
+
+def test_denoise_is_one_tweedie_step_along_the_exact_score(run):
+    from augflow.models import load_model
+    from augflow.synthesize import _denoised
+
+    flow = load_model(run).double()
+    x = flow.sample(torch.tensor([1, 1, 1]), generator=torch.Generator().manual_seed(0))
+    sigma = 0.05
+    score = (_denoised(flow, x, 1, sigma) - x) / sigma**2
+    # Independent of autograd: the directional derivative of log p(x | 1) by central differences.
+    y, v, h = torch.ones(3, dtype=torch.long), torch.randn(x.shape, dtype=x.dtype), 1e-6
+    numeric = (flow.log_prob(x + h * v, y) - flow.log_prob(x - h * v, y)) / (2 * h)
+    assert torch.allclose((score * v).sum(dim=(1, 2, 3)), numeric, rtol=1e-5, atol=1e-4)
+
+
+def test_denoise_records_the_training_noise_and_needs_one(run, tmp_path):
+    out = tmp_path / "d.h5"
+    synthesize(run, out, {"class0": 2}, denoise=True, progress=False)
+    assert read_info(out).provenance["denoise_sigma"] == 0.01  # the recipe's augment.noise_std
+    plain = train(make_dataset(tmp_path / "plain.h5", n_subjects=8, slices=2), tmp_path / "plain",
+                  load_recipe(None, [*TINY, "train.max_steps=1", "augment.noise_std=0"]), progress=False).run_dir
+    with pytest.raises(ConfigError, match="trained without it .*drop --denoise"):
+        synthesize(plain, tmp_path / "x.h5", {"class0": 2}, denoise=True, progress=False)
+    assert not (tmp_path / "x.h5").exists()
