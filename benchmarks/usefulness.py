@@ -17,8 +17,9 @@ minority classes marked, CPU time per training, and every command.
 
 Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAMILY[:key=value...]`` with FAMILY
 ``magic`` or ``symm`` and keys ``T`` (sampling temperature), ``select`` (none | posterior | classifier), ``conf``
-(the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``); ``only:``
-before a top-up spec trains on a balanced synthetic set alone (``--per-class`` = the largest real class).
+(the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``) and ``w`` (the
+downstream loss weight of each synthetic image, default 1; class weights count it); ``only:`` before a top-up spec
+trains on a balanced synthetic set alone (``--per-class`` = the largest real class).
 
     python benchmarks/usefulness.py --task scanner --size 32 --eval test --seeds 5 --threads 1 \\
         --arms real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0 --out reports/usefulness.md
@@ -61,7 +62,8 @@ TRAIN_SETTINGS = {
 }
 
 
-ARM_KEYS = ("T", "select", "conf", "ratio", "denoise")
+ARM_KEYS = ("T", "select", "conf", "ratio", "denoise", "w")
+SAMPLING_KEYS = ARM_KEYS[:-1]  # the keys that change the synthetic file
 
 
 def run(command: list[str], log: list[str], cwd: Path) -> None:
@@ -91,7 +93,7 @@ def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
 
 def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log: list[str]) -> Path:
     """The top-up (or the balanced synthetic-only set) of an arm, sampled once."""
-    name = "_".join([arm["family"]] + [f"{k}{arm[k]}" for k in ARM_KEYS if k in arm])
+    name = "_".join([arm["family"]] + [f"{k}{arm[k]}" for k in SAMPLING_KEYS if k in arm])
     out = work / "synthetic" / (("only_" if arm["only"] else "topup_") + name + ".h5")
     if out.exists():
         return out
@@ -114,17 +116,19 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
     return out
 
 
-def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path], seed: int):
+def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path], seed: int, weight: float = 1.0):
+    """Images, labels and per-image loss weights of an arm (``weight`` for each synthetic image of a top-up)."""
     if arm == "real":
-        return x, y
+        return x, y, None
     if arm == "oversampled":
         rows = oversample_rows(y, int(y.max()) + 1, seed)
-        return x[rows], y[rows]
+        return x[rows], y[rows], None
     info, images = read_info(files[arm]), read_images(files[arm])
     if arm.startswith("only:"):
-        return images, info.labels
+        return images, info.labels, None
     rows = topup_rows(y, info.labels, len(info.class_names), seed)
-    return np.concatenate([x, images[rows]]), np.concatenate([y, info.labels[rows]])
+    weights = None if weight == 1 else np.r_[np.ones(len(y)), np.full(len(rows), weight)]
+    return np.concatenate([x, images[rows]]), np.concatenate([y, info.labels[rows]]), weights
 
 
 def main() -> None:
@@ -184,9 +188,10 @@ def main() -> None:
                                                                if source else "")
             path = cache / (hashlib.sha256(tag.encode()).hexdigest()[:20] + ".json")
             if not path.exists():
-                xa, ya = training_set(arm, x, y, files, seed)
+                weight = float(specs[arm].get("w", 1)) if arm in specs else 1.0
+                xa, ya, wa = training_set(arm, x, y, files, seed, weight)
                 start = time.process_time()
-                model = train_cnn(xa, ya, len(names), epochs=args.epochs, seed=seed, amp=True)
+                model = train_cnn(xa, ya, len(names), epochs=args.epochs, seed=seed, amp=True, sample_weight=wa)
                 metrics = cnn_metrics(predict_proba(model, x_test, amp=True), test.labels, names)
                 record = {"balanced_accuracy": metrics["balanced_accuracy"], "recall": metrics["per_class_recall"],
                           "n_train": int(len(ya)), "cpu_s": time.process_time() - start}

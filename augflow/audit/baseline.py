@@ -53,12 +53,13 @@ def build_resnet18(num_classes: int, image_size: int, in_channels: int = 1) -> n
     return model
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+def class_weights(labels: np.ndarray, num_classes: int, sample_weight: np.ndarray | None = None) -> torch.Tensor:
     """Inverse class frequency, normalised so that the weighted mean over the training images is 1.
 
     ``w_k = N / (K' * n_k)`` over the K' classes present; absent classes get 0 (they never occur in the loss).
+    With ``sample_weight``, ``n_k`` and ``N`` are sums of the images' weights.
     """
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    counts = np.bincount(labels, weights=sample_weight, minlength=num_classes).astype(np.float64)
     present = counts > 0
     w = np.zeros(num_classes)
     w[present] = counts.sum() / (present.sum() * counts[present])
@@ -102,6 +103,7 @@ def train_cnn(
     weighted: bool = True,
     weight_decay: float = 0.05,
     amp: bool = False,
+    sample_weight: np.ndarray | None = None,
 ) -> nn.Module:
     """Train the baseline ResNet-18 from scratch for ``epochs`` passes with a cosine learning-rate decay.
 
@@ -118,6 +120,8 @@ def train_cnn(
         weighted: Class-weighted cross-entropy (inverse class frequency); False for the plain loss.
         weight_decay: AdamW's decoupled weight decay.
         amp: bf16 autocast (:mod:`augflow.precision`; the caller checks that the device supports it).
+        sample_weight: A loss weight per image (N,), e.g. below 1 for synthetic images; the class weights are
+            then computed from the weighted counts. Default: every image 1.
 
     Returns:
         The model in eval mode.
@@ -141,7 +145,13 @@ def train_cnn(
         model = build_resnet18(num_classes, images.shape[-1], images.shape[1]).to(dev, memory_format=CHANNELS_LAST)
     generator = torch.Generator().manual_seed(seed)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
-    weight = class_weights(labels, num_classes).to(dev) if weighted else None
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, dtype=np.float64)
+        if sample_weight.shape != labels.shape or not (sample_weight >= 0).all() or sample_weight.sum() <= 0:
+            raise ConfigError(f"sample_weight must be {labels.shape[0]} non-negative numbers, not all 0, but has "
+                              f"shape {sample_weight.shape} and minimum {sample_weight.min(initial=0):g}")
+    weight = class_weights(labels, num_classes, sample_weight).to(dev) if weighted else None
+    per_image = None if sample_weight is None else torch.from_numpy(sample_weight).float()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     n_batches = math.ceil(len(images) / batch_size)
     total_steps = epochs * n_batches
@@ -158,7 +168,12 @@ def train_cnn(
             x = _shift(x_all[rows], max_shift, generator).to(dev, memory_format=CHANNELS_LAST)
             with autocast(dev, amp):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y_all[rows].to(dev), weight=weight)
+            if per_image is None:
+                loss = F.cross_entropy(logits.float(), y_all[rows].to(dev), weight=weight)
+            else:  # the weighted mean F.cross_entropy takes, with each image's own weight on top of its class's
+                y = y_all[rows].to(dev)
+                w = per_image[rows].to(dev) * (weight[y] if weight is not None else 1)
+                loss = (w * F.cross_entropy(logits.float(), y, reduction="none")).sum() / w.sum().clamp_min(1e-12)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -7,7 +7,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from augflow.audit.baseline import build_resnet18, class_weights, features, predict_proba, train_cnn
-from augflow.errors import DataError
+from augflow.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,6 +38,28 @@ def test_class_weights_are_inverse_frequency_with_mean_one():
     w = class_weights(labels, 3).numpy()
     assert w[2] == 0 and np.isclose(w[1] / w[0], 3)
     assert np.isclose(w[labels].mean(), 1)
+
+
+def test_class_weights_count_the_images_weights():
+    labels = np.array([0] * 6 + [1] * 2)
+    w = class_weights(labels, 2, np.array([0.5] * 6 + [1] * 2)).numpy()  # class 0 counts as 3 images
+    assert np.isclose(w[1] / w[0], 1.5) and np.isclose(w @ [3, 2] / 5, 1)
+
+
+def test_a_zero_sample_weight_ignores_an_image_and_ones_change_nothing():
+    x, y = toy([20, 20, 20])
+    xt, yt = toy([30, 30, 30], seed=1)
+    images, labels = np.concatenate([x, x]), np.concatenate([y, (y + 1) % 3])  # each image also under a wrong label
+    ignore_wrong = np.r_[np.ones(60), np.zeros(60)]
+
+    def accuracy(**kwargs):
+        return (predict_proba(train_cnn(images, labels, 3, epochs=5, batch_size=16, **kwargs), xt).argmax(1)
+                == yt).mean()
+
+    assert accuracy(sample_weight=ignore_wrong) > 0.9 and accuracy() < 0.8
+    ones = train_cnn(x, y, 3, epochs=2, batch_size=8, sample_weight=np.ones(60))
+    np.testing.assert_allclose(predict_proba(ones, x), predict_proba(train_cnn(x, y, 3, epochs=2, batch_size=8), x),
+                               atol=1e-4)
 
 
 def test_same_seed_same_model_other_seed_other_model():
@@ -75,3 +97,5 @@ def test_bad_inputs_are_named():
         train_cnn(x, y + 5, 2, epochs=1)
     with pytest.raises(DataError, match=r"\(N, C, H, W\)"):
         train_cnn(x[:, 0], y, 2, epochs=1)
+    with pytest.raises(ConfigError, match="sample_weight must be 8 non-negative numbers"):
+        train_cnn(x, y, 2, epochs=1, sample_weight=-np.ones(8))
