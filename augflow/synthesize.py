@@ -17,6 +17,13 @@ A model trained on images with Gaussian noise of standard deviation sigma added 
 density of the noisy images, and its samples carry that noise. ``denoise`` removes it with one score step,
 ``x + sigma^2 * grad_x log p(x | y)`` (Tweedie's formula; TarFlow, Zhai et al. 2024, arXiv 2412.06329), so the
 released images keep the noise of their scanner and not the training augmentation's.
+
+``near`` anchors each sample to a real image of its class (an exactly invertible model only): the real image is
+encoded, its latent mixed with fresh noise, ``z = sqrt(1 - s^2) z_real + s T eps``, and decoded. ``s = 0`` returns
+the real image (oversampling), ``s = 1`` an ordinary sample; in between, images vary around real ones and keep
+what the model renders of their scanner, as latent-space augmentation does (DeVries & Taylor 2017,
+arXiv 1702.05538, in a learned feature space; here the flow's). Such images are derived from real subjects:
+they are for in-house training, not a privacy-preserving release, and a DP model refuses them.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from augflow.atomic import check_output
-from augflow.data.store import DatasetWriter, read_info, sha256_file
+from augflow.data.store import DatasetWriter, read_images, read_info, sha256_file
 from augflow.errors import ConfigError, DataError
 from augflow.models import ModelFamily, load_model
 from augflow.precision import autocast, resolve_amp
@@ -129,6 +138,7 @@ def synthesize(
     selection: Selection | None = None,
     counts_source: dict | None = None,
     denoise: bool = False,
+    near: Anchors | None = None,
     overwrite: bool = False,
 ) -> SynthesisResult:
     """Sample ``counts[class] `` images per class from a trained model into a synthetic dataset file.
@@ -147,6 +157,7 @@ def synthesize(
         counts_source: How ``counts`` were computed (:func:`topup_counts`), recorded in the provenance.
         denoise: Remove the model's training input noise from each sample with one score step (needs an exact
             likelihood and a model trained with ``augment.noise_std > 0``).
+        near: Derive each sample from a real image of its class (:class:`Anchors`; MAGIC-Flow, not under DP).
         overwrite: Replace ``out`` if it exists (never the model or ``selection.real``).
 
     Raises:
@@ -154,7 +165,7 @@ def synthesize(
             selection that accepts too few samples of a class.
     """
     path = model_file(model)
-    check_output(out, overwrite, [path, selection.real if selection else None])
+    check_output(out, overwrite, [path, selection.real if selection else None, near.real if near else None])
     flow, meta = load_model(path, map_location="cpu", with_meta=True)
     class_names = meta["class_names"]
     per_class = [0] * len(class_names)
@@ -175,6 +186,7 @@ def synthesize(
     amp = resolve_amp(stored_amp(meta) if amp is None else amp, dev)
     flow = flow.to(dev).eval()
     selector = _Selector(selection or Selection(), flow, meta, path, dev)
+    anchors = near.load(flow, meta, path, per_class) if near else None
 
     rejected = 0
     provenance = {
@@ -184,22 +196,27 @@ def synthesize(
         "counts": dict(zip(class_names, per_class, strict=True)),
         "augflow_version": __version__, "privacy": _ledger(meta.get("privacy")),
         "counts_source": counts_source, "selection": selector.describe(),
+        "near": near.describe() if near else None,
     }
     # The bar starts once the output can be written; an error mid-way ends its line before the message.
     with (DatasetWriter(out, flow.config.image_shape, class_names, "synthetic", provenance) as writer,
           tqdm(total=sum(per_class), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True) as bar):
         for k, n in enumerate(per_class):
             generator = torch.Generator(dev).manual_seed(derive_seed(seed, k))
-            made = 0
+            order = anchors.order(k, seed) if anchors else None
+            made = drawn = 0
             while made < n:
                 selector.check_budget(k, n, made, class_names[k])
                 # With a selection, draw whole batches: most of a batch may be rejected.
                 b = min(batch_size, n - made) if selector.method == "none" else batch_size
                 with autocast(dev, amp):
-                    x = _finite_batch(flow, k, b, temperature, generator, dev)
+                    start = anchors.latents(flow, k, order, drawn, b, dev) if anchors else None
+                    x = _finite_batch(flow, k, b, temperature, generator, dev, start,
+                                      near.strength if near else 1.0)
                     images = _denoised(flow, x.images, k, sigma) if sigma else x.images
                     images = selector.keep(images.clamp(0, 1), k)[: n - made]
                 rejected += x.rejected
+                drawn += b
                 kept = len(images)
                 if kept:
                     ids = [f"synthetic-{class_names[k]}-{made + i:06d}" for i in range(kept)]
@@ -326,6 +343,74 @@ class _Selector:
         return out
 
 
+@dataclass(frozen=True)
+class Anchors:
+    """Samples anchored to real images (``synthesize --near FILE --strength S``).
+
+    Attributes:
+        real: A real file with the model's classes and image shape; each class's images are used in turn, in an
+            order shuffled by the seed, so every real image anchors about as many samples as the others.
+        strength: ``s`` in ``z = sqrt(1 - s^2) z_real + s T eps``, in (0, 1]: how far a sample moves from its real
+            image (0 would copy it, 1 ignores it).
+    """
+
+    real: str | Path
+    strength: float = 0.5
+
+    def load(self, flow: ModelFamily, meta: dict, model_path: Path, per_class: list[int]) -> _AnchorImages:
+        """Read the real images of the classes to synthesize, after checking the model and the file.
+
+        Raises:
+            ConfigError: For a strength outside (0, 1], a model without an exact inverse, or a DP model.
+            DataError: For a file whose classes or image shape differ from the model's, or a class to synthesize
+                that has no image in the file.
+        """
+        if not 0 < self.strength <= 1:
+            raise ConfigError(f"--strength must be in (0, 1] (0 would copy the real images), but is: {self.strength}")
+        if not flow.has_likelihood:
+            raise ConfigError(f"--near encodes real images, which needs an invertible model (MAGIC-Flow); "
+                              f"{model_path} is a {flow.family!r} model")
+        ledger = Ledger.from_dict(meta.get("privacy"))
+        if ledger and ledger.dp:
+            raise ConfigError(f"--near derives each image from a real image of {self.real}: the model's (epsilon, "
+                              "delta) guarantee would not cover them; drop --near to release DP samples")
+        info = read_info(self.real)
+        check_classes(info.class_names, meta["class_names"], f"--near {self.real}")
+        if info.image_shape != tuple(flow.config.image_shape):
+            raise DataError(f"--near {self.real}: image shape {info.image_shape} differs from the model's "
+                            f"{tuple(flow.config.image_shape)}")
+        images = read_images(self.real)
+        by_class = {}
+        for k, n in enumerate(per_class):
+            rows = np.flatnonzero(info.labels == k)
+            if n and not len(rows):
+                raise DataError(f"--near {self.real}: class {info.class_names[k]!r} has no image to anchor its {n} "
+                                "samples to")
+            by_class[k] = torch.from_numpy(images[rows])
+        return _AnchorImages(by_class)
+
+    def describe(self) -> dict:
+        """The anchoring for the provenance."""
+        return {"real": Path(self.real).name, "real_sha256": sha256_file(self.real), "strength": self.strength,
+                "derived_from_real_images": True}
+
+
+@dataclass
+class _AnchorImages:
+    by_class: dict[int, torch.Tensor]
+
+    def order(self, k: int, seed: int) -> torch.Tensor:
+        """The anchors of class ``k`` in a seeded random order (cycled)."""
+        return torch.randperm(len(self.by_class[k]), generator=torch.Generator().manual_seed(derive_seed(seed, k)))
+
+    def latents(self, flow: ModelFamily, k: int, order: torch.Tensor, start: int, b: int, device) -> list[Tensor]:
+        """The latents of the next ``b`` anchors of class ``k``."""
+        rows = order[torch.arange(start, start + b) % len(order)]
+        x = self.by_class[k][rows].to(device)
+        zs, _ = flow.encode(x, torch.full((b,), k, dtype=torch.long, device=device))
+        return zs
+
+
 @dataclass
 class _Batch:
     images: torch.Tensor
@@ -360,16 +445,28 @@ def _denoised(flow: ModelFamily, x: torch.Tensor, k: int, sigma: float) -> torch
     return (x + sigma ** 2 * score.to(x.dtype)).detach()
 
 
-def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float, generator, device) -> _Batch:
-    """Draw b samples of class k, redrawing non-finite ones."""
+def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float, generator, device,
+                  start: list[Tensor] | None = None, strength: float = 1.0) -> _Batch:
+    """Draw b samples of class k (from the latents ``start`` of real images, if given), redrawing non-finite ones."""
     y = torch.full((b,), k, dtype=torch.long, device=device)
-    images = flow.sample(y, temperature=temperature, generator=generator)
+    images = _draw(flow, y, temperature, generator, start, strength)
     rejected = 0
     for _ in range(_MAX_REDRAWS):
         bad = ~torch.isfinite(images).flatten(1).all(1)
         if not bad.any():
             return _Batch(images, rejected)
         rejected += int(bad.sum())
-        images[bad] = flow.sample(y[bad], temperature=temperature, generator=generator)
+        images[bad] = _draw(flow, y[bad], temperature, generator, start and [z[bad] for z in start], strength)
     raise FloatingPointError(f"class {k}: samples stayed non-finite after {_MAX_REDRAWS} redraws; "
                              "the model is unusable (retrain it or lower --temperature)")
+
+
+def _draw(flow: ModelFamily, y: Tensor, temperature: float, generator, start: list[Tensor] | None,
+          strength: float) -> Tensor:
+    """Samples of classes ``y``: ordinary ones, or decoded from ``sqrt(1 - s^2) start + s T eps``."""
+    if start is None:
+        return flow.sample(y, temperature=temperature, generator=generator)
+    keep = math.sqrt(1 - strength ** 2)
+    zs = [keep * z + strength * temperature * torch.randn(z.shape, generator=generator, device=z.device,
+                                                             dtype=z.dtype) for z in start]
+    return flow.decode(zs, y)

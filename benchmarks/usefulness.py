@@ -17,7 +17,8 @@ minority classes marked, CPU time per training, and every command.
 
 Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAMILY[:key=value...]`` with FAMILY
 ``magic`` or ``symm`` and keys ``T`` (sampling temperature), ``select`` (none | posterior | classifier), ``conf``
-(the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``) and ``w`` (the
+(the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``), ``near``
+(``--near train.h5 --strength S``: each image derived from a real training image) and ``w`` (the
 downstream loss weight of each synthetic image, default 1; class weights count it); ``only:`` before a top-up spec
 trains on a balanced synthetic set alone (``--per-class`` = the largest real class).
 
@@ -62,7 +63,7 @@ TRAIN_SETTINGS = {
 }
 
 
-ARM_KEYS = ("T", "select", "conf", "ratio", "denoise", "w")
+ARM_KEYS = ("T", "select", "conf", "ratio", "denoise", "near", "w")
 SAMPLING_KEYS = ARM_KEYS[:-1]  # the keys that change the synthetic file
 
 
@@ -112,6 +113,8 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
         command += ["--max-ratio", arm["ratio"]]
     if arm.get("denoise", "0") == "1":
         command += ["--denoise"]
+    if "near" in arm:
+        command += ["--near", str(real), "--strength", arm["near"]]
     run(command, log, work)
     return out
 

@@ -218,3 +218,64 @@ def test_denoise_records_the_training_noise_and_needs_one(run, tmp_path):
     with pytest.raises(ConfigError, match="trained without it .*drop --denoise"):
         synthesize(plain, tmp_path / "x.h5", {"class0": 2}, denoise=True, progress=False)
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_near_moves_from_the_real_images_to_ordinary_samples_with_the_strength(imbalanced, tmp_path):
+    from augflow.synthesize import Anchors
+
+    data, run = imbalanced
+    real, labels = read_images(data), read_info(data).labels
+    small = real[labels == 2]  # 4 images
+    out = synthesize(run, tmp_path / "near.h5", {"small": 8}, near=Anchors(data, 1e-6), progress=False).out
+    images = read_images(out)
+    # Almost no noise: each sample is the decoding of a real image's own latent, i.e. that image, and the 4
+    # anchors take turns (each twice).
+    distance = np.abs(images[:, None] - small[None]).reshape(8, 4, -1).max(-1)
+    assert (distance.min(1) < 1e-3).all()
+    assert np.bincount(distance.argmin(1), minlength=4).tolist() == [2, 2, 2, 2]
+    prov = read_info(out).provenance["near"]
+    assert prov == {"real": "d.h5", "real_sha256": sha256_file(data), "strength": 1e-6,
+                    "derived_from_real_images": True}
+    # Strength 1 ignores the anchor: the same draws as ordinary sampling with that seed.
+    full = synthesize(run, tmp_path / "full.h5", {"small": 8}, near=Anchors(data, 1.0), seed=4, progress=False).out
+    plain = synthesize(run, tmp_path / "plain.h5", {"small": 8}, seed=4, progress=False).out
+    assert np.allclose(read_images(full), read_images(plain), atol=1e-5)
+    # In between, samples leave the real images behind.
+    half = synthesize(run, tmp_path / "half.h5", {"small": 8}, near=Anchors(data, 0.5), progress=False).out
+    assert (np.abs(read_images(half)[:, None] - small[None]).reshape(8, 4, -1).max(-1).min(1) > 1e-2).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--near", "{data}", "--strength", "0"], "--strength must be in (0, 1]"),
+    (["--near", "{data}", "--strength", "1.5"], "--strength must be in (0, 1]"),
+    (["--strength", "0.3"], "--strength goes with --near FILE"),
+    (["--near", "{other}"], "--near"),
+])
+def test_bad_near_options_are_named_and_write_nothing(imbalanced, tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from augflow.cli import cli
+
+    data, run = imbalanced
+    other = make_dataset(tmp_path / "other.h5", num_classes=2)  # classes differ from the model's
+    out = tmp_path / "out.h5"
+    args = [a.format(data=data, other=other) for a in args]
+    result = CliRunner().invoke(cli, ["synthesize", "--model", str(run), "--out", str(out), "--balance", *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not out.exists()
+
+
+def test_near_is_refused_for_a_dp_model_and_a_model_without_an_inverse(imbalanced, tmp_path, monkeypatch):
+    from augflow import synthesize as module
+    from augflow.flows.magic import MagicFlow
+    from augflow.synthesize import Anchors
+
+    data, run = imbalanced
+    with monkeypatch.context() as patch:
+        patch.setattr(MagicFlow, "has_likelihood", False)
+        with pytest.raises(ConfigError, match="needs an invertible model"):
+            synthesize(run, tmp_path / "a.h5", {"small": 2}, near=Anchors(data), progress=False)
+    monkeypatch.setattr(module.Ledger, "from_dict", staticmethod(lambda stored: type("L", (), {"dp": True})()))
+    with pytest.raises(ConfigError, match="guarantee would not cover them"):
+        synthesize(run, tmp_path / "b.h5", {"small": 2}, near=Anchors(data), progress=False)
+    assert not list(tmp_path.glob("*.h5"))

@@ -313,10 +313,13 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
     doc.h(2, "Data card")
     doc.h(3, "What the data is")
     shape = "x".join(map(str, syn["image_shape"]))
+    near = (syn.get("provenance") or {}).get("near")
+    origin = ("they show no real subject, but resemble the training data by design." if not near else
+              f"each was derived from a real image of {near['real']} (its latent mixed with noise of strength "
+              f"{near['strength']}), so they vary around real subjects: for in-house training, not for sharing.")
     doc.p(f"{syn['n']} synthetic 2D image slices of shape {shape} (C x H x W, intensities in [0, 1]) in augflow's "
           f"HDF5 format, labelled with {len(names)} classes. They were sampled from a class-conditional generative "
-          "model trained on the real training file below; they show no real subject, but resemble the training "
-          "data by design.")
+          f"model trained on the real training file below; {origin}")
     doc.table(["class", "synthetic", "real train", "real test"],
               [[n, syn["class_counts"][n], m["inputs"]["train"]["class_counts"][n],
                 m["inputs"]["real"]["class_counts"][n]] for n in names])

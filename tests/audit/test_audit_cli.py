@@ -180,3 +180,16 @@ def test_gate_fails_on_planted_copies_and_reports_a_dp_ledger(audited):
     assert "- **Release gate: failed** — Do not release: copy_fraction = 1 > 0.05" in report
     assert "- **Privacy: differentially private (ε = 8)** — ε = 8, δ = 1e-06 per subject" in report
     assert "COPIES TRAINING IMAGES" in report and "- **Usefulness: not evaluated**" in report
+
+
+def test_data_card_says_when_the_images_derive_from_real_ones(audited):
+    from augflow.audit.report import build_document
+
+    metrics = json.loads((audited["out"] / "metrics.json").read_text())
+    plain = build_document(metrics, {}).markdown()
+    assert "they show no real subject" in plain and "derived from a real image" not in plain
+    metrics["inputs"]["synthetic"]["provenance"]["near"] = {"real": "train.h5", "strength": 0.3}
+    near = build_document(metrics, {}).markdown()
+    assert "they show no real subject" not in near
+    assert "each was derived from a real image of train.h5 (its latent mixed with noise of strength 0.3)" in near
+    assert "not for sharing" in near
