@@ -63,6 +63,7 @@ TRAIN_SETTINGS = {
 }
 
 
+BATCH = 64  # images per downstream CNN step
 ARM_KEYS = ("T", "select", "conf", "ratio", "denoise", "near", "w")
 SAMPLING_KEYS = ARM_KEYS[:-1]  # the keys that change the synthetic file
 
@@ -142,6 +143,9 @@ def main() -> None:
     parser.add_argument("--arms", default="real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=15, help="Epochs per downstream CNN training.")
+    parser.add_argument("--equal-steps", action="store_true",
+                        help="Train every arm for the optimiser steps of --epochs passes over the real training set "
+                             "(default: --epochs passes over each arm's own, larger, set).")
     parser.add_argument("--run", action="append", default=[],
                         help="LABEL=DIR: a trained generator; LABEL is a family (reused instead of trained) or a "
                              "name arms refer to (e.g. --run eps8=runs/eps8 --arms real,eps8:T=0.8).")
@@ -183,18 +187,21 @@ def main() -> None:
     cache = work / "cnn"
     cache.mkdir(exist_ok=True)
     results: dict[str, list[dict]] = {}
+    steps = args.epochs * -(-len(y) // BATCH) if args.equal_steps else None
     for arm in [] if args.recognition_only else arms:
         results[arm] = []
         for seed in range(args.seeds):
             source = files.get(arm)
-            tag = f"{arm}|{seed}|{args.epochs}|{args.eval}|" + (hashlib.sha256(source.read_bytes()).hexdigest()
+            budget = args.epochs if steps is None else f"{steps} steps"
+            tag = f"{arm}|{seed}|{budget}|{args.eval}|" + (hashlib.sha256(source.read_bytes()).hexdigest()
                                                                if source else "")
             path = cache / (hashlib.sha256(tag.encode()).hexdigest()[:20] + ".json")
             if not path.exists():
                 weight = float(specs[arm].get("w", 1)) if arm in specs else 1.0
                 xa, ya, wa = training_set(arm, x, y, files, seed, weight)
                 start = time.process_time()
-                model = train_cnn(xa, ya, len(names), epochs=args.epochs, seed=seed, amp=True, sample_weight=wa)
+                model = train_cnn(xa, ya, len(names), epochs=args.epochs, steps=steps, batch_size=BATCH,
+                                  seed=seed, amp=True, sample_weight=wa)
                 metrics = cnn_metrics(predict_proba(model, x_test, amp=True), test.labels, names)
                 record = {"balanced_accuracy": metrics["balanced_accuracy"], "recall": metrics["per_class_recall"],
                           "n_train": int(len(ya)), "cpu_s": time.process_time() - start}
@@ -245,7 +252,9 @@ def render(args, results: dict, names: list[str], minority: list[str], log: list
 def downstream_tables(args, results: dict, names: list[str], minority: list[str], test) -> list[str]:
     """Balanced accuracy per arm with its paired differences, and the per-class recall."""
     bal = {a: [r["balanced_accuracy"] for r in rs] for a, rs in results.items()}
-    lines = [f"ResNet-18 from scratch, class-weighted loss, {args.epochs} epochs, bf16, seeds 0..{args.seeds - 1}; "
+    budget = (f"{args.epochs} epochs of the real training set's steps for every arm" if args.equal_steps else
+              f"{args.epochs} epochs")
+    lines = [f"ResNet-18 from scratch, class-weighted loss, {budget}, bf16, seeds 0..{args.seeds - 1}; "
              f"{len(test.labels)} {args.eval} images of {len(set(test.subjects))} subjects never seen in training. "
              f"Minority classes (*): {', '.join(minority) or 'none'}.", "",
              "| arm | training images | balanced accuracy | vs real+oversampled | vs real | CPU s / training |",

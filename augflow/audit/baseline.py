@@ -95,6 +95,7 @@ def train_cnn(
     num_classes: int,
     *,
     epochs: int = 30,
+    steps: int | None = None,
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
@@ -112,6 +113,8 @@ def train_cnn(
         labels: int (N,) in [0, num_classes).
         num_classes: K.
         epochs: Passes over the data.
+        steps: Train for exactly this many optimiser steps instead (the last pass is cut short): training sets of
+            different sizes then get the same number of updates.
         batch_size: Images per step (an epoch's batches are split evenly, never of size 1, for BatchNorm).
         lr: Peak AdamW learning rate.
         seed: Seeds the initialisation, the shuffling and the augmentation.
@@ -134,9 +137,9 @@ def train_cnn(
     _check(images, labels, num_classes)
     if len(images) < 2:
         raise DataError(f"train_cnn needs at least 2 images, but got {len(images)}")
-    if epochs < 1 or batch_size < 2 or lr <= 0:
-        raise ConfigError(f"epochs >= 1, batch_size >= 2 and lr > 0 are required, but got {epochs}, {batch_size}, "
-                          f"{lr}")
+    if epochs < 1 or batch_size < 2 or lr <= 0 or (steps is not None and steps < 1):
+        raise ConfigError(f"epochs >= 1, steps >= 1, batch_size >= 2 and lr > 0 are required, but got {epochs}, "
+                          f"{steps}, {batch_size}, {lr}")
     dev = torch.device(device)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(seed)
@@ -154,7 +157,8 @@ def train_cnn(
     per_image = None if sample_weight is None else torch.from_numpy(sample_weight).float()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     n_batches = math.ceil(len(images) / batch_size)
-    total_steps = epochs * n_batches
+    total_steps = epochs * n_batches if steps is None else steps
+    epochs = math.ceil(total_steps / n_batches)
     max_shift = max(1, round(images.shape[-1] / 16))  # 2 px at 32 px
 
     # BatchNorm statistics are recomputed after training on up to _RECALIBRATE images.
@@ -163,6 +167,8 @@ def train_cnn(
     step = 0
     for _ in tqdm(range(epochs), desc="cnn", unit="epoch", disable=not progress, dynamic_ncols=True, leave=False):
         for rows in torch.randperm(len(images), generator=generator).tensor_split(n_batches):
+            if step == total_steps:
+                break
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
             x = _shift(x_all[rows], max_shift, generator).to(dev, memory_format=CHANNELS_LAST)

@@ -69,6 +69,18 @@ def test_same_seed_same_model_other_seed_other_model():
     assert not np.allclose(runs[0], runs[2])
 
 
+def test_steps_fix_the_number_of_updates_whatever_the_set_size(monkeypatch):
+    x, y = toy([8, 8, 8])  # 24 images, 3 batches of 8 per epoch
+    same = [predict_proba(train_cnn(x, y, 3, batch_size=8, **budget), x) for budget in ({"epochs": 2}, {"steps": 6})]
+    np.testing.assert_array_equal(same[0], same[1])
+    updates = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or step(self, *a, **k))
+    train_cnn(x, y, 3, batch_size=8, steps=4)
+    train_cnn(np.concatenate([x, x, x]), np.concatenate([y, y, y]), 3, batch_size=8, epochs=1, steps=4)
+    assert len(updates) == 8  # 4 each: the first set's second pass and the larger set's only pass are cut short
+
+
 def test_learns_a_separable_toy_task():
     x, y = toy([20, 20, 20])
     xt, yt = toy([30, 30, 30], seed=1)
@@ -99,3 +111,5 @@ def test_bad_inputs_are_named():
         train_cnn(x[:, 0], y, 2, epochs=1)
     with pytest.raises(ConfigError, match="sample_weight must be 8 non-negative numbers"):
         train_cnn(x, y, 2, epochs=1, sample_weight=-np.ones(8))
+    with pytest.raises(ConfigError, match="steps >= 1"):
+        train_cnn(x, y, 2, steps=0)
