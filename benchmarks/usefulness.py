@@ -192,7 +192,8 @@ def main() -> None:
         results[arm] = []
         for seed in range(args.seeds):
             source = files.get(arm)
-            budget = args.epochs if steps is None else f"{steps} steps"
+            # The real arm's steps are the same under both budgets (and so is its cache entry).
+            budget = args.epochs if steps is None or arm == "real" else f"{steps} steps"
             tag = f"{arm}|{seed}|{budget}|{args.eval}|" + (hashlib.sha256(source.read_bytes()).hexdigest()
                                                                if source else "")
             path = cache / (hashlib.sha256(tag.encode()).hexdigest()[:20] + ".json")
