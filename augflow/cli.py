@@ -535,6 +535,9 @@ def explain(model, data, rows, class_name, contrast, prior, out, overwrite, devi
               help="Downstream CNN trainings per protocol.")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Epochs per downstream CNN training.")
+@click.option("--equal-steps", is_flag=True,
+              help="Train every downstream set for the steps of --epochs passes over the real training images, so "
+                   "that the sets differ in their images, not in their compute.")
 @click.option("--no-downstream", is_flag=True, help="Skip the downstream classification protocol (the slowest stage).")
 @click.option("--encoder-epochs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Epochs of the domain encoder.")
@@ -551,8 +554,8 @@ def explain(model, data, rows, class_name, contrast, prior, out, overwrite, devi
 @_threads_option
 @_error_boundary
 def audit(real, train_file, synthetic, model, out, features, inception_weights, gate, max_copy_fraction, max_mia_auc,
-          max_exact_copies, seeds, epochs, no_downstream, encoder_epochs, bootstraps, cache_dir, seed, as_json,
-          overwrite, amp, device):
+          max_exact_copies, seeds, epochs, equal_steps, no_downstream, encoder_epochs, bootstraps, cache_dir, seed,
+          as_json, overwrite, amp, device):
     """Audit a synthetic dataset: fidelity, diversity, memorization, privacy, downstream utility, release gate.
 
     Writes metrics.json, report.md and a self-contained report.html (with a data card) into --out.
@@ -569,7 +572,7 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
                                 max_exact_copies=max_exact_copies)
     result = run_audit(real, train_file, synthetic, out, model=model, features=features,
                        inception_weights=inception_weights, gate=thresholds, seeds=seeds, downstream_epochs=epochs,
-                       run_downstream=not no_downstream,
+                       equal_steps=equal_steps, run_downstream=not no_downstream,
                        encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=cache_dir, bootstraps=bootstraps,
                        seed=seed, device=device, command=command_line(), amp=amp, overwrite=overwrite)
     verdict = result["gate"]

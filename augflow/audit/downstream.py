@@ -14,8 +14,10 @@ arXiv 1706.02633, "TSTR"): the same CNN (:func:`augflow.audit.baseline.train_cnn
 and evaluated on the held-out real test images, for ``seeds`` seeds (mean and standard deviation). Seed ``s``
 of every arm starts from the same initialisation, so arms are compared seed by seed: the paired difference of
 ``real+synthetic`` against each control, with a Student-t 95% interval over seeds and a verdict (helped / hurt /
-not distinguishable). Budgets are epochs, never wall-clock seconds: a larger training set gets as many passes as
-a smaller one, and a figure reproduces on a slower machine.
+not distinguishable). Budgets are epochs or steps, never wall-clock seconds, so a figure reproduces on a slower
+machine: by default a larger training set gets as many passes as a smaller one (so more updates); with
+``equal_steps`` every protocol gets the updates of ``epochs`` passes over the real training set, so that the
+protocols differ in their images only, not in their compute.
 
 The test subjects must not occur in the training file (that would measure memory of a subject, not
 generalisation): the protocol refuses to run if they do. Synthetic images are generated from the training file
@@ -156,7 +158,7 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
                class_names: list[str], *, train_subjects=None, test_subjects=None, seeds: int = 3,
                epochs: int = 30, batch_size: int = 64, lr: float = 1e-3,
                protocols: tuple[str, ...] = PROTOCOLS, device: str = "cpu", progress=None,
-               amp: bool = False) -> dict:
+               amp: bool = False, equal_steps: bool = False) -> dict:
     """Train the baseline CNN per protocol and seed; evaluate on the real test images.
 
     Arguments:
@@ -170,6 +172,8 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         protocols: Subset of ``PROTOCOLS`` to run.
         device: Training device.
         progress: Optional callable called after each training (e.g. a tqdm bar's ``update``).
+        amp: bf16 autocast for the CNNs.
+        equal_steps: Train every protocol for the steps of ``epochs`` passes over the real training images.
 
     Returns:
         ``{"protocols": {name: {"summary": mean/std, "runs": [metrics per seed], "n_train", "class_counts"}},
@@ -196,6 +200,7 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
                            np.concatenate([train_labels, synthetic_labels[topup]])),
         "synthetic": (synthetic_images, synthetic_labels),
     }
+    steps = epochs * -(-len(train_labels) // batch_size) if equal_steps else None
     results = {}
     for name in protocols:
         x, y = sets[name]
@@ -203,7 +208,8 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
             raise DataError(f"downstream protocol {name!r} has {len(x)} training images; it needs at least 2")
         runs = []
         for seed in range(seeds):
-            model = train_cnn(x, y, k, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, amp=amp)
+            model = train_cnn(x, y, k, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                              device=device, amp=amp)
             runs.append(cnn_metrics(predict_proba(model, test_images, device=device, amp=amp), test_labels,
                                     class_names))
             if progress is not None:
@@ -211,7 +217,8 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         results[name] = {"summary": summarize(runs, class_names), "runs": runs, "n_train": int(len(x)),
                          "class_counts": dict(zip(class_names, np.bincount(y, minlength=k).tolist(), strict=True))}
     return {"protocols": results, "comparisons": compare(results), "seeds": seeds, "test_n": int(len(test_labels)),
-            "recipe": {"model": "resnet18", "epochs": epochs, "batch_size": batch_size, "lr": lr, "amp": amp},
+            "recipe": {"model": "resnet18", "epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr,
+                       "amp": amp},
             "minority_classes": minority_classes(train_labels, class_names),
             "topup_counts": dict(zip(class_names, np.bincount(synthetic_labels[topup], minlength=k).tolist(),
                                      strict=True))}

@@ -400,8 +400,9 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
         doc.h(2, "Downstream classification")
         r = ds["recipe"]
         seeds = ds["seeds"]
-        doc.p(f"ResNet-18 from scratch ({r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']}, class-weighted "
-              "loss), "
+        budget = (f"{r['epochs']} epochs" if r.get("steps") is None else
+                  f"{r['steps']} steps each, the steps of {r['epochs']} epochs over the real training images")
+        doc.p(f"ResNet-18 from scratch ({budget}, batch {r['batch_size']}, lr {r['lr']}, class-weighted loss), "
               + ("one seed" if seeds == 1 else f"mean ± std over {seeds} seeds")
               + f", tested on {ds['test_n']} held-out real images. Minority classes (marked *): "
               + (", ".join(ds["minority_classes"]) or "none") + ". " + usefulness_sentence(ds))

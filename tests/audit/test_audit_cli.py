@@ -193,3 +193,13 @@ def test_data_card_says_when_the_images_derive_from_real_ones(audited):
     assert "they show no real subject" not in near
     assert "each was derived from a real image of train.h5 (its latent mixed with noise of strength 0.3)" in near
     assert "not for sharing" in near
+
+
+def test_downstream_section_states_the_budget(audited):
+    from augflow.audit.report import build_document
+
+    metrics = json.loads((audited["out"] / "metrics.json").read_text())
+    assert "ResNet-18 from scratch (1 epochs," in build_document(metrics, {}).markdown()
+    metrics["downstream"]["recipe"]["steps"] = 60
+    assert "(60 steps each, the steps of 1 epochs over the real training images," in \
+        build_document(metrics, {}).markdown()

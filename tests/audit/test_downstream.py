@@ -76,6 +76,21 @@ def test_protocol_metrics_have_stable_keys():
     assert set(summary["per_class_recall"]) == {"a", "b", "c"}
 
 
+def test_equal_steps_give_every_protocol_the_updates_of_the_real_set(monkeypatch):
+    from augflow.audit import downstream as module
+
+    budgets = []
+    real_train = module.train_cnn
+    monkeypatch.setattr(module, "train_cnn", lambda x, *a, **k: budgets.append((len(x), k["steps"])) or
+                        real_train(x, *a, **k))
+    x, y = blobs([12, 6, 4], seed=0)  # 22 real images: 2 batches of 16 per epoch
+    xs, ys = blobs([0, 6, 8], seed=1)
+    xt, yt = blobs([6, 6, 6], seed=2)
+    out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=3, batch_size=16, equal_steps=True)
+    assert budgets == [(22, 6), (36, 6), (36, 6), (14, 6)]  # real, oversampled, top-up, synthetic: 3 x 2 steps
+    assert out["recipe"]["steps"] == 6 and out["recipe"]["epochs"] == 3
+
+
 def test_oversampling_duplicates_exactly_the_minority_rows():
     labels = np.repeat([0, 1, 2], [10, 4, 3])
     rows = oversample_rows(labels, 3, seed=0)
