@@ -535,9 +535,10 @@ def explain(model, data, rows, class_name, contrast, prior, out, overwrite, devi
               help="Downstream CNN trainings per protocol.")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Epochs per downstream CNN training.")
-@click.option("--equal-steps", is_flag=True,
-              help="Train every downstream set for the steps of --epochs passes over the real training images, so "
-                   "that the sets differ in their images, not in their compute.")
+@click.option("--budget", type=click.Choice(["steps", "epochs"]), default="steps", show_default=True,
+              help="steps: every downstream set trains for the steps of --epochs passes over the real training "
+                   "images (the sets differ in their images, not in their compute); epochs: --epochs passes over "
+                   "each set.")
 @click.option("--no-downstream", is_flag=True, help="Skip the downstream classification protocol (the slowest stage).")
 @click.option("--encoder-epochs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Epochs of the domain encoder.")
@@ -554,7 +555,7 @@ def explain(model, data, rows, class_name, contrast, prior, out, overwrite, devi
 @_threads_option
 @_error_boundary
 def audit(real, train_file, synthetic, model, out, features, inception_weights, gate, max_copy_fraction, max_mia_auc,
-          max_exact_copies, seeds, epochs, equal_steps, no_downstream, encoder_epochs, bootstraps, cache_dir, seed,
+          max_exact_copies, seeds, epochs, budget, no_downstream, encoder_epochs, bootstraps, cache_dir, seed,
           as_json, overwrite, amp, device):
     """Audit a synthetic dataset: fidelity, diversity, memorization, privacy, downstream utility, release gate.
 
@@ -572,7 +573,7 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
                                 max_exact_copies=max_exact_copies)
     result = run_audit(real, train_file, synthetic, out, model=model, features=features,
                        inception_weights=inception_weights, gate=thresholds, seeds=seeds, downstream_epochs=epochs,
-                       equal_steps=equal_steps, run_downstream=not no_downstream,
+                       downstream_budget=budget, run_downstream=not no_downstream,
                        encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=cache_dir, bootstraps=bootstraps,
                        seed=seed, device=device, command=command_line(), amp=amp, overwrite=overwrite)
     verdict = result["gate"]

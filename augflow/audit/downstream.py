@@ -14,10 +14,11 @@ arXiv 1706.02633, "TSTR"): the same CNN (:func:`augflow.audit.baseline.train_cnn
 and evaluated on the held-out real test images, for ``seeds`` seeds (mean and standard deviation). Seed ``s``
 of every arm starts from the same initialisation, so arms are compared seed by seed: the paired difference of
 ``real+synthetic`` against each control, with a Student-t 95% interval over seeds and a verdict (helped / hurt /
-not distinguishable). Budgets are epochs or steps, never wall-clock seconds, so a figure reproduces on a slower
-machine: by default a larger training set gets as many passes as a smaller one (so more updates); with
-``equal_steps`` every protocol gets the updates of ``epochs`` passes over the real training set, so that the
-protocols differ in their images only, not in their compute.
+not distinguishable). Budgets are steps or epochs, never wall-clock seconds, so a figure reproduces on a slower
+machine. By default (``budget="steps"``) every protocol gets the updates of ``epochs`` passes over the real
+training images, so that the protocols differ in their images, not in their compute; with ``budget="epochs"`` a
+larger set gets as many passes as the real one, hence more updates (on the built-in scanner data that alone cost
+oversampling 0.04 balanced accuracy: reports/usefulness.md).
 
 The test subjects must not occur in the training file (that would measure memory of a subject, not
 generalisation): the protocol refuses to run if they do. Synthetic images are generated from the training file
@@ -31,9 +32,10 @@ from scipy import stats
 
 from augflow.audit.baseline import predict_proba, train_cnn
 from augflow.classify.metrics import Predictions, classification_metrics, entropy
-from augflow.errors import DataError
+from augflow.errors import ConfigError, DataError
 
 PROTOCOLS = ("real", "real+oversampled", "real+synthetic", "synthetic")
+BUDGETS = ("steps", "epochs")
 COMPARISONS = (("real+synthetic", "real+oversampled"), ("real+synthetic", "real"))  # (arm, control)
 CONFIDENCE = 0.95
 MINORITY_FRACTION = 0.25  # a class with fewer real training images than this fraction of the largest is a minority
@@ -158,7 +160,7 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
                class_names: list[str], *, train_subjects=None, test_subjects=None, seeds: int = 3,
                epochs: int = 30, batch_size: int = 64, lr: float = 1e-3,
                protocols: tuple[str, ...] = PROTOCOLS, device: str = "cpu", progress=None,
-               amp: bool = False, equal_steps: bool = False) -> dict:
+               amp: bool = False, budget: str = "steps") -> dict:
     """Train the baseline CNN per protocol and seed; evaluate on the real test images.
 
     Arguments:
@@ -173,7 +175,8 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         device: Training device.
         progress: Optional callable called after each training (e.g. a tqdm bar's ``update``).
         amp: bf16 autocast for the CNNs.
-        equal_steps: Train every protocol for the steps of ``epochs`` passes over the real training images.
+        budget: ``"steps"``: every protocol trains for the steps of ``epochs`` passes over the real training images;
+            ``"epochs"``: ``epochs`` passes over its own set.
 
     Returns:
         ``{"protocols": {name: {"summary": mean/std, "runs": [metrics per seed], "n_train", "class_counts"}},
@@ -190,6 +193,8 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise DataError(f"unknown downstream protocols {sorted(unknown)}; allowed: {PROTOCOLS}")
+    if budget not in BUDGETS:
+        raise ConfigError(f"the downstream budget must be one of {', '.join(BUDGETS)}, but is: {budget!r}")
     k = len(class_names)
     topup = topup_rows(train_labels, synthetic_labels, k)
     over = oversample_rows(train_labels, k)
@@ -200,7 +205,7 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
                            np.concatenate([train_labels, synthetic_labels[topup]])),
         "synthetic": (synthetic_images, synthetic_labels),
     }
-    steps = epochs * -(-len(train_labels) // batch_size) if equal_steps else None
+    steps = epochs * -(-len(train_labels) // batch_size) if budget == "steps" else None
     results = {}
     for name in protocols:
         x, y = sets[name]

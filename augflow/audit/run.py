@@ -110,7 +110,7 @@ def run_audit(
     gate: GateThresholds | None = None,
     seeds: int = 3,
     downstream_epochs: int = 30,
-    equal_steps: bool = False,
+    downstream_budget: str = "steps",
     run_downstream: bool = True,
     encoder_recipe: EncoderRecipe | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -137,8 +137,8 @@ def run_audit(
         gate: Release-gate thresholds (default :class:`GateThresholds`).
         seeds: Downstream trainings per protocol.
         downstream_epochs: Epochs per downstream training.
-        equal_steps: Give every downstream training set the steps of ``downstream_epochs`` passes over the real
-            training images (default: that many passes over each set).
+        downstream_budget: ``"steps"``: every downstream training set gets the steps of ``downstream_epochs``
+            passes over the real training images; ``"epochs"``: that many passes over each set.
         run_downstream: Run the downstream protocol (the slowest stage).
         encoder_recipe: Recipe of the domain encoder (default :class:`EncoderRecipe`).
         cache_dir: Encoder cache folder (default ``~/.cache/augflow/encoders``).
@@ -268,7 +268,7 @@ def run_audit(
             metrics["downstream"] = downstream(
                 x["train"], y["train"], x["synthetic"], y["synthetic"], x["real"], y["real"], names,
                 train_subjects=infos["train"].subjects, test_subjects=infos["real"].subjects, seeds=seeds,
-                epochs=downstream_epochs, device=device, progress=inner.update, amp=amp, equal_steps=equal_steps)
+                epochs=downstream_epochs, device=device, progress=inner.update, amp=amp, budget=downstream_budget)
             inner.close()
         figures["recall"] = figure_recall(metrics["downstream"], names)
 

@@ -199,7 +199,8 @@ def test_downstream_section_states_the_budget(audited):
     from augflow.audit.report import build_document
 
     metrics = json.loads((audited["out"] / "metrics.json").read_text())
-    assert "ResNet-18 from scratch (1 epochs," in build_document(metrics, {}).markdown()
-    metrics["downstream"]["recipe"]["steps"] = 60
-    assert "(60 steps each, the steps of 1 epochs over the real training images," in \
+    assert metrics["downstream"]["recipe"]["steps"] == 1  # 32 training images: 1 batch of 64
+    assert "(1 steps each, the steps of 1 epochs over the real training images," in \
         build_document(metrics, {}).markdown()
+    metrics["downstream"]["recipe"]["steps"] = None  # --budget epochs
+    assert "ResNet-18 from scratch (1 epochs," in build_document(metrics, {}).markdown()

@@ -16,7 +16,7 @@ from augflow.audit.downstream import (
     usefulness_sentence,
 )
 from augflow.data.store import write_dataset
-from augflow.errors import DataError
+from augflow.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,7 +76,7 @@ def test_protocol_metrics_have_stable_keys():
     assert set(summary["per_class_recall"]) == {"a", "b", "c"}
 
 
-def test_equal_steps_give_every_protocol_the_updates_of_the_real_set(monkeypatch):
+def test_the_steps_budget_gives_every_protocol_the_updates_of_the_real_set(monkeypatch):
     from augflow.audit import downstream as module
 
     budgets = []
@@ -86,9 +86,14 @@ def test_equal_steps_give_every_protocol_the_updates_of_the_real_set(monkeypatch
     x, y = blobs([12, 6, 4], seed=0)  # 22 real images: 2 batches of 16 per epoch
     xs, ys = blobs([0, 6, 8], seed=1)
     xt, yt = blobs([6, 6, 6], seed=2)
-    out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=3, batch_size=16, equal_steps=True)
+    out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=3, batch_size=16)
     assert budgets == [(22, 6), (36, 6), (36, 6), (14, 6)]  # real, oversampled, top-up, synthetic: 3 x 2 steps
     assert out["recipe"]["steps"] == 6 and out["recipe"]["epochs"] == 3
+    budgets.clear()
+    downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=1, batch_size=16, budget="epochs")
+    assert budgets == [(22, None), (36, None), (36, None), (14, None)]
+    with pytest.raises(ConfigError, match="budget must be one of steps, epochs, but is: 'time'"):
+        downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], budget="time")
 
 
 def test_oversampling_duplicates_exactly_the_minority_rows():
