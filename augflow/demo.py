@@ -23,11 +23,15 @@ from augflow.train.loop import train
 from augflow.train.recipe import load_recipe
 
 DEMO_SIZE = 32
+# Where the demo's minutes buy quality: 600 steps give val 4.37 bits/dim and samples a real-trained classifier
+# recognises 32% of (3 epochs: 5.37 and 15%).
+TRAIN_EPOCHS = 20
 
 
 def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Callable = print,
              progress: bool = True, audit: bool = True, audit_seeds: int = 3, audit_epochs: int = 2,
-             encoder_epochs: int = 2, bootstraps: int = 30, overwrite: bool = False) -> dict:
+             encoder_epochs: int = 2, bootstraps: int = 30, train_epochs: int = TRAIN_EPOCHS,
+             overwrite: bool = False) -> dict:
     """Run generate → split → train → synthesize → audit in ``out_dir``; return the paths written, by name.
 
     Arguments:
@@ -42,6 +46,7 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
         audit_epochs: Epochs per downstream CNN training (the audit's default is 30).
         encoder_epochs: Epochs of the audit's domain encoder (the audit's default is 10).
         bootstraps: FID bootstrap resamples (the audit's default is 100).
+        train_epochs: Epochs of the generator's training (the quick recipe's own default is 3).
         overwrite: Run in a non-empty ``out_dir``, replacing what a previous demo wrote there.
 
     Raises:
@@ -59,10 +64,10 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
         counts = ", ".join(f"{k} {v}" for k, v in info.class_counts().items())
         echo(f"  {name:5s} {len(info):5d} images, {len(set(info.subjects)):4d} subjects: {counts}")
 
-    echo(f"[3/{steps}] training MAGIC-Flow with the quick recipe")
+    echo(f"[3/{steps}] training MAGIC-Flow with the quick recipe for {train_epochs} epochs")
     run = out_dir / "runs" / "quick"
-    result = train(parts["train"], run, load_recipe("quick"), val=parts["val"], seed=seed, command="augflow demo",
-                   progress=progress, overwrite=overwrite)
+    result = train(parts["train"], run, load_recipe("quick", [f"train.epochs={train_epochs}"]), val=parts["val"],
+                   seed=seed, command="augflow demo", progress=progress, overwrite=overwrite)
     echo(f"  {result.steps} steps, best validation {result.best_val_loss:.3f} {result.loss_name} "
          f"-> {result.model_path}")
 

@@ -22,11 +22,12 @@ def test_cli_passes_its_options_to_the_demo(tmp_path, monkeypatch):
 
 
 def test_demo_end_to_end(tmp_path):
-    # The demo's pipeline with a lighter audit (one seed, 1 epoch per CNN, a 1-epoch domain encoder) to keep the
-    # suite fast; `augflow demo` itself runs 3 seeds of 3 epochs and a 2-epoch encoder.
+    # The demo's pipeline with a shorter generator training (3 epochs) and a lighter audit (one seed, 1 epoch per
+    # CNN, a 1-epoch domain encoder) to keep the suite fast; `augflow demo` itself trains 20 epochs and audits with
+    # 3 seeds of 2 epochs and a 2-epoch encoder.
     lines = []
     run_demo(tmp_path, echo=lines.append, progress=False, audit_seeds=1, audit_epochs=1, encoder_epochs=1,
-             bootstraps=10)
+             bootstraps=10, train_epochs=3)
     output = "\n".join(lines)
     train = read_info(tmp_path / "data" / "train.h5")
     synthetic = read_info(tmp_path / "synthetic.h5")
