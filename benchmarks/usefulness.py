@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augflow.audit.baseline import predict_proba, train_cnn
+from augflow.audit.baseline import predict_proba, steps_per_epoch, train_cnn
 from augflow.audit.downstream import (
     CONFIDENCE,
     cnn_metrics,
@@ -187,7 +187,7 @@ def main() -> None:
     cache = work / "cnn"
     cache.mkdir(exist_ok=True)
     results: dict[str, list[dict]] = {}
-    steps = args.epochs * -(-len(y) // BATCH) if args.equal_steps else None
+    steps = args.epochs * steps_per_epoch(len(y), BATCH) if args.equal_steps else None
     for arm in [] if args.recognition_only else arms:
         results[arm] = []
         for seed in range(args.seeds):

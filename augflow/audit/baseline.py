@@ -89,6 +89,11 @@ def _check(images: np.ndarray, labels: np.ndarray | None = None, num_classes: in
             raise DataError(f"labels must be in [0, {num_classes}), but range over [{labels.min()}, {labels.max()}]")
 
 
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Optimiser steps of one pass over ``n_images`` (the last batch may be smaller)."""
+    return math.ceil(n_images / batch_size)
+
+
 def train_cnn(
     images: np.ndarray,
     labels: np.ndarray,
@@ -156,7 +161,7 @@ def train_cnn(
     weight = class_weights(labels, num_classes, sample_weight).to(dev) if weighted else None
     per_image = None if sample_weight is None else torch.from_numpy(sample_weight).float()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    n_batches = math.ceil(len(images) / batch_size)
+    n_batches = steps_per_epoch(len(images), batch_size)
     total_steps = epochs * n_batches if steps is None else steps
     epochs = math.ceil(total_steps / n_batches)
     max_shift = max(1, round(images.shape[-1] / 16))  # 2 px at 32 px

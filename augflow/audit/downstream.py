@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from augflow.audit.baseline import predict_proba, train_cnn
+from augflow.audit.baseline import predict_proba, steps_per_epoch, train_cnn
 from augflow.classify.metrics import Predictions, classification_metrics, entropy
 from augflow.errors import ConfigError, DataError
 
@@ -205,7 +205,7 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
                            np.concatenate([train_labels, synthetic_labels[topup]])),
         "synthetic": (synthetic_images, synthetic_labels),
     }
-    steps = epochs * -(-len(train_labels) // batch_size) if budget == "steps" else None
+    steps = epochs * steps_per_epoch(len(train_labels), batch_size) if budget == "steps" else None
     results = {}
     for name in protocols:
         x, y = sets[name]
