@@ -75,13 +75,14 @@ def write_fold(data: Path, fold_dir: Path, fold: int, seed: int) -> dict[str, Pa
     return paths
 
 
-def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command: str) -> None:
+def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command: str,
+             overrides: list[str] = ()) -> None:
     fold_dir = work / f"fold-{fold}"
     paths = write_fold(data, fold_dir, fold, seed)
     train_info, val_info, test_info = (read_info(paths[p]) for p in ("train", "val", "test"))
     names, k = test_info.class_names, test_info.num_classes
 
-    recipe = load_recipe("scanner-classify", [f"train.epochs={epochs}"])
+    recipe = load_recipe("scanner-classify", [f"train.epochs={epochs}", *overrides])
     started = time.process_time()  # CPU seconds: the budget is fair on a machine other jobs share
     result = train(paths["train"], fold_dir / "flow", recipe, val=paths["val"], seed=seed, progress=False,
                    resume=(fold_dir / "flow" / "checkpoint.pt").exists())
@@ -122,7 +123,7 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
         "train_images": len(train_info), "val_images": len(val_info),
         "test_images": len(test_info), "flow_steps": result.steps, "flow_train_seconds": flow_seconds,
         "cnn_train_seconds": cnn_seconds, "cnn_epochs": cnn_epochs, "threads": torch.get_num_threads(),
-        "best_val_bpd": result.best_val_loss,
+        "best_val_bpd": result.best_val_loss, "recipe_overrides": list(overrides),
         "flow": flow_metrics, "flow_uniform_prior": uniform_metrics, "cnn": cnn_metrics,
     }
     (fold_dir / "result.json").write_text(json.dumps(summary, indent=2))
@@ -139,13 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=8, help="Flow training epochs (the CNN gets its time).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Override a key of the flow's recipe (repeatable), as augflow train --set.")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage == "run":
         data = dataset(args.work, args.size, args.seed)
         for fold in map(int, args.folds.split(",")):
-            run_fold(data, args.work, fold, args.epochs, args.seed, " ".join(["python", *sys.argv]))
+            run_fold(data, args.work, fold, args.epochs, args.seed, " ".join(["python", *sys.argv]), args.set)
     else:
         from classification_report import write_report
 
