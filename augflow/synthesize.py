@@ -19,8 +19,9 @@ density of the noisy images, and its samples carry that noise. ``denoise`` remov
 released images keep the noise of their scanner and not the training augmentation's.
 
 ``near`` anchors each sample to a real image of its class (an exactly invertible model only): the real image is
-encoded, its latent mixed with fresh noise, ``z = sqrt(1 - s^2) z_real + s T eps``, and decoded. ``s = 0`` returns
-the real image (oversampling), ``s = 1`` an ordinary sample; in between, images vary around real ones and keep
+encoded, its deviation from the prior mean of its class mixed with fresh noise,
+``z = mu_y + sqrt(1 - s^2) (z_real - mu_y) + s T eps`` (``mu_y = 0`` under the standard prior), and decoded. ``s = 0``
+returns the real image (oversampling), ``s = 1`` an ordinary sample; in between, images vary around real ones and keep
 what the model renders of their scanner, as latent-space augmentation does (DeVries & Taylor 2017,
 arXiv 1702.05538, in a learned feature space; here the flow's). Such images are derived from real subjects:
 they are for in-house training, not a privacy-preserving release, and a DP model refuses them.
@@ -350,8 +351,8 @@ class Anchors:
     Attributes:
         real: A real file with the model's classes and image shape; each class's images are used in turn, in an
             order shuffled by the seed, so every real image anchors about as many samples as the others.
-        strength: ``s`` in ``z = sqrt(1 - s^2) z_real + s T eps``, in (0, 1]: how far a sample moves from its real
-            image (0 would copy it, 1 ignores it).
+        strength: ``s`` in ``z = mu_y + sqrt(1 - s^2) (z_real - mu_y) + s T eps`` (``mu_y``: the prior mean of the
+            class), in (0, 1]: how far a sample moves from its real image (0 would copy it, 1 ignores it).
     """
 
     real: str | Path
@@ -463,10 +464,12 @@ def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float, generat
 
 def _draw(flow: ModelFamily, y: Tensor, temperature: float, generator, start: list[Tensor] | None,
           strength: float) -> Tensor:
-    """Samples of classes ``y``: ordinary ones, or decoded from ``sqrt(1 - s^2) start + s T eps``."""
+    """Samples of classes ``y``: ordinary ones, or decoded from ``mu_y + sqrt(1 - s^2) (start - mu_y) + s T eps``
+    (the deviation from the class's prior mean is what shrinks, so ``s = 1`` is an ordinary sample)."""
     if start is None:
         return flow.sample(y, temperature=temperature, generator=generator)
     keep = math.sqrt(1 - strength ** 2)
-    zs = [keep * z + strength * temperature * torch.randn(z.shape, generator=generator, device=z.device,
-                                                             dtype=z.dtype) for z in start]
+    zs = [mu + keep * (z - mu) + strength * temperature * torch.randn(z.shape, generator=generator, device=z.device,
+                                                                      dtype=z.dtype)
+          for z, mu in zip(start, flow.prior_means(y), strict=True)]
     return flow.decode(zs, y)

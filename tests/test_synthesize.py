@@ -245,6 +245,30 @@ def test_near_moves_from_the_real_images_to_ordinary_samples_with_the_strength(i
     assert (np.abs(read_images(half)[:, None] - small[None]).reshape(8, 4, -1).max(-1).min(1) > 1e-2).all()
 
 
+def test_near_shrinks_the_deviation_from_the_class_mean_of_a_class_gaussian_prior():
+    from augflow.flows import MagicFlow, MagicFlowConfig
+    from augflow.synthesize import _draw
+
+    torch.manual_seed(0)
+    config = MagicFlowConfig(image_shape=(1, 8, 8), num_classes=2, full_res_steps=("application",), channel_steps=1,
+                             checker_steps=(1,), hidden_channels=(4, 4), embed_dim=4, prior="class_gaussian")
+    flow = MagicFlow(config).double().eval()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # leave the identity initialisation
+        y, x = torch.tensor([1, 1, 0]), torch.rand(3, 1, 8, 8, dtype=torch.float64)
+        real, means = flow.encode(x, y)[0], flow.prior_means(y)
+        strength, temperature = 0.6, 0.8  # sqrt(1 - 0.6^2) = 0.8
+        near = flow.encode(_draw(flow, y, temperature, torch.Generator().manual_seed(0), real, strength), y)[0]
+        generator = torch.Generator().manual_seed(0)
+        for z_near, z, mu in zip(near, real, means, strict=True):
+            eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+            torch.testing.assert_close(z_near, mu + 0.8 * (z - mu) + strength * temperature * eps)
+        # Strength 1 ignores the anchor: an ordinary sample, mu_y + T eps.
+        full = _draw(flow, y, temperature, torch.Generator().manual_seed(1), real, 1.0)
+        torch.testing.assert_close(full, flow.sample(y, temperature, torch.Generator().manual_seed(1)))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--near", "{data}", "--strength", "0"], "--strength must be in (0, 1]"),
     (["--near", "{data}", "--strength", "1.5"], "--strength must be in (0, 1]"),

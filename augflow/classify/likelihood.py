@@ -1,9 +1,11 @@
 """Likelihood (Bayes) classification with a class-conditional flow.
 
 ``log p(y | x) = log p(x | y) + log pi(y) - logsumexp_k (log p(x | k) + log pi(k))`` with the exact flow
-likelihood (MAGIC-Flow, arXiv 2510.22070, section "Classification"). The K class likelihoods of a batch are
-computed in one pass: the batch is repeated K times with the K labels. The posterior is calibrated by one
-temperature fitted on validation data (:mod:`augflow.classify.calibration`) instead of the reference's fixed 600.
+likelihood (MAGIC-Flow, arXiv 2510.22070, section "Classification"). The K class likelihoods of a batch come from
+the model's ``class_log_probs``: one flow pass over the K-fold repeated batch, or, with unconditional couplings and a
+class-Gaussian prior, one pass over the batch itself (IB-INN, Ardizzone et al. 2020, arXiv 2001.06448). The posterior
+is calibrated by one temperature fitted on validation data (:mod:`augflow.classify.calibration`) instead of the
+reference's fixed 600.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ PRIORS = ("train", "uniform")
 
 @torch.inference_mode()
 def class_log_likelihoods(model: ModelFamily, x: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``log p(x | k)`` for every class k: (B, K), from one batched pass over the K-fold repeated batch."""
-    b = x.shape[0]
-    labels = torch.arange(num_classes, device=x.device).repeat_interleave(b)  # (K*B,) class-major
-    log_p = model.log_prob(x.repeat(num_classes, 1, 1, 1), labels)  # (K*B,)
-    return log_p.reshape(num_classes, b).T  # (B, K)
+    """``log p(x | k)`` for every class k: (B, K), from the model's ``class_log_probs``.
+
+    Raises:
+        ConfigError: If the model has another number of classes than ``num_classes``.
+    """
+    log_p = model.class_log_probs(x)
+    if log_p.shape[1] != num_classes:
+        raise ConfigError(f"the model scores {log_p.shape[1]} classes, but {num_classes} are expected")
+    return log_p
 
 
 def log_prior(class_counts, prior: str = "train") -> np.ndarray:

@@ -1,14 +1,20 @@
 """MAGIC-Flow: a class-conditional multiscale normalizing flow for generation and classification.
 
-``log p(x | y) = log N(f(x, y); 0, I) + log|det df/dx|`` with ``f`` a stack of flow steps
+``log p(x | y) = log N(f(x, y); mu_y, I) + log|det df/dx|`` with ``f`` a stack of flow steps
 (ActNorm -> 1x1 conv -> conditional affine coupling), squeezes and splits (Glow's multiscale
 architecture). The same model generates (``sample``) and classifies
 (``argmax_y log p(x|y) + log p(y)``).
 
 Default hierarchy (24 steps, the paper's): full resolution: step 0 application mask, steps 1-4
 checkerboard; then three levels, each: squeeze, 3 channel-wise steps, split (half the channels
-out to the latent), checkerboard steps (3, 3, 4). The last latent is ``(8C, H/8, W/8)``. The prior
-is a factorised standard normal (never a dense D x D covariance).
+out to the latent), checkerboard steps (3, 3, 4). The last latent is ``(8C, H/8, W/8)``.
+
+The prior is factorised (never a dense D x D covariance): the paper's standard normal (``mu_y = 0``,
+``prior = "standard"``), or a learned mean per class and latent part (``prior = "class_gaussian"``, as in
+IB-INN and FlowGMM). With ``conditional_couplings = False`` the coupling networks do not see the label:
+``f`` and its log-det are the same for every class and only the base tells classes apart, so
+:meth:`MagicFlow.class_log_probs` scores all K classes from one flow pass, and the hybrid objective's
+cross-entropy costs one pass instead of K.
 
 Data ``x`` lives in ``[0, 1]``; the flow sees ``2x - 1`` and ``log_prob`` includes the ``D log 2``
 of that map, so it is the exact density of continuous ``x``. Training uses uniformly dequantised
@@ -19,6 +25,10 @@ References:
     Kingma & Dhariwal, "Glow", 2018, arXiv:1807.03039.
     Theis, van den Oord & Bethge, "A note on the evaluation of generative models", 2016,
     arXiv:1511.01844 (dequantisation).
+    Ardizzone, Mackowiak, Rother & Köthe, "Training Normalizing Flows with the Information Bottleneck
+    for Competitive Generative Classification" (IB-INN), 2020, arXiv:2001.06448.
+    Izmailov, Kirichenko, Finzi & Wilson, "Semi-Supervised Learning with Normalizing Flows" (FlowGMM),
+    2020, arXiv:1912.13025.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from augflow.flows.masks import MASK_KINDS, as_app_mask, ellipse_mask, make_mask
 from augflow.model_base import FamilyModel, ModelConfig, is_int
 
 _LOG_2PI = math.log(2 * math.pi)
+PRIORS = ("standard", "class_gaussian")
 
 
 @dataclass
@@ -58,6 +69,11 @@ class MagicFlowConfig(ModelConfig):
         num_blocks: Blocks per generation network.
         dropout: Dropout of the classification network (paper: 0.3).
         log_scale_bound: Coupling log-scale ``s = log_scale_bound * tanh(h)`` (paper: 0.5).
+        prior: Base distribution: ``"standard"`` (``N(0, I)``, the paper's) or ``"class_gaussian"``
+            (``N(mu_y, I)``, a learned mean per class and latent part; IB-INN, FlowGMM).
+        conditional_couplings: Whether the coupling networks see the label. ``False``: the flow is the
+            same for every class and only a class-Gaussian prior tells them apart, so the K class scores
+            cost one flow pass.
     """
 
     image_shape: tuple[int, int, int] = (1, 64, 64)
@@ -71,6 +87,8 @@ class MagicFlowConfig(ModelConfig):
     num_blocks: int = 1
     dropout: float = 0.3
     log_scale_bound: float = 0.5
+    prior: str = "standard"
+    conditional_couplings: bool = True
 
     def validate(self) -> MagicFlowConfig:
         """Check every field; return ``self``.
@@ -114,6 +132,12 @@ class MagicFlowConfig(ModelConfig):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not (isinstance(self.log_scale_bound, int | float) and self.log_scale_bound > 0):
             raise ConfigError(f"log_scale_bound must be > 0, got {self.log_scale_bound!r}")
+        if self.prior not in PRIORS:
+            raise ConfigError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if not isinstance(self.conditional_couplings, bool):
+            raise ConfigError(
+                f"conditional_couplings must be true or false, got {self.conditional_couplings!r}"
+            )
         return self
 
     @property
@@ -135,9 +159,15 @@ def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return (x * 255 + noise) / 256
 
 
-def _gaussian_map(z: Tensor) -> Tensor:
-    """Per-element standard-normal log-density."""
+def _gaussian_map(z: Tensor, mean: Tensor) -> Tensor:
+    """Per-element log-density of ``N(mean, 1)``."""
+    z = z - mean
     return -0.5 * (z * z + _LOG_2PI)
+
+
+def _gaussian_log_prob(zs: list[Tensor], means: list[Tensor]) -> Tensor:
+    """``log N(z; mean, I)`` summed over the last three dims (C, H, W) of each latent part and over the parts."""
+    return sum(_gaussian_map(z, m).sum(dim=(-3, -2, -1)) for z, m in zip(zs, means, strict=True))
 
 
 class MagicFlow(FamilyModel):
@@ -189,6 +219,13 @@ class MagicFlow(FamilyModel):
             for _ in range(checker):
                 self._add_step("checkerboard", shape, config.hidden_channels[level])
         self.latent_shapes.append(shape)
+        if config.prior == "class_gaussian":
+            # Created last, so the flow steps draw the same initial weights as under the standard prior. Per
+            # element std 0.1: two classes start about 0.01 * D nats apart (41 nats at 64x64), while the offset
+            # costs each class only 0.005 nats per element against the N(0, I) the flow is initialised for.
+            self.class_means = nn.ParameterList(
+                nn.Parameter(0.1 * torch.randn(config.num_classes, *s)) for s in self.latent_shapes
+            )
 
     def _add_step(self, kind: str, shape: tuple[int, int, int], hidden: int) -> None:
         """Append a flow step with a ``kind`` mask, flipped on every other use of that kind."""
@@ -201,7 +238,7 @@ class MagicFlow(FamilyModel):
             make_coupling_net(
                 cfg.coupling,
                 in_channels=shape[0],
-                num_classes=cfg.num_classes,
+                num_classes=cfg.num_classes if cfg.conditional_couplings else 1,
                 hidden=hidden,
                 size=shape[1:],
                 embed_dim=cfg.embed_dim,
@@ -224,10 +261,15 @@ class MagicFlow(FamilyModel):
         if y.shape != x.shape[:1]:
             raise ConfigError(f"y must have shape (B,) = ({x.shape[0]},), got {tuple(y.shape)}")
 
+    def _coupling_labels(self, y: Tensor) -> Tensor:
+        """The labels the coupling networks see: ``y``, or label 0 (their only one) when unconditional."""
+        return y if self.config.conditional_couplings else torch.zeros_like(y)
+
     def _flow(
         self, h: Tensor, y: Tensor, elementwise: bool = False
     ) -> tuple[list[Tensor], Tensor, list[Tensor | None]]:
         """Run the flow on preprocessed ``h``: latents, summed log-det and per-layer maps."""
+        y = self._coupling_labels(y)
         zs: list[Tensor] = []
         maps: list[Tensor | None] = []
         logdet = h.new_zeros(h.shape[0])
@@ -250,7 +292,7 @@ class MagicFlow(FamilyModel):
 
         Arguments:
             x: Images ``(B, C, H, W)`` in ``[0, 1]``.
-            y: Labels ``(B,)`` (LongTensor).
+            y: Labels ``(B,)`` (LongTensor); unconditional couplings ignore them.
 
         Returns:
             ``(zs, logdet)``: the latent parts from the first split to the final latent (shapes
@@ -270,7 +312,7 @@ class MagicFlow(FamilyModel):
                 f"zs must be {len(self.latent_shapes)} tensors of shapes (B, *s) for s in "
                 f"{self.latent_shapes}, got {[tuple(z.shape) for z in zs]}"
             )
-        h, k = zs[-1], len(zs) - 2
+        h, k, y = zs[-1], len(zs) - 2, self._coupling_labels(y)
         for layer in reversed(self.layers):
             if isinstance(layer, Split):
                 h = layer.inverse(h, zs[k])
@@ -279,22 +321,44 @@ class MagicFlow(FamilyModel):
                 h = layer.inverse(h, y)
         return (h + 1) / 2
 
+    def prior_means(self, y: Tensor) -> list[Tensor]:
+        """The prior mean ``mu_y`` of every latent part, ``(B, *latent_shape)`` each: the learned class means
+        of the class-Gaussian prior (IB-INN, arXiv:2001.06448; FlowGMM, arXiv:1912.13025), zeros for the
+        standard one."""
+        if self.config.prior == "standard":
+            return [self.app_mask.new_zeros((*y.shape, *s)) for s in self.latent_shapes]
+        return [means[y] for means in self.class_means]
+
     def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
         """Exact ``log p(x | y)`` in nats ``(B,)`` of continuous ``x`` in ``[0, 1]``."""
         zs, logdet = self.encode(x, y)
-        return logdet + sum(_gaussian_map(z).sum(dim=(1, 2, 3)) for z in zs)
+        return logdet + _gaussian_log_prob(zs, self.prior_means(y))
 
     forward = log_prob
+
+    def class_log_probs(self, x: Tensor) -> Tensor:
+        """``log p(x | k)`` for every class ``k``: ``(B, K)``.
+
+        With unconditional couplings the latents and the log-det are the same for every class, so one flow
+        pass and K Gaussian evaluations of its latents give every class (IB-INN, arXiv:2001.06448; FlowGMM,
+        arXiv:1912.13025); otherwise the flow runs once over the K-fold repeated batch.
+        """
+        k, b = self.config.num_classes, x.shape[0]
+        passes = k if self.config.conditional_couplings else 1
+        labels = torch.arange(passes, device=x.device).repeat_interleave(b)  # (passes*B,) class-major
+        zs, logdet = self.encode(x.repeat(passes, 1, 1, 1), labels)
+        zs = [z.reshape(passes, b, *z.shape[1:]) for z in zs]  # (passes, B, C, H, W)
+        means = [m[:, None] for m in self.prior_means(torch.arange(k, device=x.device))]  # (K, 1, C, H, W)
+        return (logdet.reshape(passes, b) + _gaussian_log_prob(zs, means)).T  # (B, K)
 
     def training_loss(self, x: Tensor, y: Tensor, ce_weight: float = 0.0) -> Tensor:
         """Per-sample objective ``(B,)``: bits/dim of dequantised ``x``, plus ``ce_weight`` times the
         cross-entropy of the Bayes posterior under a uniform prior (the hybrid objective; 0 = the paper's
-        conditional maximum likelihood). The hybrid term needs all K class densities: K times the cost."""
+        conditional maximum likelihood). The hybrid term needs all K class densities
+        (:meth:`class_log_probs`): one flow pass with unconditional couplings, else K times the cost."""
         if ce_weight == 0:
             return self.bits_per_dim(x, y)
-        k, b = self.config.num_classes, x.shape[0]
-        labels = torch.arange(k, device=x.device).repeat_interleave(b)  # (K*B,) class-major
-        log_p = self.log_prob(x.repeat(k, 1, 1, 1), labels).reshape(k, b).T  # (B, K)
+        log_p = self.class_log_probs(x)  # (B, K)
         own = log_p.gather(1, y[:, None])[:, 0]
         bpd = -(own - self.num_dims * math.log(256)) / (self.num_dims * math.log(2))
         return bpd + ce_weight * (torch.logsumexp(log_p, dim=1) - own)
@@ -313,21 +377,22 @@ class MagicFlow(FamilyModel):
         """Exact likelihood-attribution map ``H(x, y)`` (paper section 5).
 
         Walks from the last latent back to the input: per-element Gaussian log-densities of the
-        latents (concatenated at splits, unsqueezed at squeezes), plus each step's per-element
-        log-det map (coupling log-scales; ActNorm and 1x1-conv log-dets spread over positions), plus
-        ``log 2`` per element for the ``[0,1] -> [-1,1]`` map.
+        latents about their prior means ``mu_y`` (concatenated at splits, unsqueezed at squeezes),
+        plus each step's per-element log-det map (coupling log-scales; ActNorm and 1x1-conv log-dets
+        spread over positions), plus ``log 2`` per element for the ``[0,1] -> [-1,1]`` map.
 
         Returns:
             ``(B, C, H, W)`` with ``H.sum(dim=(1, 2, 3)) == log_prob(x, y)``.
         """
         self._check(x, y)
         zs, _, maps = self._flow(2 * x - 1, y, elementwise=True)
+        parts = [_gaussian_map(z, m) for z, m in zip(zs, self.prior_means(y), strict=True)]
         k = len(zs) - 1
-        heat = _gaussian_map(zs[k])
+        heat = parts[k]
         for layer, layer_map in zip(reversed(self.layers), reversed(maps), strict=True):
             if isinstance(layer, Split):
                 k -= 1
-                heat = torch.cat([heat, _gaussian_map(zs[k])], dim=1)
+                heat = torch.cat([heat, parts[k]], dim=1)
             elif isinstance(layer, Squeeze):
                 heat = unsqueeze2d(heat) + layer_map  # (B, C, H, W) from (B, 4C, H/2, W/2)
             else:
@@ -340,31 +405,28 @@ class MagicFlow(FamilyModel):
     def sample(
         self, y: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Draw ``x ~ p(x | y)`` (without gradients; call ``eval()`` first).
+        """Draw ``x ~ p(x | y)``: decode ``z = mu_y + T eps`` (without gradients; call ``eval()`` first).
 
         Arguments:
             y: Labels ``(B,)``.
-            temperature: Standard deviation of the latents (1 = the model's distribution).
+            temperature: ``T``, the standard deviation of the latents about their prior means (1 = the
+                model's distribution).
             generator: Optional RNG on the model's device.
 
         Returns:
             ``(B, C, H, W)`` in data space (nominally ``[0, 1]``, not clamped).
         """
-        ref = self.app_mask
-        dtype = next(self.parameters()).dtype
-        zs = [
-            temperature
-            * torch.randn((y.shape[0], *s), generator=generator, device=ref.device, dtype=dtype)
-            for s in self.latent_shapes
-        ]
-        return self.decode(zs, y.to(ref.device))
+        y = y.to(self.app_mask.device)
+        means = self.prior_means(y)
+        noise = [torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype) for m in means]
+        return self.decode([m + temperature * e for m, e in zip(means, noise, strict=True)], y)
 
     @torch.no_grad()
     def initialize(self, x: Tensor, y: Tensor) -> None:
         """Data-dependent ActNorm initialisation: run ``x`` through the flow, setting each ActNorm
         from the statistics of its input (Glow). Call once, before training, on a large batch."""
         self._check(x, y)
-        h = 2 * x - 1
+        h, y = 2 * x - 1, self._coupling_labels(y)
         for layer in self.layers:
             if isinstance(layer, Split):
                 h, _ = layer(h)
@@ -376,11 +438,13 @@ class MagicFlow(FamilyModel):
     def parameter_groups(self) -> dict[str, list[str]]:
         """The parameter groups a DP fine-tune may train alone (``privacy.trainable``), as parameter-name patterns.
 
-        - ``"conditioning"``: the class conditioning of every coupling network: its label embedding (``embed``) and
-          the layers the embedding feeds, FiLM (``film``, ``film1``, ``film2``) and the classification network's
-          fusion MLP (``fuse``). About 8% of the parameters of the scanner recipes' model. Training only the
-          conditioning of a publicly pretrained generator follows DP-LDM (Liu et al., arXiv:2305.15759), which
-          fine-tunes only the conditioning and attention modules under DP-SGD.
+        - ``"conditioning"``: the class conditioning: of every conditional coupling network, its label embedding
+          (``embed``) and the layers the embedding feeds, FiLM (``film``, ``film1``, ``film2``) and the
+          classification network's fusion MLP (``fuse``), about 8% of the parameters of the scanner recipes'
+          model; and the class means of a class-Gaussian prior (``class_means``). Unconditional couplings see one
+          constant label, so their embedding and FiLM layers are not class conditioning and are left out. Training
+          only the conditioning of a publicly pretrained generator follows DP-LDM (Liu et al., arXiv:2305.15759),
+          which fine-tunes only the conditioning and attention modules under DP-SGD.
         - ``"top"``: the coarsest scale, the top of the multiscale hierarchy: every flow step after the last
           squeeze (its channel-wise steps and the checkerboard steps after its split), nearest the final latent
           and first in sampling, which sets the global layout and contrast. These are the widest networks: about
@@ -389,7 +453,10 @@ class MagicFlow(FamilyModel):
         squeezes = [i for i, layer in enumerate(self.layers) if isinstance(layer, Squeeze)]
         start = squeezes[-1] if squeezes else -1  # no squeeze: every step is at the one scale
         top = [f"layers.{i}.*" for i, layer in enumerate(self.layers) if i > start and isinstance(layer, FlowStep)]
-        return {"conditioning": ["*.embed.*", "*.film.*", "*.film1.*", "*.film2.*", "*.fuse.*"], "top": top}
+        couplings = ["*.embed.*", "*.film.*", "*.film1.*", "*.film2.*", "*.fuse.*"]
+        means = ["class_means.*"] if self.config.prior == "class_gaussian" else []
+        conditioning = (couplings if self.config.conditional_couplings else []) + means
+        return {"conditioning": conditioning, "top": top}
 
     @property
     def initialized(self) -> bool:

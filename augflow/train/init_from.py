@@ -3,13 +3,13 @@
 ``train.init_from`` (``--init-from MODEL``) names a run folder or model file; the new run starts from its weights.
 It must be of the recipe's family and architecture, trained on images of the data's shape: every difference is an
 error before the run writes anything. The class set may differ: the state-dict entries whose shape depends on the
-number of classes (:meth:`~augflow.models.ModelFamily.class_entries`; MAGIC-Flow: the first layer of every coupling
-network's label embedding) are re-initialised when the class names differ (named in an :class:`InitWarning` and in
-the ledger), and every other tensor is loaded bit-exactly. Nothing data-dependent overwrites them: ActNorm is not
-initialised again, and the mask buffers (the application mask and the coupling masks built from it) are the
-loaded model's — its weights were fitted to that mask; under DP the declared-public model's mask is public (it came
-from its own public training data, or from the MNI152 template). ``train.app_mask`` together with ``init_from`` is
-therefore refused.
+number of classes (:meth:`~augflow.models.ModelFamily.class_entries`; MAGIC-Flow: the first layer of every
+conditional coupling network's label embedding, and the class means of a class-Gaussian prior) are re-initialised
+when the class names differ (named in an :class:`InitWarning` and in the ledger), and every other tensor is loaded
+bit-exactly. Nothing data-dependent overwrites them: ActNorm is not initialised again, and the mask buffers (the
+application mask and the coupling masks built from it) are the loaded model's — its weights were fitted to that
+mask; under DP the declared-public model's mask is public (it came from its own public training data, or from the
+MNI152 template). ``train.app_mask`` together with ``init_from`` is therefore refused.
 
 Under DP the loaded weights enter the released model outside the accounting, so they must be public, and only the
 user can say so: ``--init-from-public`` (``train.init_from_public = true``) is that declaration, recorded in the

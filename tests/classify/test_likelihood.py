@@ -14,6 +14,7 @@ from augflow.classify.likelihood import class_log_likelihoods, log_prior
 from augflow.classify.metrics import expected_calibration_error, posterior, selective_prediction
 from augflow.cli import cli
 from augflow.data.store import write_dataset
+from augflow.errors import ConfigError
 from augflow.explain import explain_file
 from augflow.flows import MagicFlow, MagicFlowConfig
 from augflow.models import load_model
@@ -21,10 +22,13 @@ from augflow.train.loop import train
 from augflow.train.recipe import load_recipe
 
 
-def test_batched_classes_equal_a_per_class_loop():
+@pytest.mark.parametrize("prior", [{}, {"prior": "class_gaussian"},
+                                   {"prior": "class_gaussian", "conditional_couplings": False}],
+                         ids=["standard", "class-gaussian", "class-gaussian-unconditional"])
+def test_batched_classes_equal_a_per_class_loop(prior):
     torch.manual_seed(0)
     config = MagicFlowConfig(image_shape=(1, 8, 8), num_classes=3, full_res_steps=("application",),
-                             channel_steps=1, checker_steps=(1,), hidden_channels=(4, 4), embed_dim=4)
+                             channel_steps=1, checker_steps=(1,), hidden_channels=(4, 4), embed_dim=4, **prior)
     model = MagicFlow(config).double()
     with torch.no_grad():
         for p in model.parameters():
@@ -42,6 +46,8 @@ def test_batched_classes_equal_a_per_class_loop():
     ce = torch.nn.functional.cross_entropy(loop, y, reduction="none")
     torch.testing.assert_close(hybrid, model.bits_per_dim(x, y) + 0.5 * ce)
     torch.testing.assert_close(model.training_loss(x, y), model.bits_per_dim(x, y))
+    with pytest.raises(ConfigError, match="the model scores 3 classes, but 2 are expected"):
+        class_log_likelihoods(model, x, 2)
 
 
 def test_selective_prediction_on_a_hand_made_example():

@@ -8,6 +8,8 @@ sum to the log-det, gradients reaching every parameter, and state-dict round tri
 References:
     Caldera, Bottacini & Cavinato, "MAGIC-Flow", 2025, arXiv:2510.22070.
     Kingma & Dhariwal, "Glow", 2018, arXiv:1807.03039.
+    Ardizzone et al., "Training Normalizing Flows with the Information Bottleneck for Competitive
+    Generative Classification" (IB-INN), 2020, arXiv:2001.06448 (the class-Gaussian prior).
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ def layer_case(layer: nn.Module, shape: tuple[int, int, int]) -> Case:
     )  # fmt: skip
 
 
-def model_case(coupling: str) -> Case:
+def model_case(coupling: str, **overrides) -> Case:
+    """The whole flow as ``x -> f(x, y) - mu_y``: the latent about its prior mean (the mean is a shift, so the
+    log-det is the flow's, and a class-Gaussian prior's means receive gradients)."""
     config = MagicFlowConfig(
         image_shape=(2, 8, 8),
         num_classes=NUM_CLASSES,
@@ -90,18 +94,21 @@ def model_case(coupling: str) -> Case:
         checker_steps=(1, 1),
         hidden_channels=(8, 8, 8),
         embed_dim=8,
+        **overrides,
     )
     model = perturb(MagicFlow(config).double().eval())
     sizes = [c * h * w for c, h, w in model.latent_shapes]
 
     def forward(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         zs, logdet = model.encode(x, y)
-        return torch.cat([z.flatten(1) for z in zs], dim=1), logdet
+        means = model.prior_means(y)
+        return torch.cat([(z - m).flatten(1) for z, m in zip(zs, means, strict=True)], dim=1), logdet
 
     def inverse(z: Tensor, y: Tensor) -> Tensor:
         parts = z.split(sizes, dim=1)
-        shapes = model.latent_shapes
-        return model.decode([p.reshape(-1, *s) for p, s in zip(parts, shapes, strict=True)], y)
+        means = model.prior_means(y)
+        zs = [p.reshape(m.shape) + m for p, m in zip(parts, means, strict=True)]
+        return model.decode(zs, y)
 
     def logdet_map(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return model.log_prob_map(x, y), model.log_prob(x, y)
@@ -140,6 +147,11 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     ),
     "model-generation": lambda: model_case("generation"),
     "model-classification": lambda: model_case("classification"),
+    # IB-INN / FlowGMM: a learned mean per class, with conditional and with unconditional couplings.
+    "model-class-gaussian": lambda: model_case("classification", prior="class_gaussian"),
+    "model-class-gaussian-unconditional": lambda: model_case(
+        "generation", prior="class_gaussian", conditional_couplings=False
+    ),
 }
 
 

@@ -1,8 +1,12 @@
-"""Tests of the MagicFlow model API: hierarchy, density, sampling, save/load, masks, config errors.
+"""Tests of the MagicFlow model API: hierarchy, density, sampling, save/load, masks, config errors, and the
+class-Gaussian prior with (un)conditional couplings.
 
 References:
     Caldera, Bottacini & Cavinato, "MAGIC-Flow", 2025, arXiv:2510.22070.
     Kingma & Dhariwal, "Glow", 2018, arXiv:1807.03039.
+    Ardizzone et al., "Training Normalizing Flows with the Information Bottleneck for Competitive
+    Generative Classification" (IB-INN), 2020, arXiv:2001.06448.
+    Izmailov et al., "Semi-Supervised Learning with Normalizing Flows" (FlowGMM), 2020, arXiv:1912.13025.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from augflow.flows import (
     load_mask,
 )
 from augflow.models import load_model
+from augflow.train.loop import Objective
+from augflow.train.privacy.gradients import PerSampleGradients
 
 
 def tiny_config(coupling: str = "generation", **overrides) -> MagicFlowConfig:
@@ -56,6 +62,20 @@ def perturbed(model: nn.Module, scale: float = 0.1) -> nn.Module:
 def model(request: pytest.FixtureRequest) -> MagicFlow:
     torch.manual_seed(0)
     return perturbed(MagicFlow(tiny_config(request.param)).double().eval())
+
+
+# The prior options: the paper's standard normal, and a class-Gaussian prior (IB-INN, FlowGMM) with conditional
+# and with unconditional couplings.
+PRIORS = {
+    "standard": {},
+    "class-gaussian": {"prior": "class_gaussian"},
+    "class-gaussian-unconditional": {"prior": "class_gaussian", "conditional_couplings": False},
+}
+
+
+def prior_model(name: str, dtype: torch.dtype = torch.float64) -> MagicFlow:
+    torch.manual_seed(0)
+    return perturbed(MagicFlow(tiny_config(**PRIORS[name])).to(dtype).eval())
 
 
 def test_default_hierarchy_is_the_papers() -> None:
@@ -115,11 +135,12 @@ def test_samples_have_the_right_shape_and_are_reproducible(model: MagicFlow) -> 
     assert torch.equal(first, again)
 
 
-def test_save_load_keeps_outputs_mask_and_init_flag(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prior", ["standard", "class-gaussian-unconditional"])
+def test_save_load_keeps_outputs_mask_and_init_flag(tmp_path: Path, prior: str) -> None:
     torch.manual_seed(0)
     brain = torch.zeros(8, 8)
     brain[2:7, 1:6] = 1
-    flow = MagicFlow(tiny_config(), app_mask=brain)
+    flow = MagicFlow(tiny_config(**PRIORS[prior]), app_mask=brain)
     x = torch.rand(4, 1, 8, 8)
     y = torch.tensor([0, 1, 2, 1])
     flow.initialize(x, y)
@@ -158,11 +179,14 @@ def test_float32_round_trip_at_64px() -> None:
         assert (flow.decode(zs, y) - x).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("coupling", ["generation", "classification"])
-def test_per_sample_gradients_with_torch_func(coupling: str) -> None:
+@pytest.mark.parametrize(
+    ("coupling", "prior"),
+    [("generation", "standard"), ("classification", "standard"), ("generation", "class-gaussian-unconditional")],
+)
+def test_per_sample_gradients_with_torch_func(coupling: str, prior: str) -> None:
     """The DP path: vmap(grad) over functional_call equals one backward per sample."""
     torch.manual_seed(0)
-    flow = perturbed(MagicFlow(tiny_config(coupling)).double().eval())
+    flow = perturbed(MagicFlow(tiny_config(coupling, **PRIORS[prior])).double().eval())
     params = {k: v.detach() for k, v in flow.named_parameters()}
     buffers = dict(flow.named_buffers())
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
@@ -178,6 +202,21 @@ def test_per_sample_gradients_with_torch_func(coupling: str) -> None:
         (-flow.log_prob(x[i : i + 1], y[i : i + 1]).sum()).backward()
         for name, p in flow.named_parameters():
             torch.testing.assert_close(grads[name][i], p.grad, msg=name)
+
+
+def test_per_sample_gradients_of_the_one_pass_hybrid_objective() -> None:
+    """DP-SGD's per-sample gradients of bits/dim + cross-entropy through :meth:`MagicFlow.class_log_probs`."""
+    flow = prior_model("class-gaussian-unconditional")
+    objective = Objective(flow, ce_weight=1.0)
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1])
+    grads, losses = PerSampleGradients(objective)(x, y)
+    torch.testing.assert_close(losses, flow.training_loss(x, y, ce_weight=1.0).float().detach())
+    for i in range(3):
+        flow.zero_grad()
+        flow.training_loss(x[i : i + 1], y[i : i + 1], ce_weight=1.0).sum().backward()
+        for name, p in flow.named_parameters():
+            torch.testing.assert_close(grads[f"model.{name}"][i], p.grad, msg=name)
 
 
 @pytest.mark.parametrize("coupling", ["generation", "classification"])
@@ -226,6 +265,9 @@ def test_brain_mask_from_images_and_files(tmp_path: Path) -> None:
         ({"full_res_steps": ("channel",)}, "C >= 2"),
         ({"full_res_steps": ("stripes",)}, "full_res_steps"),
         ({"dropout": 1.0}, "dropout"),
+        ({"prior": "gmm"}, r"prior must be one of \('standard', 'class_gaussian'\), got 'gmm'"),
+        ({"conditional_couplings": 0}, "conditional_couplings must be true or false, got 0"),
+        ({"conditional_couplings": "false"}, "conditional_couplings must be true or false, got 'false'"),
     ],
 )
 def test_bad_configs_raise_config_error(overrides: dict, message: str) -> None:
@@ -246,3 +288,129 @@ def test_bad_input_shapes_raise(model: MagicFlow) -> None:
         model.log_prob(torch.rand(2, 1, 16, 16, dtype=torch.float64), torch.tensor([0, 1]))
     with pytest.raises(ConfigError, match="y must have shape"):
         model.log_prob(torch.rand(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0]))
+
+
+# ------------------------------------------------------------- class-Gaussian prior (IB-INN, FlowGMM)
+
+
+def test_standard_prior_has_zero_means_and_todays_log_prob() -> None:
+    flow = prior_model("standard")
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1])
+    means = flow.prior_means(y)
+    assert [tuple(m.shape) for m in means] == [(3, *s) for s in flow.latent_shapes]
+    assert all(m.dtype == torch.float64 and not m.any() for m in means)
+    zs, logdet = flow.encode(x, y)
+    by_hand = logdet + sum((-0.5 * (z * z + math.log(2 * math.pi))).sum(dim=(1, 2, 3)) for z in zs)
+    assert torch.equal(flow.log_prob(x, y), by_hand)  # bit for bit: N(0, I) as before the option existed
+
+
+def test_standard_prior_keeps_the_state_dict_keys_and_loads_files_from_before_the_option(tmp_path: Path) -> None:
+    standard, gaussian = prior_model("standard"), prior_model("class-gaussian")
+    added = [k for k in gaussian.state_dict() if k not in standard.state_dict()]
+    assert added == ["class_means.0", "class_means.1", "class_means.2"]
+    assert all(k in gaussian.state_dict() for k in standard.state_dict())
+    # A file written before the prior options existed: its config has neither key.
+    config = {k: v for k, v in standard.config.to_dict().items() if k not in ("prior", "conditional_couplings")}
+    torch.save(
+        {"family": "magic", "config": config, "state_dict": standard.state_dict(), "meta": {}}, tmp_path / "old.pt"
+    )
+    loaded = load_model(tmp_path / "old.pt")
+    assert loaded.config == standard.config and loaded.config.prior == "standard"
+    x, y = torch.rand(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1])
+    assert torch.equal(loaded.log_prob(x, y), standard.log_prob(x, y))
+
+
+def test_class_gaussian_log_prob_difference_is_the_gaussian_formula() -> None:
+    flow = prior_model("class-gaussian-unconditional")
+    torch.manual_seed(1)
+    with torch.no_grad():  # hand-set means: mu_0 = 0, mu_1 = a (and mu_2) random
+        for means in flow.class_means:
+            means.copy_(torch.randn_like(means))
+            means[0] = 0
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    zs, _ = flow.encode(x, torch.zeros(2, dtype=torch.long))  # the same latents for every class
+    a = [means[1] for means in flow.class_means]
+    # log N(z; a, I) - log N(z; 0, I) = a . z - |a|^2 / 2, summed over the latent parts
+    expected = sum((ai * z).sum(dim=(1, 2, 3)) - 0.5 * (ai**2).sum() for ai, z in zip(a, zs, strict=True))
+    difference = flow.log_prob(x, torch.ones(2, dtype=torch.long)) - flow.log_prob(x, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(difference, expected, rtol=1e-10, atol=1e-10)
+    # Unconditional couplings: the label changes only the base, never the latent or the log-det.
+    zs_2, logdet_2 = flow.encode(x, torch.full((2,), 2))
+    assert all(torch.equal(z, z2) for z, z2 in zip(zs, zs_2, strict=True))
+    assert torch.equal(flow.encode(x, torch.zeros(2, dtype=torch.long))[1], logdet_2)
+
+
+@pytest.mark.parametrize("prior", list(PRIORS))
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+def test_attribution_sums_to_log_prob(prior: str, dtype: torch.dtype, tolerance: float) -> None:
+    flow = prior_model(prior, dtype)
+    x = torch.rand(3, 1, 8, 8, dtype=dtype)
+    y = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        heat, log_p = flow.attribution(x, y), flow.log_prob(x, y)
+    assert heat.shape == x.shape
+    torch.testing.assert_close(heat.sum(dim=(1, 2, 3)), log_p, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("prior", list(PRIORS))
+def test_class_log_probs_equal_per_class_log_probs_in_one_pass_when_unconditional(prior: str) -> None:
+    flow = prior_model(prior)
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    batches = []  # batch size of every call of the first flow step
+    flow.layers[0].register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    scores = flow.class_log_probs(x)
+    passes = 1 if PRIORS[prior].get("conditional_couplings") is False else 3
+    assert batches == [passes * 5]
+    per_class = torch.stack([flow.log_prob(x, torch.full((5,), k)) for k in range(3)], dim=1)
+    torch.testing.assert_close(scores, per_class, rtol=0, atol=1e-5)
+    assert scores.std(dim=1).min() > 1e-6  # the class matters, also when only the base sees it
+
+
+@pytest.mark.parametrize("prior", ["class-gaussian", "class-gaussian-unconditional"])
+def test_samples_at_a_tiny_temperature_encode_to_the_class_means(prior: str) -> None:
+    flow = prior_model(prior)
+    y = torch.tensor([0, 1, 2, 2])
+    x = flow.sample(y, temperature=1e-6, generator=torch.Generator().manual_seed(0))
+    zs, _ = flow.encode(x, y)
+    for z, means in zip(zs, flow.prior_means(y), strict=True):
+        torch.testing.assert_close(z, means.detach(), rtol=0, atol=1e-5)
+    first = flow.prior_means(y)[0]
+    assert (first[0] - first[1]).abs().mean() > 0.05  # the classes' means start apart
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_hybrid_training_with_unconditional_couplings_separates_two_toy_classes() -> None:
+    """Two dozen steps of bits/dim + cross-entropy on bright vs dark images: only the class means can tell the
+    classes apart, and they learn to."""
+    torch.manual_seed(0)
+    y = torch.arange(16) % 2
+    x = (0.25 + 0.5 * y[:, None, None, None] + 0.1 * (torch.rand(16, 1, 8, 8) - 0.5)).clamp(0, 1)
+    x = torch.round(x * 255) / 255  # 8-bit data, as training dequantises
+    flow = MagicFlow(tiny_config(num_classes=2, prior="class_gaussian", conditional_couplings=False))
+    flow.initialize(x, y)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(24):
+        loss = flow.training_loss(dequantize(x, generator), y, ce_weight=1.0).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    flow.eval()
+    with torch.no_grad():
+        accuracy = (flow.class_log_probs(x).argmax(1) == y).float().mean()
+    assert accuracy >= 0.9 and losses[-1] < losses[0]
+
+
+def test_class_means_are_class_conditioning_and_class_shaped() -> None:
+    conditional, unconditional = prior_model("class-gaussian"), prior_model("class-gaussian-unconditional")
+    means = ["class_means.0", "class_means.1", "class_means.2"]
+    # --init-from re-initialises class-shaped entries when the class set differs: the means are among them.
+    assert set(means) < set(conditional.class_entries())
+    assert unconditional.class_entries() == means  # unconditional couplings have nothing else class-shaped
+    assert "class_means.*" in conditional.parameter_groups()["conditioning"]
+    assert "*.embed.*" in conditional.parameter_groups()["conditioning"]
+    assert unconditional.parameter_groups()["conditioning"] == ["class_means.*"]
+    assert "class_means.*" not in prior_model("standard").parameter_groups()["conditioning"]

@@ -46,3 +46,18 @@ def test_unknown_keys_list_valid_ones(tmp_path):
         load_recipe(bad)
     with pytest.raises(ConfigError, match=r"model.family must be one of \['magic'"):
         load_recipe(None, ["model.family=gan"])
+
+
+def test_prior_and_conditional_couplings_from_a_recipe_file_and_from_set(tmp_path):
+    path = tmp_path / "ib.toml"
+    path.write_text('[model]\nprior = "class_gaussian"\nconditional_couplings = false\n')
+    for recipe in (load_recipe(path),
+                   load_recipe(None, ['model.prior="class_gaussian"', "model.conditional_couplings=false"]),
+                   load_recipe(None, ["model.prior=class_gaussian", "model.conditional_couplings=false"])):
+        config = recipe.model_config((1, 8, 8), 2)
+        assert config.prior == "class_gaussian" and config.conditional_couplings is False
+    assert load_recipe(None).model_config((1, 8, 8), 2).prior == "standard"
+    with pytest.raises(ConfigError, match=r"prior must be one of \('standard', 'class_gaussian'\), got 'gmm'"):
+        load_recipe(None, ["model.prior=gmm"]).model_config((1, 8, 8), 2)
+    with pytest.raises(ConfigError, match="conditional_couplings must be true or false, got 0"):
+        load_recipe(None, ["model.conditional_couplings=0"]).model_config((1, 8, 8), 2)
