@@ -19,8 +19,10 @@ Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAM
 ``magic`` or ``symm`` and keys ``T`` (sampling temperature), ``select`` (none | posterior | classifier), ``conf``
 (the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``), ``near``
 (``--near train.h5 --strength S``: each image derived from a real training image) and ``w`` (the
-downstream loss weight of each synthetic image, default 1; class weights count it); ``only:`` before a top-up spec
-trains on a balanced synthetic set alone (``--per-class`` = the largest real class).
+downstream loss weight of each synthetic image, default 1; class weights count it). Before a spec, ``only:`` trains
+on a balanced synthetic set alone (``--per-class`` = the largest real class), and ``all:`` adds that same set to the
+real images: every class gets as many synthetic images as every other, so that looking synthetic says nothing
+about the class (a top-up puts synthetic images in the minority classes only).
 
     python benchmarks/usefulness.py --task scanner --size 32 --eval test --seeds 5 --threads 1 \\
         --arms real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0 --out reports/usefulness.md
@@ -76,13 +78,14 @@ def run(command: list[str], log: list[str], cwd: Path) -> None:
 
 
 def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
-    """``only:magic:T=1.0:select=classifier`` -> {"only": True, "family": "magic", "T": "1.0", ...}.
+    """``only:magic:T=1.0:select=classifier`` -> {"mode": "only", "family": "magic", "T": "1.0", ...}.
 
-    The "family" is a model family (trained here when no ``--run`` gives it) or the label of a ``--run``.
+    The mode is "topup", "only" or "all"; the "family" is a model family (trained here when no ``--run`` gives it)
+    or the label of a ``--run``.
     """
     parts = spec.split(":")
-    only = parts[0] == "only"
-    parts = parts[1:] if only else parts
+    mode = parts[0] if parts[0] in ("only", "all") else "topup"
+    parts = parts[1:] if mode != "topup" else parts
     if parts[0] not in FAMILIES and parts[0] not in labels:
         raise SystemExit(f"--arms: unknown generator {parts[0]!r} in {spec!r}; allowed: a family "
                          f"{sorted(FAMILIES)} or a --run label {sorted(labels)}")
@@ -90,19 +93,20 @@ def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
     unknown = set(options) - set(ARM_KEYS)
     if unknown:
         raise SystemExit(f"--arms: unknown keys {sorted(unknown)} in {spec!r}; allowed: {', '.join(ARM_KEYS)}")
-    return {"only": only, "family": parts[0], **options}
+    return {"mode": mode, "family": parts[0], **options}
 
 
 def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log: list[str]) -> Path:
     """The top-up (or the balanced synthetic-only set) of an arm, sampled once."""
     name = "_".join([arm["family"]] + [f"{k}{arm[k]}" for k in SAMPLING_KEYS if k in arm])
-    out = work / "synthetic" / (("only_" if arm["only"] else "topup_") + name + ".h5")
+    per_class = arm["mode"] != "topup"  # "only" and "all" share one balanced synthetic set
+    out = work / "synthetic" / (("only_" if per_class else "topup_") + name + ".h5")
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     command = ["augflow", "synthesize", "--model", str(runs[arm["family"]]), "--out", str(out), "--seed", "0",
                "--real", str(real)]
-    if arm["only"]:
+    if per_class:
         command += ["--per-class", str(int(np.bincount(read_info(real).labels).max()))]
     else:
         command += ["--balance"]
@@ -130,7 +134,7 @@ def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path],
     info, images = read_info(files[arm]), read_images(files[arm])
     if arm.startswith("only:"):
         return images, info.labels, None
-    rows = topup_rows(y, info.labels, len(info.class_names), seed)
+    rows = np.arange(len(images)) if arm.startswith("all:") else topup_rows(y, info.labels, len(info.class_names), seed)
     weights = None if weight == 1 else np.r_[np.ones(len(y)), np.full(len(rows), weight)]
     return np.concatenate([x, images[rows]]), np.concatenate([y, info.labels[rows]]), weights
 
@@ -285,7 +289,9 @@ def downstream_tables(args, results: dict, names: list[str], minority: list[str]
 def label(arm: str) -> str:
     if arm in ("real", "oversampled"):
         return "real" if arm == "real" else "real+oversampled"
-    return arm[5:] + " only" if arm.startswith("only:") else "real+" + arm
+    if arm.startswith("only:"):
+        return arm[5:] + " only"
+    return f"real+{arm[4:]} for every class" if arm.startswith("all:") else "real+" + arm
 
 
 if __name__ == "__main__":
