@@ -2,9 +2,10 @@
 
 Generates the built-in scanner data at 32 px, splits it by subject, trains the ``quick`` recipe for 20 epochs,
 writes a balanced synthetic top-up of the under-represented scanners and audits it (``augflow audit`` with a smaller
-downstream protocol: the steps of 2 epochs per CNN, a 2-epoch domain encoder). About 16 minutes on a slow 2-core
-machine: half the generator's training, half the audit. The audit compares the top-up with oversampling the real
-minority images and prints its verdict in one sentence.
+downstream protocol: the steps of 2 epochs per CNN, a 2-epoch domain encoder). The generator and the audit's CNNs
+run in bf16 where the hardware has it. 7 minutes on 2 cores of a recent Xeon (AMX-BF16), 16 on a slower machine in
+float32. The audit compares the top-up with oversampling the real minority images and prints its verdict in one
+sentence.
 """
 
 from __future__ import annotations

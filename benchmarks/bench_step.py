@@ -1,5 +1,5 @@
-"""One MAGIC-Flow step (scanner recipe, 64 px, batch 32) in float32 and bf16, eager against one variant, in one
-process (the ratios are what compares):
+"""One MAGIC-Flow step (default: scanner recipe, 64 px, batch 32) in float32 and bf16, eager against one variant, in
+one process (the ratios are what compares):
 
 - ``--compare layout``: NCHW against channels-last memory format, for a training step and a density evaluation;
 - ``--compare compile``: eager against ``torch.compile`` of the loss (inductor's CPU code generation with the
@@ -7,6 +7,7 @@ process (the ratios are what compares):
 
     python benchmarks/bench_step.py --compare layout --threads 2
     python benchmarks/bench_step.py --compare compile --threads 1
+    python benchmarks/bench_step.py --compare layout --recipe quick --size 32   # the demo's generator
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ def main() -> None:
     parser.add_argument("--compare", choices=["layout", "compile"], required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--recipe", default="scanner")
+    parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_recipe("scanner").model_config((1, 64, 64), 7)
+    shape = (1, args.size, args.size)
+    config = load_recipe(args.recipe).model_config(shape, 7)
     generator = torch.Generator().manual_seed(0)
-    x, y = torch.rand(32, 1, 64, 64, generator=generator), torch.randint(0, 7, (32,), generator=generator)
+    x, y = torch.rand(32, *shape, generator=generator), torch.randint(0, 7, (32,), generator=generator)
     modes = ("train", "density") if args.compare == "layout" else ("train",)
     names = ("NCHW", "channels-last") if args.compare == "layout" else ("eager", "compiled")
     print("| mode | precision | variant | images/s | warm-up s |\n| --- | --- | --- | --- | --- |")
