@@ -73,7 +73,7 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
     echo(f"[3/{steps}] training MAGIC-Flow with the quick recipe for {train_epochs} epochs"
          + (f" (bf16 mixed precision: {bf16})" if bf16 else ""))
     run = out_dir / "runs" / "quick"
-    recipe = load_recipe("quick", [f"train.epochs={train_epochs}", f"train.amp={str(bool(bf16)).lower()}"])
+    recipe = load_recipe("quick", [f"train.epochs={train_epochs}", f"train.amp={'true' if bf16 else 'false'}"])
     result = train(parts["train"], run, recipe, val=parts["val"], seed=seed, command="augflow demo",
                    progress=progress, overwrite=overwrite)
     echo(f"  {result.steps} steps, best validation {result.best_val_loss:.3f} {result.loss_name} "
