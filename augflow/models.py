@@ -31,9 +31,9 @@ class ModelFamily(Protocol):
         loss_name: What :meth:`training_loss` measures (``"bits/dim"``), for logs.
         has_likelihood: Whether it has an exact ``log_prob(x, y)`` (with ``attribution(x, y)``, its per-pixel
             split, ``class_log_probs(x)``, every class's at once, and the inverse ``encode`` / ``decode`` with the
-            latent prior means ``prior_means(y)``): the likelihood classifier, attribution maps, ``--near`` and
-            exact membership scores need it. A family without one classifies by its own read-out (MedSymmFlow:
-            ``classify(x, passes, generator)``).
+            latent prior ``prior(y)``, its means and log standard deviations): the likelihood classifier,
+            attribution maps, ``--near`` and exact membership scores need it. A family without one classifies by
+            its own read-out (MedSymmFlow: ``classify(x, passes, generator)``).
         default_temperature: Sampling temperature when the model's metadata names none.
         config: Its config dataclass (``image_shape``, ``num_classes``, ``uses_app_mask``, ``to_dict()``).
         dp_blocker: Why DP-SGD training would not be private (e.g. a non-private pretrained part), or None.

@@ -464,12 +464,12 @@ def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float, generat
 
 def _draw(flow: ModelFamily, y: Tensor, temperature: float, generator, start: list[Tensor] | None,
           strength: float) -> Tensor:
-    """Samples of classes ``y``: ordinary ones, or decoded from ``mu_y + sqrt(1 - s^2) (start - mu_y) + s T eps``
-    (the deviation from the class's prior mean is what shrinks, so ``s = 1`` is an ordinary sample)."""
+    """Samples of classes ``y``: ordinary ones, or decoded from ``mu_y + sqrt(1 - s^2) (start - mu_y) + s T sigma_y
+    eps`` (the deviation from the class's prior mean is what shrinks, so ``s = 1`` is an ordinary sample)."""
     if start is None:
         return flow.sample(y, temperature=temperature, generator=generator)
     keep = math.sqrt(1 - strength ** 2)
-    zs = [mu + keep * (z - mu) + strength * temperature * torch.randn(z.shape, generator=generator, device=z.device,
-                                                                      dtype=z.dtype)
-          for z, mu in zip(start, flow.prior_means(y), strict=True)]
+    zs = [mu + keep * (z - mu) + strength * temperature * log_scale.exp() * torch.randn(
+              z.shape, generator=generator, device=z.device, dtype=z.dtype)
+          for z, mu, log_scale in zip(start, *flow.prior(y), strict=True)]
     return flow.decode(zs, y)

@@ -245,26 +245,27 @@ def test_near_moves_from_the_real_images_to_ordinary_samples_with_the_strength(i
     assert (np.abs(read_images(half)[:, None] - small[None]).reshape(8, 4, -1).max(-1).min(1) > 1e-2).all()
 
 
-def test_near_shrinks_the_deviation_from_the_class_mean_of_a_class_gaussian_prior():
+@pytest.mark.parametrize("prior", ["class_gaussian", "class_diagonal"])
+def test_near_shrinks_the_deviation_from_the_class_mean_of_a_class_prior(prior):
     from augflow.flows import MagicFlow, MagicFlowConfig
     from augflow.synthesize import _draw
 
     torch.manual_seed(0)
     config = MagicFlowConfig(image_shape=(1, 8, 8), num_classes=2, full_res_steps=("application",), channel_steps=1,
-                             checker_steps=(1,), hidden_channels=(4, 4), embed_dim=4, prior="class_gaussian")
+                             checker_steps=(1,), hidden_channels=(4, 4), embed_dim=4, prior=prior)
     flow = MagicFlow(config).double().eval()
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.1 * torch.randn_like(p))  # leave the identity initialisation
         y, x = torch.tensor([1, 1, 0]), torch.rand(3, 1, 8, 8, dtype=torch.float64)
-        real, means = flow.encode(x, y)[0], flow.prior_means(y)
+        real, (means, log_scales) = flow.encode(x, y)[0], flow.prior(y)
         strength, temperature = 0.6, 0.8  # sqrt(1 - 0.6^2) = 0.8
         near = flow.encode(_draw(flow, y, temperature, torch.Generator().manual_seed(0), real, strength), y)[0]
         generator = torch.Generator().manual_seed(0)
-        for z_near, z, mu in zip(near, real, means, strict=True):
+        for z_near, z, mu, log_sigma in zip(near, real, means, log_scales, strict=True):
             eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
-            torch.testing.assert_close(z_near, mu + 0.8 * (z - mu) + strength * temperature * eps)
-        # Strength 1 ignores the anchor: an ordinary sample, mu_y + T eps.
+            torch.testing.assert_close(z_near, mu + 0.8 * (z - mu) + strength * temperature * log_sigma.exp() * eps)
+        # Strength 1 ignores the anchor: an ordinary sample, mu_y + T sigma_y eps.
         full = _draw(flow, y, temperature, torch.Generator().manual_seed(1), real, 1.0)
         torch.testing.assert_close(full, flow.sample(y, temperature, torch.Generator().manual_seed(1)))
 

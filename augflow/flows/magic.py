@@ -1,6 +1,6 @@
 """MAGIC-Flow: a class-conditional multiscale normalizing flow for generation and classification.
 
-``log p(x | y) = log N(f(x, y); mu_y, I) + log|det df/dx|`` with ``f`` a stack of flow steps
+``log p(x | y) = log N(f(x, y); mu_y, diag(sigma_y^2)) + log|det df/dx|`` with ``f`` a stack of flow steps
 (ActNorm -> 1x1 conv -> conditional affine coupling), squeezes and splits (Glow's multiscale
 architecture). The same model generates (``sample``) and classifies
 (``argmax_y log p(x|y) + log p(y)``).
@@ -10,8 +10,10 @@ checkerboard; then three levels, each: squeeze, 3 channel-wise steps, split (hal
 out to the latent), checkerboard steps (3, 3, 4). The last latent is ``(8C, H/8, W/8)``.
 
 The prior is factorised (never a dense D x D covariance): the paper's standard normal (``mu_y = 0``,
-``prior = "standard"``), or a learned mean per class and latent part (``prior = "class_gaussian"``, as in
-IB-INN and FlowGMM). With ``conditional_couplings = False`` the coupling networks do not see the label:
+``sigma_y = 1``, ``prior = "standard"``), a learned mean per class and latent element (``prior =
+"class_gaussian"``, as in IB-INN and FlowGMM), or a learned mean and standard deviation per class and latent
+element (``prior = "class_diagonal"``: classes that differ in spread, such as scanners in their noise level, are
+told apart by their variances too). With ``conditional_couplings = False`` the coupling networks do not see the label:
 ``f`` and its log-det are the same for every class and only the base tells classes apart, so
 :meth:`MagicFlow.class_log_probs` scores all K classes from one flow pass, and the hybrid objective's
 cross-entropy costs one pass instead of K.
@@ -47,7 +49,7 @@ from augflow.flows.masks import MASK_KINDS, as_app_mask, ellipse_mask, make_mask
 from augflow.model_base import FamilyModel, ModelConfig, is_int
 
 _LOG_2PI = math.log(2 * math.pi)
-PRIORS = ("standard", "class_gaussian")
+PRIORS = ("standard", "class_gaussian", "class_diagonal")
 
 
 @dataclass
@@ -69,10 +71,12 @@ class MagicFlowConfig(ModelConfig):
         num_blocks: Blocks per generation network.
         dropout: Dropout of the classification network (paper: 0.3).
         log_scale_bound: Coupling log-scale ``s = log_scale_bound * tanh(h)`` (paper: 0.5).
-        prior: Base distribution: ``"standard"`` (``N(0, I)``, the paper's) or ``"class_gaussian"``
-            (``N(mu_y, I)``, a learned mean per class and latent part; IB-INN, FlowGMM).
+        prior: Base distribution: ``"standard"`` (``N(0, I)``, the paper's), ``"class_gaussian"``
+            (``N(mu_y, I)``, a learned mean per class and latent element; IB-INN, FlowGMM) or
+            ``"class_diagonal"`` (``N(mu_y, diag(sigma_y^2))``, a learned mean and log standard deviation per
+            class and latent element).
         conditional_couplings: Whether the coupling networks see the label. ``False``: the flow is the
-            same for every class and only a class-Gaussian prior tells them apart, so the K class scores
+            same for every class and only a class prior tells them apart, so the K class scores
             cost one flow pass.
     """
 
@@ -159,15 +163,16 @@ def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return (x * 255 + noise) / 256
 
 
-def _gaussian_map(z: Tensor, mean: Tensor) -> Tensor:
-    """Per-element log-density of ``N(mean, 1)``."""
-    z = z - mean
-    return -0.5 * (z * z + _LOG_2PI)
+def _gaussian_map(z: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """Per-element log-density of ``N(mean, exp(log_scale)^2)``."""
+    z = (z - mean) * torch.exp(-log_scale)
+    return -0.5 * (z * z + _LOG_2PI) - log_scale
 
 
-def _gaussian_log_prob(zs: list[Tensor], means: list[Tensor]) -> Tensor:
-    """``log N(z; mean, I)`` summed over the last three dims (C, H, W) of each latent part and over the parts."""
-    return sum(_gaussian_map(z, m).sum(dim=(-3, -2, -1)) for z, m in zip(zs, means, strict=True))
+def _gaussian_log_prob(zs: list[Tensor], prior: tuple[list[Tensor], list[Tensor]]) -> Tensor:
+    """``log N(z; mean, diag(scale^2))`` of the ``(means, log_scales)`` of ``prior``, summed over the last three
+    dims (C, H, W) of each latent part and over the parts."""
+    return sum(_gaussian_map(z, m, s).sum(dim=(-3, -2, -1)) for z, m, s in zip(zs, *prior, strict=True))
 
 
 class MagicFlow(FamilyModel):
@@ -219,12 +224,16 @@ class MagicFlow(FamilyModel):
             for _ in range(checker):
                 self._add_step("checkerboard", shape, config.hidden_channels[level])
         self.latent_shapes.append(shape)
-        if config.prior == "class_gaussian":
+        if config.prior != "standard":
             # Created last, so the flow steps draw the same initial weights as under the standard prior. Per
             # element std 0.1: two classes start about 0.01 * D nats apart (41 nats at 64x64), while the offset
             # costs each class only 0.005 nats per element against the N(0, I) the flow is initialised for.
             self.class_means = nn.ParameterList(
                 nn.Parameter(0.1 * torch.randn(config.num_classes, *s)) for s in self.latent_shapes
+            )
+        if config.prior == "class_diagonal":  # starts at sigma_y = 1, the scale the flow is initialised for
+            self.class_log_scales = nn.ParameterList(
+                nn.Parameter(torch.zeros(config.num_classes, *s)) for s in self.latent_shapes
             )
 
     def _add_step(self, kind: str, shape: tuple[int, int, int], hidden: int) -> None:
@@ -321,18 +330,20 @@ class MagicFlow(FamilyModel):
                 h = layer.inverse(h, y)
         return (h + 1) / 2
 
-    def prior_means(self, y: Tensor) -> list[Tensor]:
-        """The prior mean ``mu_y`` of every latent part, ``(B, *latent_shape)`` each: the learned class means
-        of the class-Gaussian prior (IB-INN, arXiv:2001.06448; FlowGMM, arXiv:1912.13025), zeros for the
-        standard one."""
-        if self.config.prior == "standard":
-            return [self.app_mask.new_zeros((*y.shape, *s)) for s in self.latent_shapes]
-        return [means[y] for means in self.class_means]
+    def prior(self, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The prior's ``(means, log_scales)``: ``mu_y`` and ``log sigma_y`` of every latent part, ``(B,
+        *latent_shape)`` each. Learned class means for a class prior (IB-INN, arXiv:2001.06448; FlowGMM,
+        arXiv:1912.13025), else zeros; learned class log standard deviations for ``"class_diagonal"``, else
+        zeros."""
+        zeros = [self.app_mask.new_zeros((*y.shape, *s)) for s in self.latent_shapes]
+        means = zeros if self.config.prior == "standard" else [m[y] for m in self.class_means]
+        log_scales = [s[y] for s in self.class_log_scales] if self.config.prior == "class_diagonal" else zeros
+        return means, log_scales
 
     def log_prob(self, x: Tensor, y: Tensor) -> Tensor:
         """Exact ``log p(x | y)`` in nats ``(B,)`` of continuous ``x`` in ``[0, 1]``."""
         zs, logdet = self.encode(x, y)
-        return logdet + _gaussian_log_prob(zs, self.prior_means(y))
+        return logdet + _gaussian_log_prob(zs, self.prior(y))
 
     forward = log_prob
 
@@ -348,8 +359,8 @@ class MagicFlow(FamilyModel):
         labels = torch.arange(passes, device=x.device).repeat_interleave(b)  # (passes*B,) class-major
         zs, logdet = self.encode(x.repeat(passes, 1, 1, 1), labels)
         zs = [z.reshape(passes, b, *z.shape[1:]) for z in zs]  # (passes, B, C, H, W)
-        means = [m[:, None] for m in self.prior_means(torch.arange(k, device=x.device))]  # (K, 1, C, H, W)
-        return (logdet.reshape(passes, b) + _gaussian_log_prob(zs, means)).T  # (B, K)
+        prior = [[p[:, None] for p in part] for part in self.prior(torch.arange(k, device=x.device))]  # (K, 1, C, H, W)
+        return (logdet.reshape(passes, b) + _gaussian_log_prob(zs, prior)).T  # (B, K)
 
     def training_loss(self, x: Tensor, y: Tensor, ce_weight: float = 0.0) -> Tensor:
         """Per-sample objective ``(B,)``: bits/dim of dequantised ``x``, plus ``ce_weight`` times the
@@ -377,7 +388,7 @@ class MagicFlow(FamilyModel):
         """Exact likelihood-attribution map ``H(x, y)`` (paper section 5).
 
         Walks from the last latent back to the input: per-element Gaussian log-densities of the
-        latents about their prior means ``mu_y`` (concatenated at splits, unsqueezed at squeezes),
+        latents under the class's prior ``N(mu_y, sigma_y^2)`` (concatenated at splits, unsqueezed at squeezes),
         plus each step's per-element log-det map (coupling log-scales; ActNorm and 1x1-conv log-dets
         spread over positions), plus ``log 2`` per element for the ``[0,1] -> [-1,1]`` map.
 
@@ -386,7 +397,7 @@ class MagicFlow(FamilyModel):
         """
         self._check(x, y)
         zs, _, maps = self._flow(2 * x - 1, y, elementwise=True)
-        parts = [_gaussian_map(z, m) for z, m in zip(zs, self.prior_means(y), strict=True)]
+        parts = [_gaussian_map(z, m, s) for z, m, s in zip(zs, *self.prior(y), strict=True)]
         k = len(zs) - 1
         heat = parts[k]
         for layer, layer_map in zip(reversed(self.layers), reversed(maps), strict=True):
@@ -405,21 +416,22 @@ class MagicFlow(FamilyModel):
     def sample(
         self, y: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Draw ``x ~ p(x | y)``: decode ``z = mu_y + T eps`` (without gradients; call ``eval()`` first).
+        """Draw ``x ~ p(x | y)``: decode ``z = mu_y + T sigma_y eps`` (without gradients; call ``eval()`` first).
 
         Arguments:
             y: Labels ``(B,)``.
-            temperature: ``T``, the standard deviation of the latents about their prior means (1 = the
-                model's distribution).
+            temperature: ``T``, the latents' spread about their prior means in units of the prior's standard
+                deviation (1 = the model's distribution).
             generator: Optional RNG on the model's device.
 
         Returns:
             ``(B, C, H, W)`` in data space (nominally ``[0, 1]``, not clamped).
         """
         y = y.to(self.app_mask.device)
-        means = self.prior_means(y)
-        noise = [torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype) for m in means]
-        return self.decode([m + temperature * e for m, e in zip(means, noise, strict=True)], y)
+        means, log_scales = self.prior(y)
+        return self.decode([m + temperature * s.exp() * torch.randn(m.shape, generator=generator, device=m.device,
+                                                                    dtype=m.dtype)
+                            for m, s in zip(means, log_scales, strict=True)], y)
 
     @torch.no_grad()
     def initialize(self, x: Tensor, y: Tensor) -> None:
@@ -441,7 +453,8 @@ class MagicFlow(FamilyModel):
         - ``"conditioning"``: the class conditioning: of every conditional coupling network, its label embedding
           (``embed``) and the layers the embedding feeds, FiLM (``film``, ``film1``, ``film2``) and the
           classification network's fusion MLP (``fuse``), about 8% of the parameters of the scanner recipes'
-          model; and the class means of a class-Gaussian prior (``class_means``). Unconditional couplings see one
+          model; and the class means and log standard deviations of a class prior (``class_means``,
+          ``class_log_scales``). Unconditional couplings see one
           constant label, so their embedding and FiLM layers are not class conditioning and are left out. Training
           only the conditioning of a publicly pretrained generator follows DP-LDM (Liu et al., arXiv:2305.15759),
           which fine-tunes only the conditioning and attention modules under DP-SGD.
@@ -454,7 +467,8 @@ class MagicFlow(FamilyModel):
         start = squeezes[-1] if squeezes else -1  # no squeeze: every step is at the one scale
         top = [f"layers.{i}.*" for i, layer in enumerate(self.layers) if i > start and isinstance(layer, FlowStep)]
         couplings = ["*.embed.*", "*.film.*", "*.film1.*", "*.film2.*", "*.fuse.*"]
-        means = ["class_means.*"] if self.config.prior == "class_gaussian" else []
+        means = {"standard": [], "class_gaussian": ["class_means.*"],
+                 "class_diagonal": ["class_means.*", "class_log_scales.*"]}[self.config.prior]
         conditioning = (couplings if self.config.conditional_couplings else []) + means
         return {"conditioning": conditioning, "top": top}
 

@@ -23,8 +23,10 @@ from augflow.train.recipe import load_recipe
 
 
 @pytest.mark.parametrize("prior", [{}, {"prior": "class_gaussian"},
-                                   {"prior": "class_gaussian", "conditional_couplings": False}],
-                         ids=["standard", "class-gaussian", "class-gaussian-unconditional"])
+                                   {"prior": "class_gaussian", "conditional_couplings": False},
+                                   {"prior": "class_diagonal", "conditional_couplings": False}],
+                         ids=["standard", "class-gaussian", "class-gaussian-unconditional",
+                              "class-diagonal-unconditional"])
 def test_batched_classes_equal_a_per_class_loop(prior):
     torch.manual_seed(0)
     config = MagicFlowConfig(image_shape=(1, 8, 8), num_classes=3, full_res_steps=("application",),

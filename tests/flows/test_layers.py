@@ -99,15 +99,16 @@ def model_case(coupling: str, **overrides) -> Case:
     model = perturb(MagicFlow(config).double().eval())
     sizes = [c * h * w for c, h, w in model.latent_shapes]
 
-    def forward(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:  # x -> the standardised latent (z - mu) / sigma
         zs, logdet = model.encode(x, y)
-        means = model.prior_means(y)
-        return torch.cat([(z - m).flatten(1) for z, m in zip(zs, means, strict=True)], dim=1), logdet
+        means, log_scales = model.prior(y)
+        eps = [((z - m) * torch.exp(-s)).flatten(1) for z, m, s in zip(zs, means, log_scales, strict=True)]
+        return torch.cat(eps, dim=1), logdet - sum(s.flatten(1).sum(1) for s in log_scales)
 
     def inverse(z: Tensor, y: Tensor) -> Tensor:
         parts = z.split(sizes, dim=1)
-        means = model.prior_means(y)
-        zs = [p.reshape(m.shape) + m for p, m in zip(parts, means, strict=True)]
+        means, log_scales = model.prior(y)
+        zs = [p.reshape(m.shape) * torch.exp(s) + m for p, m, s in zip(parts, means, log_scales, strict=True)]
         return model.decode(zs, y)
 
     def logdet_map(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,6 +152,10 @@ BUILDERS: dict[str, Callable[[], Case]] = {
     "model-class-gaussian": lambda: model_case("classification", prior="class_gaussian"),
     "model-class-gaussian-unconditional": lambda: model_case(
         "generation", prior="class_gaussian", conditional_couplings=False
+    ),
+    # ... and a learned scale per class too.
+    "model-class-diagonal-unconditional": lambda: model_case(
+        "generation", prior="class_diagonal", conditional_couplings=False
     ),
 }
 

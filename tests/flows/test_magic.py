@@ -64,12 +64,13 @@ def model(request: pytest.FixtureRequest) -> MagicFlow:
     return perturbed(MagicFlow(tiny_config(request.param)).double().eval())
 
 
-# The prior options: the paper's standard normal, and a class-Gaussian prior (IB-INN, FlowGMM) with conditional
-# and with unconditional couplings.
+# The prior options: the paper's standard normal, a class-Gaussian prior (IB-INN, FlowGMM) with conditional and
+# with unconditional couplings, and class means and scales.
 PRIORS = {
     "standard": {},
     "class-gaussian": {"prior": "class_gaussian"},
     "class-gaussian-unconditional": {"prior": "class_gaussian", "conditional_couplings": False},
+    "class-diagonal-unconditional": {"prior": "class_diagonal", "conditional_couplings": False},
 }
 
 
@@ -265,7 +266,7 @@ def test_brain_mask_from_images_and_files(tmp_path: Path) -> None:
         ({"full_res_steps": ("channel",)}, "C >= 2"),
         ({"full_res_steps": ("stripes",)}, "full_res_steps"),
         ({"dropout": 1.0}, "dropout"),
-        ({"prior": "gmm"}, r"prior must be one of \('standard', 'class_gaussian'\), got 'gmm'"),
+        ({"prior": "gmm"}, r"prior must be one of \('standard', 'class_gaussian', 'class_diagonal'\), got 'gmm'"),
         ({"conditional_couplings": 0}, "conditional_couplings must be true or false, got 0"),
         ({"conditional_couplings": "false"}, "conditional_couplings must be true or false, got 'false'"),
     ],
@@ -297,9 +298,9 @@ def test_standard_prior_has_zero_means_and_todays_log_prob() -> None:
     flow = prior_model("standard")
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 2, 1])
-    means = flow.prior_means(y)
-    assert [tuple(m.shape) for m in means] == [(3, *s) for s in flow.latent_shapes]
-    assert all(m.dtype == torch.float64 and not m.any() for m in means)
+    means, log_scales = flow.prior(y)
+    assert [tuple(m.shape) for m in means + log_scales] == [(3, *s) for s in flow.latent_shapes] * 2
+    assert all(m.dtype == torch.float64 and not m.any() for m in means + log_scales)
     zs, logdet = flow.encode(x, y)
     by_hand = logdet + sum((-0.5 * (z * z + math.log(2 * math.pi))).sum(dim=(1, 2, 3)) for z in zs)
     assert torch.equal(flow.log_prob(x, y), by_hand)  # bit for bit: N(0, I) as before the option existed
@@ -341,6 +342,37 @@ def test_class_gaussian_log_prob_difference_is_the_gaussian_formula() -> None:
     assert torch.equal(flow.encode(x, torch.zeros(2, dtype=torch.long))[1], logdet_2)
 
 
+def test_class_diagonal_log_prob_difference_is_the_gaussian_formula() -> None:
+    flow = prior_model("class-diagonal-unconditional")
+    torch.manual_seed(1)
+    with torch.no_grad():  # hand-set: class 0 N(0, I), class 1 N(a, diag(exp(2 s)))
+        for means, log_scales in zip(flow.class_means, flow.class_log_scales, strict=True):
+            means.copy_(torch.randn_like(means))
+            log_scales.copy_(0.3 * torch.randn_like(log_scales))
+            means[0], log_scales[0] = 0, 0
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    zs, _ = flow.encode(x, torch.zeros(2, dtype=torch.long))
+    a, s = [m[1] for m in flow.class_means], [ls[1] for ls in flow.class_log_scales]
+    # log N(z; a, e^{2s}) - log N(z; 0, 1) = -(z - a)^2 / (2 e^{2s}) - s + z^2 / 2, summed over every element
+    expected = sum((-0.5 * (z - ai) ** 2 * torch.exp(-2 * si) - si + 0.5 * z**2).sum(dim=(1, 2, 3))
+                   for ai, si, z in zip(a, s, zs, strict=True))
+    difference = flow.log_prob(x, torch.ones(2, dtype=torch.long)) - flow.log_prob(x, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(difference, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_class_diagonal_samples_spread_by_the_class_scale() -> None:
+    flow = prior_model("class-diagonal-unconditional")
+    with torch.no_grad():
+        for log_scales in flow.class_log_scales:
+            log_scales.fill_(0.0)
+            log_scales[1] = math.log(3.0)
+    y = torch.tensor([0] * 200 + [1] * 200)
+    zs, _ = flow.encode(flow.sample(y, temperature=0.5, generator=torch.Generator().manual_seed(0)), y)
+    means = flow.prior(y)[0]
+    spread = [torch.cat([(z - m)[y == k].flatten() for z, m in zip(zs, means, strict=True)]).std() for k in (0, 1)]
+    torch.testing.assert_close(torch.stack(spread), torch.tensor([0.5, 1.5], dtype=torch.float64), rtol=0.03, atol=0)
+
+
 @pytest.mark.parametrize("prior", list(PRIORS))
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.float64, 1e-8)])
 def test_attribution_sums_to_log_prob(prior: str, dtype: torch.dtype, tolerance: float) -> None:
@@ -367,15 +399,15 @@ def test_class_log_probs_equal_per_class_log_probs_in_one_pass_when_unconditiona
     assert scores.std(dim=1).min() > 1e-6  # the class matters, also when only the base sees it
 
 
-@pytest.mark.parametrize("prior", ["class-gaussian", "class-gaussian-unconditional"])
+@pytest.mark.parametrize("prior", ["class-gaussian", "class-gaussian-unconditional", "class-diagonal-unconditional"])
 def test_samples_at_a_tiny_temperature_encode_to_the_class_means(prior: str) -> None:
     flow = prior_model(prior)
     y = torch.tensor([0, 1, 2, 2])
     x = flow.sample(y, temperature=1e-6, generator=torch.Generator().manual_seed(0))
     zs, _ = flow.encode(x, y)
-    for z, means in zip(zs, flow.prior_means(y), strict=True):
+    for z, means in zip(zs, flow.prior(y)[0], strict=True):
         torch.testing.assert_close(z, means.detach(), rtol=0, atol=1e-5)
-    first = flow.prior_means(y)[0]
+    first = flow.prior(y)[0][0]
     assert (first[0] - first[1]).abs().mean() > 0.05  # the classes' means start apart
 
 

@@ -57,7 +57,8 @@ def test_prior_and_conditional_couplings_from_a_recipe_file_and_from_set(tmp_pat
         config = recipe.model_config((1, 8, 8), 2)
         assert config.prior == "class_gaussian" and config.conditional_couplings is False
     assert load_recipe(None).model_config((1, 8, 8), 2).prior == "standard"
-    with pytest.raises(ConfigError, match=r"prior must be one of \('standard', 'class_gaussian'\), got 'gmm'"):
+    allowed = r"\('standard', 'class_gaussian', 'class_diagonal'\)"
+    with pytest.raises(ConfigError, match=rf"prior must be one of {allowed}, got 'gmm'"):
         load_recipe(None, ["model.prior=gmm"]).model_config((1, 8, 8), 2)
     with pytest.raises(ConfigError, match="conditional_couplings must be true or false, got 0"):
         load_recipe(None, ["model.conditional_couplings=0"]).model_config((1, 8, 8), 2)
