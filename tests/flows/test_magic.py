@@ -446,3 +446,6 @@ def test_class_means_are_class_conditioning_and_class_shaped() -> None:
     assert "*.embed.*" in conditional.parameter_groups()["conditioning"]
     assert unconditional.parameter_groups()["conditioning"] == ["class_means.*"]
     assert "class_means.*" not in prior_model("standard").parameter_groups()["conditioning"]
+    diagonal = prior_model("class-diagonal-unconditional")
+    assert diagonal.class_entries() == means + ["class_log_scales.0", "class_log_scales.1", "class_log_scales.2"]
+    assert diagonal.parameter_groups()["conditioning"] == ["class_means.*", "class_log_scales.*"]
