@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
 from augflow.atomic import atomic_save
@@ -102,6 +103,7 @@ def train(
             (:class:`~augflow.errors.PrivacyError`), all before the run writes anything.
     """
     out, cfg = Path(out), recipe.train
+    _check_selection(recipe)
     device = resolve_device(device)
     rank, world = _distributed(device)
     rows = TrainingRows.open(data, val, cfg.val_fraction, seed)
@@ -158,6 +160,18 @@ def train(
         dist.barrier()
     return TrainResult(out, run.step, run.best_val, run.last_val, out / MODEL, model.loss_name,
                        session.ledger(model))
+
+
+def _check_selection(recipe: Recipe) -> None:
+    """``train.select_on = "balanced_accuracy"`` needs a likelihood classifier and a model chosen on validation."""
+    if recipe.train.select_on != "balanced_accuracy":
+        return
+    if not family(recipe.family).model.has_likelihood:
+        raise ConfigError(f"train.select_on = 'balanced_accuracy' needs a likelihood classifier (model.family "
+                          f"'magic'), but the family is {recipe.family!r}; use train.select_on = 'loss'")
+    if recipe.privacy.enabled:
+        raise ConfigError("train.select_on = 'balanced_accuracy' cannot apply under --dp: a private run releases its "
+                          "last weights, never a choice made on the validation data; use train.select_on = 'loss'")
 
 
 def open_session(recipe: Recipe, rows: TrainingRows, seed: int, device: torch.device, rank: int = 0,
@@ -239,6 +253,7 @@ class _Run:
         self.seed, self.device = seed, device
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
         self.step, self.best_val, self.last_val = 0, None, None
+        self.best_score = None  # the train.select_on figure of the released model, as a loss (lower is better)
         self.started = time.perf_counter()  # moved back by the elapsed time of a resumed run
 
     @property
@@ -255,19 +270,26 @@ class _Run:
             self.ema.load_state_dict(state["ema"])
         set_rng_states(state["rng"])
         self.step, self.best_val, self.last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
+        self.best_score = state.get("best_score", self.best_val)  # checkpoints from before train.select_on
         self.started -= state.get("elapsed_s", 0.0)  # checkpoints from before elapsed_s restart the clock
 
     def after_step(self, record: dict, end: int, log) -> None:
         """Validate at the end of an epoch, log every ``train.log_every`` steps, checkpoint every
-        ``train.checkpoint_every``; keep the model best by validation loss, or under DP the last one."""
+        ``train.checkpoint_every``; keep the model best by ``train.select_on`` (validation loss or balanced
+        accuracy), or under DP the last one."""
         cfg, step, releases_validation = self.recipe.train, self.step, self.session.releases_validation
         if (step % self.session.steps_per_epoch == 0 or step == end) and len(self.rows.val):
             self.last_val = evaluate_loss(self.eval_model, self.rows.val, cfg.batch_size, self.device, self.seed,
                                           self.session.amp)
+            record["val_loss"] = score = self.last_val
+            if cfg.select_on == "balanced_accuracy":
+                record["val_balanced_accuracy"] = evaluate_balanced_accuracy(
+                    self.eval_model, self.rows.val, self.session.class_counts, cfg.batch_size, self.device,
+                    self.session.amp)
+                score = -record["val_balanced_accuracy"]
             self.model.train()
-            record["val_loss"] = self.last_val
-            if releases_validation and (self.best_val is None or self.last_val < self.best_val):
-                self.best_val = self.last_val
+            if releases_validation and (self.best_score is None or score < self.best_score):
+                self.best_val, self.best_score = self.last_val, score
                 self.save_model()
         if step % cfg.log_every == 0 or "val_loss" in record:
             record["elapsed_s"] = round(time.perf_counter() - self.started, 2)
@@ -298,6 +320,7 @@ class _Run:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng_states(), "step": self.step, "best_val_loss": self.best_val, "last_val_loss": self.last_val,
+            "best_score": self.best_score,
             "elapsed_s": time.perf_counter() - self.started,
             "recipe": self.recipe.to_dict(), "seed": self.seed, "fingerprint": self.rows.fingerprint,
             "privacy": {"ledger": self.session.ledger(self.model).to_dict(), "state": self.session.state()},
@@ -331,6 +354,22 @@ def evaluate_loss(model: ModelFamily, rows: RowReader, batch_size: int, device: 
             total += model.training_loss(dequantize(x, generator=generator), y).float().sum().item()
         count += len(x)
     return total / max(1, count)
+
+
+@torch.no_grad()
+def evaluate_balanced_accuracy(model: ModelFamily, rows: RowReader, class_counts: list[int], batch_size: int,
+                               device: torch.device, amp: bool = False) -> float:
+    """Balanced accuracy (mean recall over the classes present) of the Bayes classifier ``argmax_k log p(x | k) +
+    log p(k)``, ``p(k)`` the training class frequencies, on the (not dequantised) images of ``rows``."""
+    model.eval()
+    log_prior = torch.log(torch.as_tensor(class_counts, dtype=torch.float64).clamp(min=1) / sum(class_counts))
+    predicted = []
+    for start in range(0, len(rows), batch_size):
+        x, _ = rows.batch(np.arange(start, min(start + batch_size, len(rows))))
+        with autocast(device, amp):
+            scores = model.class_log_probs(x.to(device)).double().cpu()
+        predicted.append((scores + log_prior).argmax(1).numpy())
+    return float(balanced_accuracy_score(rows.labels, np.concatenate(predicted)))
 
 
 def dataset_loss(model: ModelFamily, path: str | Path, batch_size: int = 64, device: str = "cpu",

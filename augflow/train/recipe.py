@@ -64,6 +64,9 @@ class TrainConfig:
     app_mask: str = ""  # .npy (H, W) brain mask (public under DP); "" = Otsu on the training mean (DP: on the template)
     amp: bool = False  # bf16 networks where the hardware has bf16 (augflow.precision); else float32 with a warning
     ce_weight: float = 0.0  # MAGIC-Flow hybrid objective: bits/dim + ce_weight * cross-entropy of the Bayes posterior
+    # Which validation figure keeps the released model: "loss" (lowest) or "balanced_accuracy" (highest, of the
+    # likelihood classifier: a classifier is stopped early on what it is for; MAGIC-Flow only)
+    select_on: str = "loss"
     init_from: str = ""  # --init-from: a run folder or model.pt to start from (augflow.train.init_from); "" = fresh
     init_from_public: bool = False  # --init-from-public: the user declares the init_from model trained on public data
 
@@ -153,6 +156,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
 }
 
 
+SELECT_ON = ("loss", "balanced_accuracy")
+
+
 def _describe_range(low: float, high: float, low_in: bool, high_in: bool) -> str:
     if high == math.inf:
         return f"{'>=' if low_in else '>'} {low:g}"
@@ -223,6 +229,9 @@ def recipe_from_dict(data: dict, name: str = "custom", source: str = "recipe") -
     except TypeError as e:
         raise ConfigError(f"{source}: {e}") from None
     check_values("train", train, source)
+    if train.select_on not in SELECT_ON:
+        raise ConfigError(f"{source}: train.select_on must be one of {', '.join(SELECT_ON)}, but is: "
+                          f"{train.select_on!r}")
     check_values("augment", augment, source)
     if not isinstance(privacy.enabled, bool):
         raise ConfigError(f"{source}: privacy.enabled must be true or false, but is: {privacy.enabled!r}")

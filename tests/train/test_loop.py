@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, make_dataset
@@ -152,3 +153,55 @@ def test_balanced_sampling_trains(tmp_path):
     data = make_dataset(tmp_path / "d.h5", n_subjects=12, slices=3, num_classes=3)
     result = train(data, tmp_path / "run", load_recipe(None, [*TINY, "train.balanced_sampling=true"]), progress=False)
     assert result.steps == 8 and result.best_val_loss is not None
+
+
+def test_select_on_balanced_accuracy_releases_the_most_accurate_epoch(tmp_path, monkeypatch):
+    import augflow.train.loop as loop
+
+    accuracies = iter([0.2, 0.9, 0.5, 0.9, 0.1])  # scripted: epoch 2 is best (a later tie does not replace it)
+    monkeypatch.setattr(loop, "evaluate_balanced_accuracy", lambda *args, **kwargs: next(accuracies))
+    data = make_dataset(tmp_path / "d.h5", n_subjects=12, slices=3, num_classes=3)
+    val = make_dataset(tmp_path / "v.h5", n_subjects=9, slices=2, num_classes=3, seed=1)
+    recipe = load_recipe(None, [*TINY, "train.epochs=5", "train.select_on=balanced_accuracy"])
+    result = train(data, tmp_path / "run", recipe, val=val, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if "val_loss" in r]
+    assert [r["val_balanced_accuracy"] for r in validations] == [0.2, 0.9, 0.5, 0.9, 0.1]
+    _, meta = load_model(result.model_path, with_meta=True)
+    assert meta["step"] == validations[1]["step"] == 10 and result.best_val_loss == validations[1]["val_loss"]
+
+
+def test_validation_balanced_accuracy_is_the_likelihood_classifiers(tmp_path):
+    from sklearn.metrics import balanced_accuracy_score
+
+    from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
+    from augflow.data.store import RowReader, read_info
+    from augflow.flows import MagicFlow, MagicFlowConfig
+    from augflow.train.loop import evaluate_balanced_accuracy
+
+    torch.manual_seed(0)
+    flow = MagicFlow(MagicFlowConfig(image_shape=(1, 8, 8), num_classes=3, full_res_steps=("application",),
+                                     channel_steps=1, checker_steps=(1,), hidden_channels=(4, 4), embed_dim=4,
+                                     prior="class_gaussian"))
+    with torch.no_grad():
+        for means in flow.class_means:
+            means.mul_(30)  # classes far apart, so that predictions differ between images
+    val = make_dataset(tmp_path / "v.h5", n_subjects=30, slices=2, num_classes=3, seed=1)
+    info, counts = read_info(val), [5, 20, 10]
+    predicted = (dataset_log_likelihoods(flow, val, device="cpu") + log_prior(counts)).argmax(1)
+    expected = balanced_accuracy_score(info.labels, predicted)
+    assert len(set(predicted.tolist())) > 1
+    rows = RowReader(val, np.arange(len(info)), info.labels)
+    assert evaluate_balanced_accuracy(flow, rows, counts, 7, torch.device("cpu")) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["model.family=symmflow", "train.select_on=balanced_accuracy"], "needs a likelihood classifier"),
+    (["train.select_on=balanced_accuracy", "privacy.enabled=true", "privacy.epsilon=8.0"], "cannot apply under --dp"),
+    (["train.select_on=accuracy"], "train.select_on must be one of loss, balanced_accuracy, but is: 'accuracy'"),
+])
+def test_select_on_refusals_write_nothing(tmp_path, settings, message):
+    data = make_dataset(tmp_path / "d.h5")
+    with pytest.raises(ConfigError, match=message):
+        train(data, tmp_path / "run", load_recipe(None, settings), progress=False)
+    assert not (tmp_path / "run").exists()
