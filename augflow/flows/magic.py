@@ -454,10 +454,10 @@ class MagicFlow(FamilyModel):
           (``embed``) and the layers the embedding feeds, FiLM (``film``, ``film1``, ``film2``) and the
           classification network's fusion MLP (``fuse``), about 8% of the parameters of the scanner recipes'
           model; and the class means and log standard deviations of a class prior (``class_means``,
-          ``class_log_scales``). Unconditional couplings see one
-          constant label, so their embedding and FiLM layers are not class conditioning and are left out. Training
-          only the conditioning of a publicly pretrained generator follows DP-LDM (Liu et al., arXiv:2305.15759),
-          which fine-tunes only the conditioning and attention modules under DP-SGD.
+          ``class_log_scales``). Unconditional couplings see one constant label, so their embedding and FiLM layers
+          are not class conditioning and are left out. Training only the conditioning of a publicly pretrained
+          generator follows DP-LDM (Liu et al., arXiv:2305.15759), which fine-tunes only the conditioning and
+          attention modules under DP-SGD.
         - ``"top"``: the coarsest scale, the top of the multiscale hierarchy: every flow step after the last
           squeeze (its channel-wise steps and the checkerboard steps after its split), nearest the final latent
           and first in sampling, which sets the global layout and contrast. These are the widest networks: about
