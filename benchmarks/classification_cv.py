@@ -4,8 +4,8 @@ The protocol of the MAGIC-Flow paper's Table 3 on augflow's built-in scanner dat
 folds by subject, stratified by scanner (scikit-learn ``StratifiedGroupKFold``). Per fold, the flow
 (``recipes/scanner-classify.toml``: class means and scales, one-pass hybrid objective) trains on the training
 subjects, keeps its best-validation weights and fits its posterior temperature on a subject-wise validation part of
-them; the ResNet-18 (``augflow.audit.baseline``: one channel, from scratch, class-weighted loss) trains on the same training
-subjects (validation part included, it needs no selection) for the same wall-clock time the flow's training
+them; the ResNet-18 (``augflow.audit.baseline``: one channel, from scratch, class-weighted loss) trains on the same
+training subjects (validation part included, it needs no selection) for the same wall-clock time the flow's training
 took, on the same number of threads (measured as this process's CPU time, which other jobs on a shared machine
 do not inflate; with one thread it is the wall-clock time of a dedicated core). Both are scored on the
 held-out fold.
