@@ -41,6 +41,11 @@ def latents(flow, path: str, batch: int = 64) -> tuple[list[np.ndarray], np.ndar
     return [np.concatenate(p) for p in zip(*parts, strict=True)], labels, np.concatenate(scores)
 
 
+def flat(parts: list[np.ndarray]) -> np.ndarray:
+    """The latent parts of each image as one row."""
+    return np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
@@ -55,7 +60,6 @@ def main() -> None:
                          "needs a model trained with model.conditional_couplings = false")
     z_train, y_train, _ = latents(flow, args.train)
     z_test, y_test, scores = latents(flow, args.test)
-    flat = lambda parts: np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)  # noqa: E731
     uniform = np.full(flow.config.num_classes, 1 / flow.config.num_classes)
     print(f"flow's own classifier (uniform prior): {balanced_accuracy_score(y_test, scores.argmax(1)):.3f}")
     for c in (0.01, 0.1, 1.0):

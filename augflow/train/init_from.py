@@ -4,7 +4,7 @@
 It must be of the recipe's family and architecture, trained on images of the data's shape: every difference is an
 error before the run writes anything. The class set may differ: the state-dict entries whose shape depends on the
 number of classes (:meth:`~augflow.models.ModelFamily.class_entries`; MAGIC-Flow: the first layer of every
-conditional coupling network's label embedding, and the class means of a class-Gaussian prior) are re-initialised
+conditional coupling network's label embedding, and the class means and scales of a class prior) are re-initialised
 when the class names differ (named in an :class:`InitWarning` and in the ledger), and every other tensor is loaded
 bit-exactly. Nothing data-dependent overwrites them: ActNorm is not initialised again, and the mask buffers (the
 application mask and the coupling masks built from it) are the loaded model's — its weights were fitted to that

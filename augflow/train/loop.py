@@ -35,6 +35,7 @@ from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
 from augflow.atomic import atomic_save
+from augflow.classify.likelihood import class_log_likelihoods, log_prior
 from augflow.data.store import RowReader, read_info
 from augflow.errors import ConfigError
 from augflow.flows import dequantize, load_mask
@@ -362,13 +363,13 @@ def evaluate_balanced_accuracy(model: ModelFamily, rows: RowReader, class_counts
     """Balanced accuracy (mean recall over the classes present) of the Bayes classifier ``argmax_k log p(x | k) +
     log p(k)``, ``p(k)`` the training class frequencies, on the (not dequantised) images of ``rows``."""
     model.eval()
-    log_prior = torch.log(torch.as_tensor(class_counts, dtype=torch.float64).clamp(min=1) / sum(class_counts))
+    prior = log_prior(class_counts)
     predicted = []
     for start in range(0, len(rows), batch_size):
         x, _ = rows.batch(np.arange(start, min(start + batch_size, len(rows))))
         with autocast(device, amp):
-            scores = model.class_log_probs(x.to(device)).double().cpu()
-        predicted.append((scores + log_prior).argmax(1).numpy())
+            scores = class_log_likelihoods(model, x.to(device), len(class_counts)).double().cpu().numpy()
+        predicted.append((scores + prior).argmax(1))
     return float(balanced_accuracy_score(rows.labels, np.concatenate(predicted)))
 
 
