@@ -22,7 +22,10 @@ Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAM
 downstream loss weight of each synthetic image, default 1; class weights count it). Before a spec, ``only:`` trains
 on a balanced synthetic set alone (``--per-class`` = the largest real class), and ``all:`` adds that same set to the
 real images: every class gets as many synthetic images as every other, so that looking synthetic says nothing
-about the class (a top-up puts synthetic images in the minority classes only).
+about the class (a top-up puts synthetic images in the minority classes only). ``pre:`` pretrains on that balanced
+synthetic set for the fraction ``pre`` (default 0.5) of the arm's steps and fine-tunes on ``real+oversampled`` for the
+rest: the synthetic images teach anatomy and class layout, the real ones the scanners' exact signatures. The key
+``bn=real`` keeps BatchNorm statistics of the real training images only (the test images are real).
 
     python benchmarks/usefulness.py --task scanner --size 32 --eval test --seeds 5 --threads 1 \\
         --arms real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0 --out reports/usefulness.md
@@ -54,6 +57,7 @@ from augflow.audit.downstream import (
 from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
 from augflow.audit.recognition import class_recognition
 from augflow.data.store import read_images, read_info
+from augflow.precision import resolve_amp
 
 FAMILIES = {"magic": "", "symm": "-symmflow"}  # recipe suffix per family
 # Generator budgets in epochs (scanner training split at 32 px: MAGIC-Flow 30 epochs = 1,800 steps of 16 images,
@@ -66,8 +70,9 @@ TRAIN_SETTINGS = {
 
 
 BATCH = 64  # images per downstream CNN step
-ARM_KEYS = ("T", "select", "conf", "ratio", "denoise", "near", "w")
-SAMPLING_KEYS = ARM_KEYS[:-1]  # the keys that change the synthetic file
+SAMPLING_KEYS = ("T", "select", "conf", "ratio", "denoise", "near")  # the keys that change the synthetic file
+ARM_KEYS = (*SAMPLING_KEYS, "w", "bn", "pre")
+MODES = ("only", "all", "pre")  # prefixes of arms that use a balanced synthetic set instead of a top-up
 
 
 def run(command: list[str], log: list[str], cwd: Path) -> None:
@@ -80,11 +85,11 @@ def run(command: list[str], log: list[str], cwd: Path) -> None:
 def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
     """``only:magic:T=1.0:select=classifier`` -> {"mode": "only", "family": "magic", "T": "1.0", ...}.
 
-    The mode is "topup", "only" or "all"; the "family" is a model family (trained here when no ``--run`` gives it)
-    or the label of a ``--run``.
+    The mode is "topup", "only", "all" or "pre"; the "family" is a model family (trained here when no ``--run``
+    gives it) or the label of a ``--run``.
     """
     parts = spec.split(":")
-    mode = parts[0] if parts[0] in ("only", "all") else "topup"
+    mode = parts[0] if parts[0] in MODES else "topup"
     parts = parts[1:] if mode != "topup" else parts
     if parts[0] not in FAMILIES and parts[0] not in labels:
         raise SystemExit(f"--arms: unknown generator {parts[0]!r} in {spec!r}; allowed: a family "
@@ -99,7 +104,7 @@ def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
 def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log: list[str]) -> Path:
     """The top-up (or the balanced synthetic-only set) of an arm, sampled once."""
     name = "_".join([arm["family"]] + [f"{k}{arm[k]}" for k in SAMPLING_KEYS if k in arm])
-    per_class = arm["mode"] != "topup"  # "only" and "all" share one balanced synthetic set
+    per_class = arm["mode"] != "topup"  # "only", "all" and "pre" share one balanced synthetic set
     out = work / "synthetic" / (("only_" if per_class else "topup_") + name + ".h5")
     if out.exists():
         return out
@@ -132,11 +137,29 @@ def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path],
         rows = oversample_rows(y, int(y.max()) + 1, seed)
         return x[rows], y[rows], None
     info, images = read_info(files[arm]), read_images(files[arm])
-    if arm.startswith("only:"):
+    if arm.startswith(("only:", "pre:")):
         return images, info.labels, None
     rows = np.arange(len(images)) if arm.startswith("all:") else topup_rows(y, info.labels, len(info.class_names), seed)
     weights = None if weight == 1 else np.r_[np.ones(len(y)), np.full(len(rows), weight)]
     return np.concatenate([x, images[rows]]), np.concatenate([y, info.labels[rows]]), weights
+
+
+def train_arm(arm: str, spec: dict, x: np.ndarray, y: np.ndarray, files: dict[str, Path], seed: int,
+              epochs: int, steps: int | None, num_classes: int, amp: bool):
+    """The downstream CNN of one arm and seed, and the number of images it trained on."""
+    xa, ya, wa = training_set(arm, x, y, files, seed, float(spec.get("w", 1)))
+    common = {"batch_size": BATCH, "seed": seed, "amp": amp}
+    if spec.get("mode") != "pre":
+        return train_cnn(xa, ya, num_classes, epochs=epochs, steps=steps, sample_weight=wa,
+                         bn_images=x if spec.get("bn") == "real" else None, **common), len(ya)
+    xo, yo, _ = training_set("oversampled", x, y, files, seed)
+    total = steps or epochs * steps_per_epoch(len(yo), BATCH)
+    pre_steps = round(float(spec.get("pre", 0.5)) * total)
+    if not 1 <= pre_steps < total:
+        raise SystemExit(f"--arms: pre={spec.get('pre')} in {arm!r} must leave at least one step for each stage "
+                         f"of {total}; allowed: a fraction in (0, 1)")
+    model = train_cnn(xa, ya, num_classes, steps=pre_steps, **common)
+    return train_cnn(xo, yo, num_classes, steps=total - pre_steps, init=model, **common), len(ya) + len(yo)
 
 
 def main() -> None:
@@ -192,6 +215,7 @@ def main() -> None:
     cache.mkdir(exist_ok=True)
     results: dict[str, list[dict]] = {}
     steps = args.epochs * steps_per_epoch(len(y), BATCH) if args.equal_steps else None
+    amp = resolve_amp(True, torch.device("cpu"))  # bf16 where the CPU runs it natively
     for arm in [] if args.recognition_only else arms:
         results[arm] = []
         for seed in range(args.seeds):
@@ -202,14 +226,12 @@ def main() -> None:
                                                                if source else "")
             path = cache / (hashlib.sha256(tag.encode()).hexdigest()[:20] + ".json")
             if not path.exists():
-                weight = float(specs[arm].get("w", 1)) if arm in specs else 1.0
-                xa, ya, wa = training_set(arm, x, y, files, seed, weight)
                 start = time.process_time()
-                model = train_cnn(xa, ya, len(names), epochs=args.epochs, steps=steps, batch_size=BATCH,
-                                  seed=seed, amp=True, sample_weight=wa)
-                metrics = cnn_metrics(predict_proba(model, x_test, amp=True), test.labels, names)
+                model, n_train = train_arm(arm, specs.get(arm, {}), x, y, files, seed, args.epochs, steps,
+                                           len(names), amp)
+                metrics = cnn_metrics(predict_proba(model, x_test, amp=amp), test.labels, names)
                 record = {"balanced_accuracy": metrics["balanced_accuracy"], "recall": metrics["per_class_recall"],
-                          "n_train": int(len(ya)), "cpu_s": time.process_time() - start}
+                          "n_train": n_train, "cpu_s": time.process_time() - start}
                 path.write_text(json.dumps(record))
                 print(f"{arm} seed {seed}: {record['balanced_accuracy']:.3f} ({record['cpu_s']:.0f} CPU s)",
                       flush=True)
@@ -291,6 +313,8 @@ def label(arm: str) -> str:
         return "real" if arm == "real" else "real+oversampled"
     if arm.startswith("only:"):
         return arm[5:] + " only"
+    if arm.startswith("pre:"):
+        return f"{arm[4:]} pretraining, then real+oversampled"
     return f"real+{arm[4:]} for every class" if arm.startswith("all:") else "real+" + arm
 
 

@@ -110,6 +110,8 @@ def train_cnn(
     weight_decay: float = 0.05,
     amp: bool = False,
     sample_weight: np.ndarray | None = None,
+    init: nn.Module | None = None,
+    bn_images: np.ndarray | None = None,
 ) -> nn.Module:
     """Train the baseline ResNet-18 from scratch for ``epochs`` passes with a cosine learning-rate decay.
 
@@ -130,6 +132,10 @@ def train_cnn(
         amp: bf16 autocast (:mod:`augflow.precision`; the caller checks that the device supports it).
         sample_weight: A loss weight per image (N,), e.g. below 1 for synthetic images; the class weights are
             then computed from the weighted counts. Default: every image 1.
+        init: A trained ResNet-18 of the same shape to start from (fine-tuning, e.g. after pretraining on
+            synthetic images); default: a fresh initialisation.
+        bn_images: The images whose statistics BatchNorm keeps for evaluation (e.g. the real images of a set
+            mixed with synthetic ones: the test images are real); default: the training images.
 
     Returns:
         The model in eval mode.
@@ -150,7 +156,10 @@ def train_cnn(
         torch.manual_seed(seed)
         # channels-last: oneDNN's fast (AMX / AVX-512) convolution kernels work in NHWC; measured 11 vs 15 ms per
         # training image under bf16 on this CPU, and no slower in float32.
-        model = build_resnet18(num_classes, images.shape[-1], images.shape[1]).to(dev, memory_format=CHANNELS_LAST)
+        model = build_resnet18(num_classes, images.shape[-1], images.shape[1])
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    model = model.to(dev, memory_format=CHANNELS_LAST)
     generator = torch.Generator().manual_seed(seed)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
     if sample_weight is not None:
@@ -167,7 +176,11 @@ def train_cnn(
     max_shift = max(1, round(images.shape[-1] / 16))  # 2 px at 32 px
 
     # BatchNorm statistics are recomputed after training on up to _RECALIBRATE images.
-    recalibrate = torch.randperm(len(images), generator=generator)[:_RECALIBRATE]
+    bn_x = x_all if bn_images is None else torch.from_numpy(np.asarray(bn_images, dtype=np.float32))
+    if bn_x.shape[1:] != x_all.shape[1:] or len(bn_x) < 2:
+        raise ConfigError(f"bn_images must be at least 2 images of shape {tuple(x_all.shape[1:])}, but got "
+                          f"{tuple(bn_x.shape)}")
+    recalibrate = bn_x[torch.randperm(len(bn_x), generator=generator)[:_RECALIBRATE]]
     model.train()
     step = 0
     for _ in tqdm(range(epochs), desc="cnn", unit="epoch", disable=not progress, dynamic_ncols=True, leave=False):
@@ -189,7 +202,7 @@ def train_cnn(
             loss.backward()
             optimizer.step()
             step += 1
-    _recalibrate_batchnorm(model, x_all[recalibrate], batch_size, dev)
+    _recalibrate_batchnorm(model, recalibrate, batch_size, dev)
     return model.eval()
 
 

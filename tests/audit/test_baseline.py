@@ -81,6 +81,30 @@ def test_steps_fix_the_number_of_updates_whatever_the_set_size(monkeypatch):
     assert len(updates) == 8  # 4 each: the first set's second pass and the larger set's only pass are cut short
 
 
+def test_init_starts_from_the_given_model():
+    x, y = toy([20, 20, 20])
+    xt, yt = toy([30, 30, 30], seed=1)
+    trained = train_cnn(x, y, 3, epochs=5, batch_size=16)
+    # With a vanishing learning rate fine-tuning changes nothing (BatchNorm is recalibrated on the same batches) ...
+    kept = train_cnn(x, y, 3, steps=2, batch_size=16, lr=1e-12, init=trained)
+    np.testing.assert_allclose(predict_proba(kept, xt), predict_proba(trained, xt), atol=1e-4)
+    # ... and without init the same steps leave an untrained network.
+    fresh = train_cnn(x, y, 3, steps=2, batch_size=16, lr=1e-12)
+    assert (predict_proba(trained, xt).argmax(1) == yt).mean() > 0.9
+    assert (predict_proba(fresh, xt).argmax(1) == yt).mean() < 0.7
+
+
+def test_batchnorm_keeps_the_statistics_of_bn_images():
+    x, y = toy([8, 8])
+    other = toy([8, 8], seed=2, amp=0.9)[0]  # 16 images: one recalibration batch, so its mean is the plain mean
+    model = train_cnn(x, y, 2, steps=1, batch_size=16, bn_images=other)
+    with torch.no_grad():
+        stem = model.conv1(torch.from_numpy(other))
+    np.testing.assert_allclose(model.bn1.running_mean.numpy(), stem.mean((0, 2, 3)).numpy(), atol=1e-5)
+    default = train_cnn(x, y, 2, steps=1, batch_size=16)
+    assert not np.allclose(default.bn1.running_mean.numpy(), model.bn1.running_mean.numpy(), atol=1e-3)
+
+
 def test_learns_a_separable_toy_task():
     x, y = toy([20, 20, 20])
     xt, yt = toy([30, 30, 30], seed=1)
@@ -113,3 +137,5 @@ def test_bad_inputs_are_named():
         train_cnn(x, y, 2, epochs=1, sample_weight=-np.ones(8))
     with pytest.raises(ConfigError, match="steps >= 1"):
         train_cnn(x, y, 2, steps=0)
+    with pytest.raises(ConfigError, match=r"bn_images must be at least 2 images of shape \(1, 16, 16\)"):
+        train_cnn(x, y, 2, steps=1, bn_images=x[:, :, :8])
