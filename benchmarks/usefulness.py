@@ -169,6 +169,9 @@ def main() -> None:
     parser.add_argument("--eval", choices=["val", "test"], default="val")
     parser.add_argument("--arms", default="real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="Train seeds --first-seed .. --first-seed + --seeds - 1 (to share one arm's seeds "
+                             "between processes; each training is cached in --work).")
     parser.add_argument("--epochs", type=int, default=15, help="Epochs per downstream CNN training.")
     parser.add_argument("--equal-steps", action="store_true",
                         help="Train every arm for the optimiser steps of --epochs passes over the real training set "
@@ -218,7 +221,7 @@ def main() -> None:
     amp = resolve_amp(True, torch.device("cpu"))  # bf16 where the CPU runs it natively
     for arm in [] if args.recognition_only else arms:
         results[arm] = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             source = files.get(arm)
             # The real arm's steps are the same under both budgets (and so is its cache entry).
             budget = args.epochs if steps is None or arm == "real" else f"{steps} steps"
