@@ -57,7 +57,7 @@ from augflow.audit.downstream import (
 from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
 from augflow.audit.recognition import class_recognition
 from augflow.data.store import read_images, read_info
-from augflow.precision import resolve_amp
+from augflow.precision import cpu_model, resolve_amp
 
 FAMILIES = {"magic": "", "symm": "-symmflow"}  # recipe suffix per family
 # Generator budgets in epochs (scanner training split at 32 px: MAGIC-Flow 30 epochs = 1,800 steps of 16 images,
@@ -243,7 +243,7 @@ def main() -> None:
     encoder = load_encoder(domain_encoder_path(train_file, EncoderRecipe()))
     recognition = {arm: class_recognition(encoder, read_images(path), read_info(path).labels, x_test, test.labels,
                                           names) for arm, path in files.items()}
-    report = render(args, results, names, minority_classes(y, names), log, files, test, recognition)
+    report = render(args, results, names, minority_classes(y, names), log, files, test, recognition, amp)
     out = args.out or work / f"usefulness-{args.eval}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
@@ -251,10 +251,10 @@ def main() -> None:
 
 
 def render(args, results: dict, names: list[str], minority: list[str], log: list[str], files: dict,
-           test, recognition: dict) -> str:
+           test, recognition: dict, amp: bool) -> str:
     lines = [f"# Usefulness: {args.task} task, {args.size} px, evaluated on the {args.eval} split", ""]
     if results:
-        lines += downstream_tables(args, results, names, minority, test)
+        lines += downstream_tables(args, results, names, minority, test, amp)
     if recognition:
         reference = next(iter(recognition.values()))
         lines += ["", "Class recognition: the fraction of each class's images that a ResNet-18 trained on the real "
@@ -279,12 +279,14 @@ def render(args, results: dict, names: list[str], minority: list[str], log: list
     return "\n".join(lines)
 
 
-def downstream_tables(args, results: dict, names: list[str], minority: list[str], test) -> list[str]:
+def downstream_tables(args, results: dict, names: list[str], minority: list[str], test, amp: bool) -> list[str]:
     """Balanced accuracy per arm with its paired differences, and the per-class recall."""
     bal = {a: [r["balanced_accuracy"] for r in rs] for a, rs in results.items()}
     budget = (f"{args.epochs} epochs of the real training set's steps for every arm" if args.equal_steps else
               f"{args.epochs} epochs")
-    lines = [f"ResNet-18 from scratch, class-weighted loss, {budget}, bf16, seeds 0..{args.seeds - 1}; "
+    precision = "bf16" if amp else "float32"
+    seeds = f"{args.first_seed}..{args.first_seed + args.seeds - 1}"
+    lines = [f"ResNet-18 from scratch, class-weighted loss, {budget}, {precision} on {cpu_model()}, seeds {seeds}; "
              f"{len(test.labels)} {args.eval} images of {len(set(test.subjects))} subjects never seen in training. "
              f"Minority classes (*): {', '.join(minority) or 'none'}.", "",
              "| arm | training images | balanced accuracy | vs real+oversampled | vs real | CPU s / training |",
