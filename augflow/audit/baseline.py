@@ -113,7 +113,7 @@ def train_cnn(
     init: nn.Module | None = None,
     bn_images: np.ndarray | None = None,
 ) -> nn.Module:
-    """Train the baseline ResNet-18 from scratch for ``epochs`` passes with a cosine learning-rate decay.
+    """Train the baseline ResNet-18 (from scratch, or from ``init``) with a cosine learning-rate decay.
 
     Arguments:
         images: float32 (N, C, H, W) in [0, 1].
