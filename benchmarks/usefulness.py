@@ -56,6 +56,7 @@ from augflow.audit.downstream import (
 )
 from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
 from augflow.audit.recognition import class_recognition
+from augflow.data.splits import write_subset
 from augflow.data.store import read_images, read_info
 from augflow.precision import cpu_model, resolve_amp
 
@@ -166,6 +167,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=["scanner", "modality"], default="scanner")
     parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--scale", type=float, default=1.0, help="Multiplier of the built-in data's class counts.")
+    parser.add_argument("--rare", default="",
+                        help="CLASS=SUBJECTS[,...]: keep only that many subjects of a class in the training split "
+                             "(val and test keep theirs), to make a balanced task imbalanced, e.g. "
+                             "--task modality --rare FLAIR=6,tau-PET=6.")
     parser.add_argument("--eval", choices=["val", "test"], default="val")
     parser.add_argument("--arms", default="real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0")
     parser.add_argument("--seeds", type=int, default=5)
@@ -187,16 +193,22 @@ def main() -> None:
                              "screen of generators before their CNN runs.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    work = (args.work or Path(f"work/usefulness-{args.task}-{args.size}")).resolve()
+    rare = {name: int(n) for name, n in (r.split("=", 1) for r in args.rare.split(",") if r)}
+    default_work = f"work/usefulness-{args.task}-{args.size}" + (f"-scale{args.scale:g}" if args.scale != 1 else "") \
+        + "".join(f"-{name}{n}" for name, n in rare.items())
+    work = (args.work or Path(default_work)).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    check_setup(work, {"task": args.task, "size": args.size, "scale": args.scale, "rare": rare})
     log: list[str] = []
 
     data, split = work / "data.h5", work / "split"
     if not (split / "test.h5").exists():
-        run(["augflow", "demo-data", "--task", args.task, "--size", str(args.size), "--seed", "0", "--out",
-             str(data)], log, work)
+        run(["augflow", "demo-data", "--task", args.task, "--size", str(args.size), "--seed", "0", "--scale",
+             f"{args.scale:g}", "--out", str(data)], log, work)
         run(["augflow", "split", str(data), "--out-dir", str(split), "--seed", "0"], log, work)
     train_file, eval_file = split / "train.h5", split / f"{args.eval}.h5"
+    if rare:
+        train_file = make_rare(train_file, rare, split / "train-rare.h5")
     arms = args.arms.split(",")
     runs = dict(r.split("=", 1) for r in args.run)
     runs = {f: Path(d).resolve() for f, d in runs.items()}
@@ -250,9 +262,40 @@ def main() -> None:
     print(report)
 
 
+def check_setup(work: Path, setup: dict) -> None:
+    """Refuse a --work folder made for another task, size, scale or --rare (its generators and caches would not fit)."""
+    path = work / "setup.json"
+    if path.exists() and json.loads(path.read_text()) != setup:
+        raise SystemExit(f"--work {work}: made for {path.read_text()}, not for {json.dumps(setup)}; "
+                         "give another --work")
+    path.write_text(json.dumps(setup))
+
+
+def make_rare(train: Path, rare: dict[str, int], out: Path) -> Path:
+    """A copy of the training split with only ``rare[name]`` subjects of each named class (drawn with seed 0)."""
+    if out.exists():
+        return out
+    info = read_info(train)
+    rng = np.random.default_rng(0)
+    keep = np.ones(len(info), dtype=bool)
+    for name, n in rare.items():
+        if name not in info.class_names:
+            raise SystemExit(f"--rare: unknown class {name!r}; allowed: {', '.join(info.class_names)}")
+        in_class = info.labels == info.class_names.index(name)
+        subjects = np.unique(info.subjects[in_class])
+        if not 1 <= n <= len(subjects):
+            raise SystemExit(f"--rare {name}={n}: allowed 1..{len(subjects)} (its training subjects)")
+        kept = rng.choice(subjects, size=n, replace=False)
+        keep &= ~in_class | np.isin(info.subjects, kept)
+    return write_subset(train, np.flatnonzero(keep), out, {"rare_subjects": rare})
+
+
 def render(args, results: dict, names: list[str], minority: list[str], log: list[str], files: dict,
            test, recognition: dict, amp: bool) -> str:
     lines = [f"# Usefulness: {args.task} task, {args.size} px, evaluated on the {args.eval} split", ""]
+    if args.scale != 1 or args.rare:
+        rare = f"; the training split keeps only {args.rare} subjects (val and test keep theirs)" if args.rare else ""
+        lines += [f"Built-in data at scale {args.scale:g}{rare}.", ""]
     if results:
         lines += downstream_tables(args, results, names, minority, test, amp)
     if recognition:
