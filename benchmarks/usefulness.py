@@ -215,11 +215,13 @@ def main() -> None:
     specs = {a: parse_arm(a, set(runs)) for a in arms if a not in ("real", "oversampled")}
     for family in {s["family"] for s in specs.values()} - set(runs):
         runs[family] = work / "runs" / family
-        if not (runs[family] / "model.pt").exists():
+        # model.pt appears at the first validation, so only the checkpoint tells whether the run finished:
+        # resuming a finished run returns at once, an interrupted one goes on.
+        resume = (runs[family] / "checkpoint.pt").exists()
+        if resume or not (runs[family] / "model.pt").exists():
             run(["augflow", "train", "--data", str(train_file), "--val", str(split / "val.h5"), "--recipe",
                  args.task + FAMILIES[family], "--out", str(runs[family]), "--threads", str(args.threads),
-                 *(["--resume"] if (runs[family] / "checkpoint.pt").exists() else []), *TRAIN_SETTINGS[family]],
-                log, work)
+                 *(["--resume"] if resume else []), *TRAIN_SETTINGS[family]], log, work)
     files = {a: synthetic_file(s, work, runs, train_file, log) for a, s in specs.items()}
 
     info, x = read_info(train_file), read_images(train_file)
