@@ -3,7 +3,9 @@
 The instrument of the usefulness issue. On the built-in data it runs, each stage once (outputs are kept in
 ``--work`` and reused):
 
-1. ``augflow demo-data`` and ``augflow split``: a subject-wise train / val / test split;
+1. ``augflow demo-data`` and ``augflow split``: a subject-wise train / val / test split (``--rare CLASS=SUBJECTS``
+   keeps only that many subjects of a class in the training split: the modality task is balanced, and a top-up
+   has nothing to add until a modality is rare);
 2. ``augflow train``: one generator per family (MAGIC-Flow, MedSymmFlow), or ``--run FAMILY=DIR`` to reuse one;
 3. ``augflow synthesize --balance --real train.h5``: one top-up per arm (temperature, selection, ratio cap), and
    ``--per-class`` for the train-on-synthetic arm;
