@@ -195,7 +195,7 @@ def main() -> None:
                              "screen of generators before their CNN runs.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rare = {name: int(n) for name, n in (r.split("=", 1) for r in args.rare.split(",") if r)}
+    rare = parse_rare(args.rare)
     default_work = f"work/usefulness-{args.task}-{args.size}" + (f"-scale{args.scale:g}" if args.scale != 1 else "") \
         + "".join(f"-{name}{n}" for name, n in rare.items())
     work = (args.work or Path(default_work)).resolve()
@@ -273,6 +273,17 @@ def check_setup(work: Path, setup: dict) -> None:
         raise SystemExit(f"--work {work}: made for {path.read_text()}, not for {json.dumps(setup)}; "
                          "give another --work")
     path.write_text(json.dumps(setup))
+
+
+def parse_rare(spec: str) -> dict[str, int]:
+    """``FLAIR=6,tau-PET=6`` -> {"FLAIR": 6, "tau-PET": 6}."""
+    rare = {}
+    for item in filter(None, spec.split(",")):
+        name, _, n = item.partition("=")
+        if not n.isdigit():
+            raise SystemExit(f"--rare: {item!r} is not CLASS=SUBJECTS; allowed: e.g. FLAIR=6,tau-PET=6")
+        rare[name] = int(n)
+    return rare
 
 
 def make_rare(train: Path, rare: dict[str, int], out: Path) -> Path:
