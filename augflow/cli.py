@@ -373,6 +373,9 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @click.option("--strength", type=float, default=None,
               help="With --near: how far a sample moves from its real image, in (0, 1] (1 = an ordinary sample; "
                    "default 0.3, the best of 0.15 / 0.3 / 0.6 on the built-in data's val split).")
+@click.option("--anchor-classes", type=click.Choice(["same", "other", "all"]), default=None,
+              help="With --near: anchor a class's samples to real images of the same class (default), of every other "
+                   "class (translated: the anatomy of other subjects rendered as this class), or of all classes.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @_overwrite_option
@@ -381,7 +384,7 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @_threads_option
 @_error_boundary
 def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real, per_class, select, min_confidence,
-               temperature, denoise, near, strength, seed, batch_size, overwrite, amp, device):
+               temperature, denoise, near, strength, anchor_classes, seed, batch_size, overwrite, amp, device):
     """Write synthetic images of a trained model to a dataset file.
 
     \b
@@ -403,8 +406,8 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
         raise click.UsageError("--n goes with --class; use --target-count with --balance")
     if (target_count is not None or max_ratio is not None) and not balance:
         raise click.UsageError("--target-count and --max-ratio go with --balance")
-    if strength is not None and near is None:
-        raise click.UsageError("--strength goes with --near FILE")
+    if (strength is not None or anchor_classes is not None) and near is None:
+        raise click.UsageError("--strength and --anchor-classes go with --near FILE")
     source = None
     if class_name is not None:
         if n is None:
@@ -417,7 +420,8 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
     selection = Selection(select, min_confidence, real)
     result = run_synthesis(model, out, counts, temperature=temperature, seed=seed, batch_size=batch_size,
                            device=device, amp=amp, selection=selection, counts_source=source, denoise=denoise,
-                           near=near and Anchors(near, Anchors.strength if strength is None else strength),
+                           near=near and Anchors(near, Anchors.strength if strength is None else strength,
+                                                 anchor_classes or Anchors.classes),
                            overwrite=overwrite)
     made = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
     click.echo(f"wrote {sum(result.counts.values())} synthetic images to {result.out} ({made}); "

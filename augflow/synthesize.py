@@ -18,13 +18,16 @@ density of the noisy images, and its samples carry that noise. ``denoise`` remov
 ``x + sigma^2 * grad_x log p(x | y)`` (Tweedie's formula; TarFlow, Zhai et al. 2024, arXiv 2412.06329), so the
 released images keep the noise of their scanner and not the training augmentation's.
 
-``near`` anchors each sample to a real image of its class (an exactly invertible model only): the real image is
-encoded, its deviation from the prior mean of its class mixed with fresh noise,
-``z = mu_y + sqrt(1 - s^2) (z_real - mu_y) + s T eps`` (``mu_y = 0`` under the standard prior), and decoded. ``s = 0``
-returns the real image (oversampling), ``s = 1`` an ordinary sample; in between, images vary around real ones and keep
-what the model renders of their scanner, as latent-space augmentation does (DeVries & Taylor 2017,
-arXiv 1702.05538, in a learned feature space; here the flow's). Such images are derived from real subjects:
-they are for in-house training, not a privacy-preserving release, and a DP model refuses them.
+``near`` anchors each sample to a real image (an exactly invertible model only): the real image is encoded under
+its own class ``c``, its standardised deviation from that class's prior mixed with fresh noise and decoded under the
+class ``y`` to synthesize, ``z = mu_y + sigma_y (sqrt(1 - s^2) (z_real - mu_c) / sigma_c + s T eps)``. With anchors
+of the same class (``c = y``), ``s = 0`` returns the real image (oversampling), ``s = 1`` an ordinary sample; in
+between, images vary around real ones and keep what the model renders of their scanner, as latent-space augmentation
+does (DeVries & Taylor 2017, arXiv 1702.05538, in a learned feature space; here the flow's). With anchors of the
+other classes, the latent of an image of one scanner is decoded as another: a counterfactual translation of a
+conditional invertible network (Ardizzone et al. 2019, arXiv 1907.02392, style transfer with a cINN), which gives a
+rare class the anatomy of the frequent classes' subjects. Such images are derived from real subjects: they are for
+in-house training, not a privacy-preserving release, and a DP model refuses them.
 """
 
 from __future__ import annotations
@@ -158,7 +161,7 @@ def synthesize(
         counts_source: How ``counts`` were computed (:func:`topup_counts`), recorded in the provenance.
         denoise: Remove the model's training input noise from each sample with one score step (needs an exact
             likelihood and a model trained with ``augment.noise_std > 0``).
-        near: Derive each sample from a real image of its class (:class:`Anchors`; MAGIC-Flow, not under DP).
+        near: Derive each sample from a real image (:class:`Anchors`; MAGIC-Flow, not under DP).
         overwrite: Replace ``out`` if it exists (never the model or ``selection.real``).
 
     Raises:
@@ -211,7 +214,7 @@ def synthesize(
                 # With a selection, draw whole batches: most of a batch may be rejected.
                 b = min(batch_size, n - made) if selector.method == "none" else batch_size
                 with autocast(dev, amp):
-                    start = anchors.latents(flow, k, order, drawn, b, dev) if anchors else None
+                    start = anchors.latents(flow, order, drawn, b, dev) if anchors else None
                     x = _finite_batch(flow, k, b, temperature, generator, dev, start,
                                       near.strength if near else 1.0)
                     images = _denoised(flow, x.images, k, sigma) if sigma else x.images
@@ -346,28 +349,34 @@ class _Selector:
 
 @dataclass(frozen=True)
 class Anchors:
-    """Samples anchored to real images (``synthesize --near FILE --strength S``).
+    """Samples anchored to real images (``synthesize --near FILE --strength S --anchor-classes C``).
 
     Attributes:
-        real: A real file with the model's classes and image shape; each class's images are used in turn, in an
+        real: A real file with the model's classes and image shape; the anchors of a class are used in turn, in an
             order shuffled by the seed, so every real image anchors about as many samples as the others.
-        strength: ``s`` in ``z = mu_y + sqrt(1 - s^2) (z_real - mu_y) + s T eps`` (``mu_y``: the prior mean of the
-            class), in (0, 1]: how far a sample moves from its real image (0 would copy it, 1 ignores it).
+        strength: ``s`` in ``z = mu_y + sigma_y (sqrt(1 - s^2) (z_real - mu_c) / sigma_c + s T eps)``, in (0, 1]:
+            how far a sample moves from its real image (0 would copy it, 1 ignores it).
+        classes: Which real images anchor the samples of class ``y``: ``"same"`` (those of ``y``), ``"other"``
+            (those of every other class: translated to ``y``) or ``"all"``.
     """
 
     real: str | Path
     strength: float = 0.3  # the best of 0.15 / 0.3 / 0.6 on the built-in scanner data's val split
+    classes: str = "same"
 
     def load(self, flow: ModelFamily, meta: dict, model_path: Path, per_class: list[int]) -> _AnchorImages:
-        """Read the real images of the classes to synthesize, after checking the model and the file.
+        """Read the real images that anchor the classes to synthesize, after checking the model and the file.
 
         Raises:
-            ConfigError: For a strength outside (0, 1], a model without an exact inverse, or a DP model.
+            ConfigError: For a strength outside (0, 1], unknown anchor classes, a model without an exact inverse, or
+                a DP model.
             DataError: For a file whose classes or image shape differ from the model's, or a class to synthesize
-                that has no image in the file.
+                that has no image to anchor to.
         """
         if not 0 < self.strength <= 1:
             raise ConfigError(f"--strength must be in (0, 1] (0 would copy the real images), but is: {self.strength}")
+        if self.classes not in ANCHOR_CLASSES:
+            raise ConfigError(f"--anchor-classes must be one of {', '.join(ANCHOR_CLASSES)}, but is: {self.classes!r}")
         if not flow.has_likelihood:
             raise ConfigError(f"--near encodes real images, which needs an invertible model (MAGIC-Flow); "
                               f"{model_path} is a {flow.family!r} model")
@@ -380,36 +389,42 @@ class Anchors:
         if info.image_shape != tuple(flow.config.image_shape):
             raise DataError(f"--near {self.real}: image shape {info.image_shape} differs from the model's "
                             f"{tuple(flow.config.image_shape)}")
-        images = read_images(self.real)
-        by_class = {}
+        images, labels = torch.from_numpy(read_images(self.real)), torch.from_numpy(info.labels.astype(np.int64))
+        rows = {}
         for k, n in enumerate(per_class):
-            rows = np.flatnonzero(info.labels == k)
-            if n and not len(rows):
-                raise DataError(f"--near {self.real}: class {info.class_names[k]!r} has no image to anchor its {n} "
-                                "samples to")
-            by_class[k] = torch.from_numpy(images[rows])
-        return _AnchorImages(by_class)
+            same = labels == k
+            rows[k] = torch.nonzero({"same": same, "other": ~same, "all": torch.ones_like(same)}[self.classes])[:, 0]
+            if n and not len(rows[k]):
+                raise DataError(f"--near {self.real} --anchor-classes {self.classes}: no image to anchor the {n} "
+                                f"samples of class {info.class_names[k]!r} to")
+        return _AnchorImages(images, labels, rows)
 
     def describe(self) -> dict:
         """The anchoring for the provenance."""
         return {"real": Path(self.real).name, "real_sha256": sha256_file(self.real), "strength": self.strength,
-                "derived_from_real_images": True}
+                "anchor_classes": self.classes, "derived_from_real_images": True}
+
+
+ANCHOR_CLASSES = ("same", "other", "all")
 
 
 @dataclass
 class _AnchorImages:
-    by_class: dict[int, torch.Tensor]
+    images: Tensor
+    labels: Tensor
+    rows: dict[int, Tensor]  # the anchor rows of each class to synthesize
 
-    def order(self, k: int, seed: int) -> torch.Tensor:
-        """The anchors of class ``k`` in a seeded random order (cycled)."""
-        return torch.randperm(len(self.by_class[k]), generator=torch.Generator().manual_seed(derive_seed(seed, k)))
+    def order(self, k: int, seed: int) -> Tensor:
+        """The anchor rows of class ``k`` in a seeded random order (cycled)."""
+        rows = self.rows[k]
+        return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(derive_seed(seed, k)))]
 
-    def latents(self, flow: ModelFamily, k: int, order: torch.Tensor, start: int, b: int, device) -> list[Tensor]:
-        """The latents of the next ``b`` anchors of class ``k``."""
+    def latents(self, flow: ModelFamily, order: Tensor, start: int, b: int, device) -> list[Tensor]:
+        """The standardised latents ``(z - mu_c) / sigma_c`` of the next ``b`` anchors, each under its own class."""
         rows = order[torch.arange(start, start + b) % len(order)]
-        x = self.by_class[k][rows].to(device)
-        zs, _ = flow.encode(x, torch.full((b,), k, dtype=torch.long, device=device))
-        return zs
+        x, c = self.images[rows].to(device), self.labels[rows].to(device)
+        zs, _ = flow.encode(x, c)
+        return [(z - mu) * (-log_scale).exp() for z, mu, log_scale in zip(zs, *flow.prior(c), strict=True)]
 
 
 @dataclass
@@ -464,12 +479,12 @@ def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float, generat
 
 def _draw(flow: ModelFamily, y: Tensor, temperature: float, generator, start: list[Tensor] | None,
           strength: float) -> Tensor:
-    """Samples of classes ``y``: ordinary ones, or decoded from ``mu_y + sqrt(1 - s^2) (start - mu_y) + s T sigma_y
-    eps`` (the deviation from the class's prior mean is what shrinks, so ``s = 1`` is an ordinary sample)."""
+    """Samples of classes ``y``: ordinary ones, or decoded from ``mu_y + sigma_y (sqrt(1 - s^2) start + s T eps)``
+    with ``start`` the standardised latents of real images (so ``s = 1`` is an ordinary sample)."""
     if start is None:
         return flow.sample(y, temperature=temperature, generator=generator)
     keep = math.sqrt(1 - strength ** 2)
-    zs = [mu + keep * (z - mu) + strength * temperature * log_scale.exp() * torch.randn(
-              z.shape, generator=generator, device=z.device, dtype=z.dtype)
-          for z, mu, log_scale in zip(start, *flow.prior(y), strict=True)]
+    zs = [mu + log_scale.exp() * (keep * u + strength * temperature * torch.randn(
+              u.shape, generator=generator, device=u.device, dtype=u.dtype))
+          for u, mu, log_scale in zip(start, *flow.prior(y), strict=True)]
     return flow.decode(zs, y)

@@ -20,7 +20,8 @@ minority classes marked, CPU time per training, and every command.
 Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAMILY[:key=value...]`` with FAMILY
 ``magic`` or ``symm`` and keys ``T`` (sampling temperature), ``select`` (none | posterior | classifier), ``conf``
 (the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``), ``near``
-(``--near train.h5 --strength S``: each image derived from a real training image) and ``w`` (the
+(``--near train.h5 --strength S``: each image derived from a real training image), ``from`` (with ``near``: the
+``--anchor-classes`` same | other | all, whose real images anchor a class's samples) and ``w`` (the
 downstream loss weight of each synthetic image, default 1; class weights count it). Before a spec, ``only:`` trains
 on a balanced synthetic set alone (``--per-class`` = the largest real class), and ``all:`` adds that same set to the
 real images: every class gets as many synthetic images as every other, so that looking synthetic says nothing
@@ -73,7 +74,7 @@ TRAIN_SETTINGS = {
 
 
 BATCH = 64  # images per downstream CNN step
-SAMPLING_KEYS = ("T", "select", "conf", "ratio", "denoise", "near")  # the keys that change the synthetic file
+SAMPLING_KEYS = ("T", "select", "conf", "ratio", "denoise", "near", "from")  # the keys that change the synthetic file
 ARM_KEYS = (*SAMPLING_KEYS, "w", "bn", "pre")
 MODES = ("only", "all", "pre")  # prefixes of arms that use a balanced synthetic set instead of a top-up
 
@@ -127,7 +128,7 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
     if arm.get("denoise", "0") == "1":
         command += ["--denoise"]
     if "near" in arm:
-        command += ["--near", str(real), "--strength", arm["near"]]
+        command += ["--near", str(real), "--strength", arm["near"], "--anchor-classes", arm.get("from", "same")]
     run(command, log, work)
     return out
 

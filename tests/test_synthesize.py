@@ -234,7 +234,7 @@ def test_near_moves_from_the_real_images_to_ordinary_samples_with_the_strength(i
     assert (distance.min(1) < 1e-3).all()
     assert np.bincount(distance.argmin(1), minlength=4).tolist() == [2, 2, 2, 2]
     prov = read_info(out).provenance["near"]
-    assert prov == {"real": "d.h5", "real_sha256": sha256_file(data), "strength": 1e-6,
+    assert prov == {"real": "d.h5", "real_sha256": sha256_file(data), "strength": 1e-6, "anchor_classes": "same",
                     "derived_from_real_images": True}
     # Strength 1 ignores the anchor: the same draws as ordinary sampling with that seed.
     full = synthesize(run, tmp_path / "full.h5", {"small": 8}, near=Anchors(data, 1.0), seed=4, progress=False).out
@@ -259,21 +259,66 @@ def test_near_shrinks_the_deviation_from_the_class_mean_of_a_class_prior(prior):
             p.add_(0.1 * torch.randn_like(p))  # leave the identity initialisation
         y, x = torch.tensor([1, 1, 0]), torch.rand(3, 1, 8, 8, dtype=torch.float64)
         real, (means, log_scales) = flow.encode(x, y)[0], flow.prior(y)
+        standardised = [(z - mu) / s.exp() for z, mu, s in zip(real, means, log_scales, strict=True)]
         strength, temperature = 0.6, 0.8  # sqrt(1 - 0.6^2) = 0.8
-        near = flow.encode(_draw(flow, y, temperature, torch.Generator().manual_seed(0), real, strength), y)[0]
+        near = flow.encode(_draw(flow, y, temperature, torch.Generator().manual_seed(0), standardised, strength), y)[0]
         generator = torch.Generator().manual_seed(0)
         for z_near, z, mu, log_sigma in zip(near, real, means, log_scales, strict=True):
             eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
             torch.testing.assert_close(z_near, mu + 0.8 * (z - mu) + strength * temperature * log_sigma.exp() * eps)
         # Strength 1 ignores the anchor: an ordinary sample, mu_y + T sigma_y eps.
-        full = _draw(flow, y, temperature, torch.Generator().manual_seed(1), real, 1.0)
+        full = _draw(flow, y, temperature, torch.Generator().manual_seed(1), standardised, 1.0)
         torch.testing.assert_close(full, flow.sample(y, temperature, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("prior", ["class_gaussian", "class_diagonal"])
+def test_anchors_of_another_class_are_translated_through_the_standardised_latent(prior):
+    from augflow.flows import MagicFlow, MagicFlowConfig
+    from augflow.synthesize import _AnchorImages, _draw
+
+    torch.manual_seed(0)
+    config = MagicFlowConfig(image_shape=(1, 8, 8), num_classes=3, full_res_steps=("application",), channel_steps=1,
+                             checker_steps=(1,), hidden_channels=(4, 4), embed_dim=4, prior=prior)
+    flow = MagicFlow(config).double().eval()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x, c = torch.rand(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 0, 2])
+        anchors = _AnchorImages(x, c, {1: torch.tensor([0, 1, 2, 3])})
+        order = torch.tensor([3, 0, 1, 2])
+        u = anchors.latents(flow, order, 1, 2, "cpu")  # the 2nd and 3rd anchors of the order: rows 0 and 1
+        # Encoded under their own classes (0 and 2) and standardised by those classes' priors ...
+        z_own, (mu_own, s_own) = flow.encode(x[[0, 1]], c[[0, 1]])[0], flow.prior(c[[0, 1]])
+        for u_part, z, mu, s in zip(u, z_own, mu_own, s_own, strict=True):
+            torch.testing.assert_close(u_part, (z - mu) / s.exp())
+        # ... and decoded as class 1: its prior mean and scale around the anchor's standardised deviation.
+        y = torch.tensor([1, 1])
+        translated = flow.encode(_draw(flow, y, 0.8, torch.Generator().manual_seed(0), u, 1e-9), y)[0]
+        for z, u_part, mu, s in zip(translated, u, *flow.prior(y), strict=True):
+            torch.testing.assert_close(z, mu + s.exp() * u_part)
+
+
+def test_anchor_classes_choose_the_rows_that_anchor_each_class(imbalanced):
+    from augflow.models import load_model
+    from augflow.runs import model_file
+    from augflow.synthesize import Anchors
+
+    data, run = imbalanced
+    labels = read_info(data).labels
+    flow, meta = load_model(model_file(run), with_meta=True)
+    for classes, expected in [("same", labels == 2), ("other", labels != 2), ("all", labels >= 0)]:
+        rows = Anchors(data, 0.3, classes).load(flow, meta, model_file(run), [0, 0, 5]).rows[2]
+        assert sorted(rows.tolist()) == np.flatnonzero(expected).tolist()
+    with pytest.raises(ConfigError, match="--anchor-classes must be one of same, other, all"):
+        Anchors(data, 0.3, "neighbours").load(flow, meta, model_file(run), [0, 0, 5])
 
 
 @pytest.mark.parametrize("args, message", [
     (["--near", "{data}", "--strength", "0"], "--strength must be in (0, 1]"),
     (["--near", "{data}", "--strength", "1.5"], "--strength must be in (0, 1]"),
-    (["--strength", "0.3"], "--strength goes with --near FILE"),
+    (["--strength", "0.3"], "--strength and --anchor-classes go with --near FILE"),
+    (["--anchor-classes", "other"], "--strength and --anchor-classes go with --near FILE"),
+    (["--near", "{data}", "--anchor-classes", "neighbours"], "'neighbours' is not one of 'same', 'other', 'all'"),
     (["--near", "{other}"], "--near"),
 ])
 def test_bad_near_options_are_named_and_write_nothing(imbalanced, tmp_path, args, message):
