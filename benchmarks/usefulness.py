@@ -21,8 +21,10 @@ Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAM
 ``magic`` or ``symm`` and keys ``T`` (sampling temperature), ``select`` (none | posterior | classifier), ``conf``
 (the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``), ``near``
 (``--near train.h5 --strength S``: each image derived from a real training image), ``from`` (with ``near``: the
-``--anchor-classes`` same | other | all, whose real images anchor a class's samples) and ``w`` (the
-downstream loss weight of each synthetic image, default 1; class weights count it). Before a spec, ``only:`` trains
+``--anchor-classes`` same | other | all, whose real images anchor a class's samples), ``w`` (the
+downstream loss weight of each synthetic image, default 1; class weights count it) and ``soft`` (soft labels: the
+target of each synthetic image mixes its intended class with weight ``1 - soft`` and the posterior of the audit's
+domain encoder, a ResNet-18 trained on the real training images, with weight ``soft``). Before a spec, ``only:`` trains
 on a balanced synthetic set alone (``--per-class`` = the largest real class), and ``all:`` adds that same set to the
 real images: every class gets as many synthetic images as every other, so that looking synthetic says nothing
 about the class (a top-up puts synthetic images in the minority classes only). ``pre:`` pretrains on that balanced
@@ -75,7 +77,7 @@ TRAIN_SETTINGS = {
 
 BATCH = 64  # images per downstream CNN step
 SAMPLING_KEYS = ("T", "select", "conf", "ratio", "denoise", "near", "from")  # the keys that change the synthetic file
-ARM_KEYS = (*SAMPLING_KEYS, "w", "bn", "pre")
+ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre")
 MODES = ("only", "all", "pre")  # prefixes of arms that use a balanced synthetic set instead of a top-up
 
 
@@ -148,13 +150,24 @@ def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path],
     return np.concatenate([x, images[rows]]), np.concatenate([y, info.labels[rows]]), weights
 
 
+def soft_targets(teacher, labels: np.ndarray, images: np.ndarray, n_real: int, num_classes: int,
+                 share: float) -> np.ndarray:
+    """Targets of an arm with soft labels: one-hot for the real images; for the synthetic ones (after row
+    ``n_real``) ``(1 - share)`` one-hot of the intended class + ``share`` x the posterior of a classifier trained on
+    the real images (soft labels make low-fidelity samples useful, arXiv 2305.12954)."""
+    targets = np.eye(num_classes, dtype=np.float32)[labels]
+    targets[n_real:] = (1 - share) * targets[n_real:] + share * predict_proba(teacher, images[n_real:])
+    return targets
+
+
 def train_arm(arm: str, spec: dict, x: np.ndarray, y: np.ndarray, files: dict[str, Path], seed: int,
-              epochs: int, steps: int | None, num_classes: int, amp: bool):
+              epochs: int, steps: int | None, num_classes: int, amp: bool, teacher=None):
     """The downstream CNN of one arm and seed, and the number of images it trained on."""
     xa, ya, wa = training_set(arm, x, y, files, seed, float(spec.get("w", 1)))
     common = {"batch_size": BATCH, "seed": seed, "amp": amp}
     if spec.get("mode") != "pre":
-        return train_cnn(xa, ya, num_classes, epochs=epochs, steps=steps, sample_weight=wa,
+        soft = None if "soft" not in spec else soft_targets(teacher, ya, xa, len(y), num_classes, float(spec["soft"]))
+        return train_cnn(xa, ya, num_classes, epochs=epochs, steps=steps, sample_weight=wa, soft_targets=soft,
                          bn_images=x if spec.get("bn") == "real" else None, **common), len(ya)
     xo, yo, _ = training_set("oversampled", x, y, files, seed)
     total = steps or epochs * steps_per_epoch(len(yo), BATCH)
@@ -236,6 +249,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     steps = args.epochs * steps_per_epoch(len(y), BATCH) if args.equal_steps else None
     amp = resolve_amp(True, torch.device("cpu"))  # bf16 where the CPU runs it natively
+    # The audit's domain encoder (a ResNet-18 trained on train.h5, cached): recognition, and the teacher of soft labels.
+    encoder = load_encoder(domain_encoder_path(train_file, EncoderRecipe()))
     for arm in [] if args.recognition_only else arms:
         results[arm] = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -248,7 +263,7 @@ def main() -> None:
             if not path.exists():
                 start = time.process_time()
                 model, n_train = train_arm(arm, specs.get(arm, {}), x, y, files, seed, args.epochs, steps,
-                                           len(names), amp)
+                                           len(names), amp, encoder)
                 metrics = cnn_metrics(predict_proba(model, x_test, amp=amp), test.labels, names)
                 record = {"balanced_accuracy": metrics["balanced_accuracy"], "recall": metrics["per_class_recall"],
                           "n_train": n_train, "cpu_s": time.process_time() - start}
@@ -256,8 +271,7 @@ def main() -> None:
                 print(f"{arm} seed {seed}: {record['balanced_accuracy']:.3f} ({record['cpu_s']:.0f} CPU s)",
                       flush=True)
             results[arm].append(json.loads(path.read_text()))
-    # Class recognition of every synthetic file by the audit's domain encoder (trained on train.h5, cached).
-    encoder = load_encoder(domain_encoder_path(train_file, EncoderRecipe()))
+    # Class recognition of every synthetic file.
     recognition = {arm: class_recognition(encoder, read_images(path), read_info(path).labels, x_test, test.labels,
                                           names) for arm, path in files.items()}
     report = render(args, results, names, minority_classes(y, names), log, files, test, recognition, amp)

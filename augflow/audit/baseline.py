@@ -112,6 +112,7 @@ def train_cnn(
     sample_weight: np.ndarray | None = None,
     init: nn.Module | None = None,
     bn_images: np.ndarray | None = None,
+    soft_targets: np.ndarray | None = None,
 ) -> nn.Module:
     """Train the baseline ResNet-18 (from scratch, or from ``init``) with a cosine learning-rate decay.
 
@@ -136,6 +137,8 @@ def train_cnn(
             synthetic images); default: a fresh initialisation.
         bn_images: The images whose statistics BatchNorm keeps for evaluation (e.g. the real images of a set
             mixed with synthetic ones: the test images are real); default: the training images.
+        soft_targets: A target distribution per image (N, K), e.g. a real-trained classifier's posterior for
+            synthetic images (soft labels); the class weights still follow ``labels``. Default: one-hot ``labels``.
 
     Returns:
         The model in eval mode.
@@ -167,8 +170,15 @@ def train_cnn(
         if sample_weight.shape != labels.shape or not (sample_weight >= 0).all() or sample_weight.sum() <= 0:
             raise ConfigError(f"sample_weight must be {labels.shape[0]} non-negative numbers, not all 0, but has "
                               f"shape {sample_weight.shape} and minimum {sample_weight.min(initial=0):g}")
+    if soft_targets is not None:
+        soft_targets = torch.as_tensor(np.asarray(soft_targets, dtype=np.float32))
+        if soft_targets.shape != (len(labels), num_classes) or not torch.allclose(soft_targets.sum(1), torch.ones(1)) \
+                or (soft_targets < 0).any():
+            raise ConfigError(f"soft_targets must be {len(labels)} probability rows over {num_classes} classes, but "
+                              f"has shape {tuple(soft_targets.shape)}")
     weight = class_weights(labels, num_classes, sample_weight).to(dev) if weighted else None
-    per_image = None if sample_weight is None else torch.from_numpy(sample_weight).float()
+    plain = sample_weight is None and soft_targets is None
+    per_image = torch.ones(len(labels)) if sample_weight is None else torch.from_numpy(sample_weight).float()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     n_batches = steps_per_epoch(len(images), batch_size)
     total_steps = epochs * n_batches if steps is None else steps
@@ -192,12 +202,13 @@ def train_cnn(
             x = _shift(x_all[rows], max_shift, generator).to(dev, memory_format=CHANNELS_LAST)
             with autocast(dev, amp):
                 logits = model(x)
-            if per_image is None:
-                loss = F.cross_entropy(logits.float(), y_all[rows].to(dev), weight=weight)
+            y = y_all[rows].to(dev)
+            if plain:
+                loss = F.cross_entropy(logits.float(), y, weight=weight)
             else:  # the weighted mean F.cross_entropy takes, with each image's own weight on top of its class's
-                y = y_all[rows].to(dev)
+                target = y if soft_targets is None else soft_targets[rows].to(dev)
                 w = per_image[rows].to(dev) * (weight[y] if weight is not None else 1)
-                loss = (w * F.cross_entropy(logits.float(), y, reduction="none")).sum() / w.sum().clamp_min(1e-12)
+                loss = (w * F.cross_entropy(logits.float(), target, reduction="none")).sum() / w.sum().clamp_min(1e-12)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -62,6 +62,24 @@ def test_a_zero_sample_weight_ignores_an_image_and_ones_change_nothing():
                                atol=1e-4)
 
 
+def test_soft_targets_teach_their_distribution_and_one_hot_ones_change_nothing():
+    x, y = toy([20, 20, 20])
+    xt, yt = toy([30, 30, 30], seed=1)
+    # Each image twice: once under a wrong hard label, once with a soft target on its true class; soft targets that
+    # put their mass on the true class win over the wrong labels, one-hot targets of the wrong labels do not.
+    images, labels = np.concatenate([x, x]), np.concatenate([(y + 1) % 3, (y + 1) % 3])
+    true = np.eye(3)[np.concatenate([y, y])]
+
+    def accuracy(targets):
+        model = train_cnn(images, labels, 3, epochs=5, batch_size=16, soft_targets=targets)
+        return (predict_proba(model, xt).argmax(1) == yt).mean()
+
+    assert accuracy(0.85 * true + 0.05) > 0.9 and accuracy(np.eye(3)[labels]) < 0.2
+    one_hot = train_cnn(x, y, 3, epochs=2, batch_size=8, soft_targets=np.eye(3)[y])
+    np.testing.assert_allclose(predict_proba(one_hot, x), predict_proba(train_cnn(x, y, 3, epochs=2, batch_size=8), x),
+                               atol=1e-4)
+
+
 def test_same_seed_same_model_other_seed_other_model():
     x, y = toy([8, 8, 8])
     runs = [predict_proba(train_cnn(x, y, 3, epochs=2, batch_size=8, seed=s), x) for s in (0, 0, 1)]
@@ -135,6 +153,8 @@ def test_bad_inputs_are_named():
         train_cnn(x[:, 0], y, 2, epochs=1)
     with pytest.raises(ConfigError, match="sample_weight must be 8 non-negative numbers"):
         train_cnn(x, y, 2, epochs=1, sample_weight=-np.ones(8))
+    with pytest.raises(ConfigError, match="soft_targets must be 8 probability rows over 2 classes"):
+        train_cnn(x, y, 2, epochs=1, soft_targets=np.ones((8, 2)))
     with pytest.raises(ConfigError, match="steps >= 1"):
         train_cnn(x, y, 2, steps=0)
     with pytest.raises(ConfigError, match=r"bn_images must be at least 2 images of shape \(1, 16, 16\)"):
