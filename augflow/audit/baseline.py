@@ -174,8 +174,8 @@ def train_cnn(
         soft_targets = torch.as_tensor(np.asarray(soft_targets, dtype=np.float32))
         if soft_targets.shape != (len(labels), num_classes) or not torch.allclose(soft_targets.sum(1), torch.ones(1)) \
                 or (soft_targets < 0).any():
-            raise ConfigError(f"soft_targets must be {len(labels)} probability rows over {num_classes} classes, but "
-                              f"has shape {tuple(soft_targets.shape)}")
+            raise ConfigError(f"soft_targets must be {len(labels)} probability rows over {num_classes} classes "
+                              f"(non-negative, each summing to 1), but has shape {tuple(soft_targets.shape)}")
     weight = class_weights(labels, num_classes, sample_weight).to(dev) if weighted else None
     plain = sample_weight is None and soft_targets is None
     per_image = torch.ones(len(labels)) if sample_weight is None else torch.from_numpy(sample_weight).float()
