@@ -65,8 +65,8 @@ def test_a_zero_sample_weight_ignores_an_image_and_ones_change_nothing():
 def test_soft_targets_teach_their_distribution_and_one_hot_ones_change_nothing():
     x, y = toy([20, 20, 20])
     xt, yt = toy([30, 30, 30], seed=1)
-    # Each image twice: once under a wrong hard label, once with a soft target on its true class; soft targets that
-    # put their mass on the true class win over the wrong labels, one-hot targets of the wrong labels do not.
+    # Every label is wrong; soft targets that put their mass on the true class still teach it, one-hot targets of
+    # the wrong labels teach the wrong class.
     images, labels = np.concatenate([x, x]), np.concatenate([(y + 1) % 3, (y + 1) % 3])
     true = np.eye(3)[np.concatenate([y, y])]
 
