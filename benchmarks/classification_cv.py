@@ -10,10 +10,16 @@ took, on the same number of threads (measured as this process's CPU time, which 
 do not inflate; with one thread it is the wall-clock time of a dedicated core). Both are scored on the
 held-out fold.
 
+MedSymmFlow's mask read-out (``recipes/scanner-symmflow.toml``; Caetano et al. 2025, arXiv:2507.19098) joins the same
+folds with ``--family symmflow`` after the flow's run: it trains on the same training subjects for as many epochs as
+fit in the flow's CPU time (one timed epoch first, as for the CNN), fits per-class offsets and a temperature on the
+same validation part, and writes ``WORK/fold-K/symmflow.json``; the report adds its row.
+
 Run the folds (two processes at once on a 2-core machine), then the report:
 
     python benchmarks/classification_cv.py run --work /tmp/cv --size 32 --epochs 10 --folds 0,2,4 --threads 1
     python benchmarks/classification_cv.py run --work /tmp/cv --size 32 --epochs 10 --folds 1,3 --threads 1
+    python benchmarks/classification_cv.py run --work /tmp/cv --size 32 --folds 0,2,4 --threads 1 --family symmflow
     python benchmarks/classification_cv.py report --work /tmp/cv
 
 ``run`` writes ``WORK/fold-K/result.json`` (metrics) and ``predictions.npz``; ``report`` writes
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +42,7 @@ from augflow.audit.baseline import predict_proba, train_cnn
 from augflow.classify.calibration import fit_calibration
 from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
 from augflow.classify.metrics import (
+    Calibration,
     Predictions,
     classification_metrics,
     entropy,
@@ -42,6 +50,7 @@ from augflow.classify.metrics import (
     posterior,
     predict,
 )
+from augflow.classify.readout import ReadoutScorer
 from augflow.data.phantom import generate_demo_data
 from augflow.data.splits import subject_kfold, subject_split, write_subset
 from augflow.data.store import read_images, read_info
@@ -131,6 +140,48 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
           f"cnn bacc {cnn_metrics['balanced_accuracy']:.3f} ({cnn_seconds:.0f} s)", flush=True)
 
 
+def run_symmflow_fold(work: Path, fold: int, seed: int, command: str, overrides: list[str] = (),
+                      passes: int = 1) -> None:
+    """MedSymmFlow's read-out on a fold the flow has run: the flow's CPU time, offsets fitted on its validation part."""
+    fold_dir = work / f"fold-{fold}"
+    flow_result = fold_dir / "result.json"
+    if not flow_result.exists():
+        raise SystemExit(f"{flow_result} is missing: run the flow's folds first (MedSymmFlow gets the flow's CPU time)")
+    flow_seconds = json.loads(flow_result.read_text())["flow_train_seconds"]
+    paths = {part: fold_dir / f"{part}.h5" for part in ("train", "val", "test")}
+    budget_file = fold_dir / "symmflow-budget.json"  # written before training, so that a resumed run keeps it
+    if not budget_file.exists():
+        started = time.process_time()
+        timing = fold_dir / "symmflow-epoch"
+        train(paths["train"], timing, load_recipe("scanner-symmflow", ["train.epochs=1", *overrides]),
+              val=paths["val"], seed=seed, progress=False, overwrite=True)
+        epoch_seconds = time.process_time() - started
+        shutil.rmtree(timing)
+        budget_file.write_text(json.dumps({"epochs": max(1, round(flow_seconds / epoch_seconds)),
+                                           "epoch_seconds": epoch_seconds}))
+    epochs = json.loads(budget_file.read_text())["epochs"]
+
+    run_dir = fold_dir / "symmflow"
+    started = time.process_time()
+    result = train(paths["train"], run_dir, load_recipe("scanner-symmflow", [f"train.epochs={epochs}", *overrides]),
+                   val=paths["val"], seed=seed, progress=False, resume=(run_dir / "checkpoint.pt").exists())
+    seconds = time.process_time() - started
+    scorer = ReadoutScorer(load_model(result.model_path), passes=passes, seed=seed, device="cpu")
+    val_info, test_info = read_info(paths["val"]), read_info(paths["test"])
+    val_scores, test_scores = scorer.score(paths["val"]), scorer.score(paths["test"])
+    calibration = fit_calibration(val_scores.values, val_info.labels, val_scores.log_prior)  # offsets + temperature
+    names = test_info.class_names
+    metrics = test_scores.metrics(test_info.labels, names, calibration)
+    metrics["temperature"] = calibration.temperature
+    raw = test_scores.metrics(test_info.labels, names, Calibration(calibration.temperature))  # the paper's decision
+    summary = {"fold": fold, "command": command, "steps": result.steps, "epochs": epochs, "train_seconds": seconds,
+               "passes": passes, "recipe_overrides": list(overrides), "best_val_loss": result.best_val_loss,
+               "symmflow": metrics, "symmflow_nearest_colour": raw}
+    (fold_dir / "symmflow.json").write_text(json.dumps(summary, indent=2))
+    print(f"fold {fold}: symmflow bacc {metrics['balanced_accuracy']:.3f} (nearest colour "
+          f"{raw['balanced_accuracy']:.3f}; {result.steps} steps, {seconds:.0f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["run", "report"])
@@ -140,15 +191,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=8, help="Flow training epochs (the CNN gets its time).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--family", choices=["magic", "symmflow"], default="magic",
+                        help="magic: the flow and the CNN; symmflow: MedSymmFlow on folds the flow has run.")
+    parser.add_argument("--passes", type=int, default=1, help="MedSymmFlow read-outs per image (1: the paper's).")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="Override a key of the flow's recipe (repeatable), as augflow train --set.")
+                        help="Override a key of the family's recipe (repeatable), as augflow train --set.")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage == "run":
         data = dataset(args.work, args.size, args.seed)
+        command = " ".join(["python", *sys.argv])
         for fold in map(int, args.folds.split(",")):
-            run_fold(data, args.work, fold, args.epochs, args.seed, " ".join(["python", *sys.argv]), args.set)
+            if args.family == "symmflow":
+                run_symmflow_fold(args.work, fold, args.seed, command, args.set, args.passes)
+            else:
+                run_fold(data, args.work, fold, args.epochs, args.seed, command, args.set)
     else:
         from classification_report import write_report
 

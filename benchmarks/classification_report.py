@@ -19,7 +19,9 @@ from augflow.data.store import read_info  # noqa: E402
 from augflow.explain import explain_file, plot_explanation  # noqa: E402
 
 MODELS = {"flow": "MAGIC-Flow (Bayes, training prior, calibrated)",
-          "flow_uniform_prior": "MAGIC-Flow (uniform prior)", "cnn": "ResNet-18 (class-weighted)"}
+          "flow_uniform_prior": "MAGIC-Flow (uniform prior)", "cnn": "ResNet-18 (class-weighted)",
+          "symmflow": "MedSymmFlow (mask read-out, offsets + temperature)",
+          "symmflow_nearest_colour": "MedSymmFlow (nearest colour: the paper's read-out)"}
 METRICS = ["accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro", "ece"]
 
 
@@ -27,10 +29,10 @@ def _mean_std(values) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
 
 
-def _confusion_figure(results: list[dict], out: Path) -> None:
+def _confusion_figure(results: list[dict], keys: list[str], out: Path) -> None:
     names = results[0]["class_names"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    for ax, key in zip(axes, ("flow", "cnn"), strict=True):
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.8))
+    for ax, key in zip(axes, keys, strict=True):
         matrix = np.sum([r[key]["confusion_matrix"] for r in results], axis=0)
         rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
         ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
@@ -48,14 +50,14 @@ def _confusion_figure(results: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def _selective_figure(results: list[dict], out: Path) -> None:
+def _selective_figure(results: list[dict], keys: list[str], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for key in ("flow", "cnn"):
+    for key in keys:
         curves = np.array([r[key]["selective_prediction"]["accuracy"] for r in results])
         mean, std = curves.mean(axis=0), curves.std(axis=0)
         ax.plot(100 * REJECTION_GRID, mean, marker="o", markersize=3, label=MODELS[key])
         ax.fill_between(100 * REJECTION_GRID, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("most uncertain images rejected (%), ranked by predictive entropy")
+    ax.set_xlabel("most uncertain images rejected (%)")
     ax.set_ylabel("accuracy on the kept images")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -91,14 +93,23 @@ def write_report(work: Path, reports: Path, command: str) -> Path:
     results = [json.loads(p.read_text()) for p in sorted(work.glob("fold-*/result.json"))]
     if not results:
         raise SystemExit(f"no fold results in {work}; run the 'run' stage first")
+    symmflow = [work / f"fold-{r['fold']}" / "symmflow.json" for r in results]
+    if all(p.exists() for p in symmflow):  # MedSymmFlow's row, when it ran on every fold
+        for r, p in zip(results, symmflow, strict=True):
+            run = json.loads(p.read_text())
+            r.update(symmflow=run.pop("symmflow"), symmflow_nearest_colour=run.pop("symmflow_nearest_colour"),
+                     symmflow_run=run)
+    models = [key for key in MODELS if key in results[0]]
+    main = [key for key in ("flow", "cnn", "symmflow") if key in models]  # the calibrated classifiers
     names = results[0]["class_names"]
     reports.mkdir(parents=True, exist_ok=True)
-    _confusion_figure(results, reports / "classification-confusion.png")
-    _selective_figure(results, reports / "classification-selective.png")
+    _confusion_figure(results, main, reports / "classification-confusion.png")
+    _selective_figure(results, main, reports / "classification-selective.png")
     figures = _attribution_figures(work, reports, results[0]["fold"])
 
     lines = [
-        "# Likelihood classification of the 7 scanners: MAGIC-Flow vs ResNet-18",
+        "# Likelihood classification of the 7 scanners: MAGIC-Flow vs ResNet-18"
+        + (" (and MedSymmFlow's read-out)" if "symmflow" in models else ""),
         "",
         f"{len(results)}-fold subject-wise cross-validation (scikit-learn StratifiedGroupKFold, seed 0) on the "
         f"built-in scanner data at {results[0]['image_size']} px (1352 slices, 338 subjects). Per fold the flow "
@@ -112,6 +123,7 @@ def write_report(work: Path, reports: Path, command: str) -> Path:
         "",
         "```",
         *sorted({r["command"] for r in results}),
+        *sorted({r["symmflow_run"]["command"] for r in results if "symmflow_run" in r}),
         command,
         "```",
         "",
@@ -120,25 +132,27 @@ def write_report(work: Path, reports: Path, command: str) -> Path:
         "| model | " + " | ".join(METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
     ]
-    for key, label in MODELS.items():
+    for key in models:
+        label = MODELS[key]
         lines.append(f"| {label} | " + " | ".join(_mean_std([r[key][m] for r in results]) for m in METRICS) + " |")
     lines += [
         "",
         "Selective prediction (accuracy when the most uncertain images are rejected, by predictive entropy; "
-        "area = mean over 0-95 %):",
+        "MedSymmFlow by its mask's distance to the predicted colour, the paper's uncertainty; area = mean over "
+        "0-95 %):",
         "",
         "| model | rejected 0 % | 10 % | 20 % | 50 % | area |",
         "|---|---|---|---|---|---|",
     ]
     grid = [round(v, 2) for v in REJECTION_GRID.tolist()]
-    for key in ("flow", "cnn"):
+    for key in main:
         cells = [_mean_std([r[key]["selective_prediction"]["accuracy"][grid.index(f)] for r in results])
                  for f in (0.0, 0.1, 0.2, 0.5)]
         area = _mean_std([r[key]["selective_prediction"]["area"] for r in results])
         lines.append(f"| {MODELS[key]} | " + " | ".join(cells) + f" | {area} |")
     lines += ["", "Per-class recall (mean over folds):", "",
               "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key in ("flow", "flow_uniform_prior", "cnn"):
+    for key in models:
         lines.append(f"| {MODELS[key]} | "
                      + " | ".join(f"{np.mean([r[key]['per_class_recall'][c] for r in results]):.2f}" for c in names)
                      + " |")
@@ -148,6 +162,8 @@ def write_report(work: Path, reports: Path, command: str) -> Path:
               "(temperatures " + ", ".join(f"{r['flow']['temperature']:.3g}" for r in results) + ").",
               "", "Budget per fold (CPU seconds, one thread): " + ", ".join(
                   f"fold {r['fold']}: flow {r['flow_train_seconds']:.0f} s, CNN {r['cnn_train_seconds']:.0f} s"
+                  + (f", MedSymmFlow {r['symmflow_run']['train_seconds']:.0f} s ({r['symmflow_run']['steps']} steps)"
+                     if "symmflow_run" in r else "")
                   for r in results) + ". The CNN's time includes its BatchNorm re-estimation pass after the "
               "budget; the flow's includes its per-epoch validation.",
               "",
