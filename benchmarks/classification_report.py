@@ -137,9 +137,9 @@ def write_report(work: Path, reports: Path, command: str) -> Path:
         lines.append(f"| {label} | " + " | ".join(_mean_std([r[key][m] for r in results]) for m in METRICS) + " |")
     lines += [
         "",
-        "Selective prediction (accuracy when the most uncertain images are rejected, by predictive entropy; "
-        "MedSymmFlow by its mask's distance to the predicted colour, the paper's uncertainty; area = mean over "
-        "0-95 %):",
+        "Selective prediction (accuracy when the most uncertain images are rejected, by predictive entropy"
+        + ("; MedSymmFlow by its mask's distance to the predicted colour, the paper's uncertainty"
+           if "symmflow" in models else "") + "; area = mean over 0-95 %):",
         "",
         "| model | rejected 0 % | 10 % | 20 % | 50 % | area |",
         "|---|---|---|---|---|---|",
