@@ -22,8 +22,9 @@ Run the folds (two processes at once on a 2-core machine), then the report:
     python benchmarks/classification_cv.py run --work /tmp/cv --size 32 --folds 0,2,4 --threads 1 --family symmflow
     python benchmarks/classification_cv.py report --work /tmp/cv
 
-``run`` writes ``WORK/fold-K/result.json`` (metrics) and ``predictions.npz``; ``report`` writes
-reports/classification.md and its figures.
+``run`` writes ``WORK/fold-K/result.json`` (metrics) and ``predictions.npz``; ``calibrate`` refits the calibrations
+of folds that have run from their stored models (after a change of ``augflow.classify.calibration``); ``report``
+writes reports/classification.md and its figures.
 """
 
 from __future__ import annotations
@@ -96,21 +97,6 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
     result = train(paths["train"], fold_dir / "flow", recipe, val=paths["val"], seed=seed, progress=False,
                    resume=(fold_dir / "flow" / "checkpoint.pt").exists())
     flow_seconds = time.process_time() - started
-    model, meta = load_model(result.model_path, with_meta=True)
-    log_pi = log_prior(meta["class_counts"])
-    val_ll = dataset_log_likelihoods(model, paths["val"], device="cpu")
-    calibration = fit_calibration(val_ll, val_info.labels, log_pi)  # temperature and per-class offsets
-    temperature = calibration.temperature
-    test_ll = dataset_log_likelihoods(model, paths["test"], device="cpu")
-    flow = predict(test_ll, calibration.log_prior(log_pi), temperature)
-    flow_metrics = classification_metrics(test_info.labels, flow, names)
-    flow_metrics["ece_uncalibrated"] = expected_calibration_error(posterior(test_ll, log_pi), test_info.labels)
-    flow_metrics["temperature"] = temperature
-    uniform = predict(test_ll, log_prior(meta["class_counts"], "uniform"),
-                      fit_calibration(val_ll, val_info.labels, log_prior(meta["class_counts"], "uniform"),
-                                      biases=False).temperature)
-    uniform_metrics = classification_metrics(test_info.labels, uniform, names)
-
     images = np.concatenate([read_images(paths["train"]), read_images(paths["val"])])
     labels = np.concatenate([train_info.labels, val_info.labels])
     # The same CPU-seconds as the flow, as a number of epochs (one timed epoch first), so that the CNN's run
@@ -125,19 +111,41 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
     cnn_preds = Predictions(np.log(np.maximum(probs, 1e-300)), probs, probs.argmax(1), entropy(probs))
     cnn_metrics = classification_metrics(test_info.labels, cnn_preds, names)
 
-    np.savez(fold_dir / "predictions.npz", labels=test_info.labels, flow_probs=flow.probs, flow_ll=test_ll,
-             uniform_probs=uniform.probs, cnn_probs=probs)
     summary = {
         "fold": fold, "command": command, "image_size": test_info.image_shape[-1], "class_names": names,
         "train_images": len(train_info), "val_images": len(val_info),
         "test_images": len(test_info), "flow_steps": result.steps, "flow_train_seconds": flow_seconds,
         "cnn_train_seconds": cnn_seconds, "cnn_epochs": cnn_epochs, "threads": torch.get_num_threads(),
-        "best_val_bpd": result.best_val_loss, "recipe_overrides": list(overrides),
-        "flow": flow_metrics, "flow_uniform_prior": uniform_metrics, "cnn": cnn_metrics,
+        "best_val_bpd": result.best_val_loss, "recipe_overrides": list(overrides), "cnn": cnn_metrics,
+        **flow_rows(fold_dir),
     }
+    np.savez(fold_dir / "predictions.npz", labels=test_info.labels, cnn_probs=probs)
     (fold_dir / "result.json").write_text(json.dumps(summary, indent=2))
-    print(f"fold {fold}: flow bacc {flow_metrics['balanced_accuracy']:.3f} ({flow_seconds:.0f} s), "
+    print(f"fold {fold}: flow bacc {summary['flow']['balanced_accuracy']:.3f} ({flow_seconds:.0f} s), "
           f"cnn bacc {cnn_metrics['balanced_accuracy']:.3f} ({cnn_seconds:.0f} s)", flush=True)
+
+
+def flow_rows(fold_dir: Path) -> dict:
+    """The flow's rows of a fold, from its stored model and the calibrations fitted on the fold's validation part.
+
+    ``flow``: per-class offsets and temperature (the decisions set for balanced accuracy); ``flow_temperature_only``:
+    the Bayes posterior's decisions, temperature only; ``flow_uniform_prior``: a uniform class prior, temperature only.
+    """
+    val_info, test_info = read_info(fold_dir / "val.h5"), read_info(fold_dir / "test.h5")
+    model, meta = load_model(fold_dir / "flow" / "model.pt", with_meta=True)
+    val_ll = dataset_log_likelihoods(model, fold_dir / "val.h5", device="cpu")
+    test_ll = dataset_log_likelihoods(model, fold_dir / "test.h5", device="cpu")
+    rows = {}
+    for key, prior, offsets in (("flow", "train", True), ("flow_temperature_only", "train", False),
+                                ("flow_uniform_prior", "uniform", False)):
+        log_pi = log_prior(meta["class_counts"], prior)
+        calibration = fit_calibration(val_ll, val_info.labels, log_pi, biases=offsets)
+        rows[key] = classification_metrics(test_info.labels, predict(test_ll, calibration.log_prior(log_pi),
+                                                                     calibration.temperature), test_info.class_names)
+        rows[key]["temperature"] = calibration.temperature
+    rows["flow"]["ece_uncalibrated"] = expected_calibration_error(
+        posterior(test_ll, log_prior(meta["class_counts"])), test_info.labels)
+    return rows
 
 
 def run_symmflow_fold(work: Path, fold: int, seed: int, command: str, overrides: list[str] = (),
@@ -166,25 +174,48 @@ def run_symmflow_fold(work: Path, fold: int, seed: int, command: str, overrides:
     result = train(paths["train"], run_dir, load_recipe("scanner-symmflow", [f"train.epochs={epochs}", *overrides]),
                    val=paths["val"], seed=seed, progress=False, resume=(run_dir / "checkpoint.pt").exists())
     seconds = time.process_time() - started
-    scorer = ReadoutScorer(load_model(result.model_path), passes=passes, seed=seed, device="cpu")
-    val_info, test_info = read_info(paths["val"]), read_info(paths["test"])
-    val_scores, test_scores = scorer.score(paths["val"]), scorer.score(paths["test"])
-    calibration = fit_calibration(val_scores.values, val_info.labels, val_scores.log_prior)  # offsets + temperature
+    summary = {"fold": fold, "command": command, "steps": result.steps, "epochs": epochs, "train_seconds": seconds,
+               "passes": passes, "seed": seed, "recipe_overrides": list(overrides),
+               "best_val_loss": result.best_val_loss, **symmflow_rows(fold_dir, passes, seed)}
+    (fold_dir / "symmflow.json").write_text(json.dumps(summary, indent=2))
+    print(f"fold {fold}: symmflow bacc {summary['symmflow']['balanced_accuracy']:.3f} (nearest colour "
+          f"{summary['symmflow_nearest_colour']['balanced_accuracy']:.3f}; {result.steps} steps, {seconds:.0f} s)",
+          flush=True)
+
+
+def symmflow_rows(fold_dir: Path, passes: int, seed: int) -> dict:
+    """MedSymmFlow's rows of a fold from its stored model: offsets + temperature fitted on the validation part, and
+    the paper's nearest-colour decision (same temperature)."""
+    scorer = ReadoutScorer(load_model(fold_dir / "symmflow" / "model.pt"), passes=passes, seed=seed, device="cpu")
+    val_info, test_info = read_info(fold_dir / "val.h5"), read_info(fold_dir / "test.h5")
+    val_scores, test_scores = scorer.score(fold_dir / "val.h5"), scorer.score(fold_dir / "test.h5")
+    calibration = fit_calibration(val_scores.values, val_info.labels, val_scores.log_prior)
     names = test_info.class_names
     metrics = test_scores.metrics(test_info.labels, names, calibration)
     metrics["temperature"] = calibration.temperature
-    raw = test_scores.metrics(test_info.labels, names, Calibration(calibration.temperature))  # the paper's decision
-    summary = {"fold": fold, "command": command, "steps": result.steps, "epochs": epochs, "train_seconds": seconds,
-               "passes": passes, "recipe_overrides": list(overrides), "best_val_loss": result.best_val_loss,
-               "symmflow": metrics, "symmflow_nearest_colour": raw}
-    (fold_dir / "symmflow.json").write_text(json.dumps(summary, indent=2))
-    print(f"fold {fold}: symmflow bacc {metrics['balanced_accuracy']:.3f} (nearest colour "
-          f"{raw['balanced_accuracy']:.3f}; {result.steps} steps, {seconds:.0f} s)", flush=True)
+    raw = test_scores.metrics(test_info.labels, names, Calibration(calibration.temperature))
+    return {"symmflow": metrics, "symmflow_nearest_colour": raw}
+
+
+def calibrate_folds(work: Path, folds: list[int]) -> None:
+    """Refit the calibrated rows of folds that have run, from their stored models (no training)."""
+    for fold in folds:
+        fold_dir = work / f"fold-{fold}"
+        flow, symmflow = fold_dir / "result.json", fold_dir / "symmflow.json"
+        if not flow.exists():
+            raise SystemExit(f"{flow} is missing: run the fold first")
+        record = json.loads(flow.read_text())
+        flow.write_text(json.dumps({**record, **flow_rows(fold_dir)}, indent=2))
+        if symmflow.exists():
+            record = json.loads(symmflow.read_text())
+            rows = symmflow_rows(fold_dir, record["passes"], record.get("seed", 0))
+            symmflow.write_text(json.dumps({**record, **rows}, indent=2))
+        print(f"fold {fold}: calibrations refitted", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["run", "report"])
+    parser.add_argument("stage", choices=["run", "calibrate", "report"])
     parser.add_argument("--work", type=Path, required=True, help="Folder for the data, folds and models.")
     parser.add_argument("--folds", default="0,1,2,3,4")
     parser.add_argument("--size", type=int, default=64)
@@ -207,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
                 run_symmflow_fold(args.work, fold, args.seed, command, args.set, args.passes)
             else:
                 run_fold(data, args.work, fold, args.epochs, args.seed, command, args.set)
+    elif args.stage == "calibrate":
+        calibrate_folds(args.work, list(map(int, args.folds.split(","))))
     else:
         from classification_report import write_report
 

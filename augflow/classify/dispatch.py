@@ -22,7 +22,7 @@ from augflow.runs import check_classes, stored_amp
 def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str = "train",
                   calibrate_on: str | os.PathLike | None = None, batch_size: int = 32, device: str = "auto",
                   passes: int = 1, seed: int = 0, rank_by: str = "distance", progress: bool = False,
-                  amp: bool | None = None) -> dict:
+                  amp: bool | None = None, class_offsets: bool = True) -> dict:
     """Classify every image of a labelled dataset file with a trained model; its metrics.
 
     Arguments:
@@ -39,6 +39,8 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
         rank_by: Read-out: "distance" or "spread" (selective prediction).
         progress: Read-out: show a progress bar.
         amp: Run the networks in bf16 (:mod:`augflow.precision`); default: as the model was trained.
+        class_offsets: Likelihood classifier: fit per-class offsets with the temperature (False: the temperature
+            only, which keeps the decisions of the Bayes posterior and calibrates best).
 
     Returns:
         ``{"class_names", "predictions": Predictions, "labels", "metrics", "score_column"}``; ``metrics`` holds
@@ -60,7 +62,7 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
     else:  # MedSymmFlow: the integrated class mask's nearest palette colour
         scorer = ReadoutScorer(loaded, passes, batch_size, seed, device, rank_by, progress, amp)
     if calibrate_on is not None:
-        calibrate(model, scorer, calibrate_on, names, biases=loaded.has_likelihood)
+        calibrate(model, scorer, calibrate_on, names, biases=loaded.has_likelihood and class_offsets)
         source = f"fitted on {calibrate_on}"
     calibration = stored_calibration(model, scorer.prior)
     if calibrate_on is None:

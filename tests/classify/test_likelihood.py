@@ -95,6 +95,31 @@ def test_class_offsets_recover_a_constant_log_likelihood_offset():
     assert balanced_accuracy_score(labels, posterior(scores, fitted.log_prior(pi), fitted.temperature).argmax(1)) > 0.8
 
 
+def test_temperature_is_fitted_by_the_ordinary_likelihood_after_balanced_offsets():
+    # Imbalanced classes (900 / 100) whose scores are 3x over-confident on the minority class only: the
+    # class-balanced loss and the ordinary one want different temperatures. The offsets follow the balanced loss,
+    # the temperature the ordinary one (the one the expected calibration error measures).
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], [900, 100])
+    logits = rng.normal(size=(1000, 2))
+    logits[np.arange(1000), labels] += 1.0
+    scores = 10 * logits * np.where(labels == 1, 3.0, 1.0)[:, None]
+    pi = log_prior([1, 1])
+    fitted = fit_calibration(scores, labels, pi)
+
+    def nll(t, weight):
+        log_p = np.log(posterior(scores, fitted.log_prior(pi), t)[np.arange(1000), labels])
+        return -np.sum(weight * log_p) / weight.sum()
+
+    grid = np.exp(np.linspace(np.log(1), np.log(100), 2000))
+    ordinary = grid[np.argmin([nll(t, np.ones(1000)) for t in grid])]
+    balanced = grid[np.argmin([nll(t, np.where(labels == 1, 9.0, 1.0)) for t in grid])]
+    assert abs(np.log(balanced / ordinary)) > 0.1  # the two losses disagree on this toy
+    assert fitted.temperature == pytest.approx(ordinary, rel=0.01)
+    alone = fit_calibration(scores, labels, pi, biases=False)
+    assert alone.biases is None and alone.temperature > 0
+
+
 def _noise_dataset(path, n_per_class, seed):
     """Two classes that differ only in noise level around the same smooth image."""
     rng = np.random.default_rng(seed)
@@ -128,6 +153,13 @@ def test_noise_level_toy_is_classified_and_cli_reports_metrics(tmp_path):
     stored = json.loads(again.output)
     assert stored["temperature"] == metrics["temperature"] and stored["calibration_source"] == "stored with the model"
     assert stored["class_biases"] == metrics["class_biases"] and set(metrics["class_biases"]) == {"quiet", "noisy"}
+    alone = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
+                                     "--calibrate-on", str(val_file), "--no-class-offsets", "--json"])
+    assert json.loads(alone.output)["class_biases"] is None
+    assert json.loads((tmp_path / "run" / "calibration.json").read_text())["class_biases"] is None
+    refused = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
+                                       "--no-class-offsets"])
+    assert refused.exit_code == 2 and "--calibrate-on" in refused.output
 
     # Attribution maps: the contrast map sums to the log-likelihood ratio of the two classes.
     explanation = explain_file(tmp_path / "run", test_file, [0, 25], contrast="quiet")
