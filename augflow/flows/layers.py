@@ -13,7 +13,6 @@ References:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from augflow.precision import full_precision
@@ -153,7 +152,7 @@ class InvertibleConv1x1(InvertibleLayer):
         self, x: Tensor, y: Tensor | None = None, elementwise: bool = False
     ) -> tuple[Tensor, Tensor]:
         with full_precision(x.device.type):  # a bijection: never in bf16, even under amp
-            z = F.conv2d(x, self.weight()[:, :, None, None])
+            z = _mix_channels(self.weight(), x)
         if elementwise:
             # log|det W| / C per element: summed over C*H*W elements gives H*W*log|det W|.
             per_element = self.log_s.sum() / x.shape[1]
@@ -162,8 +161,15 @@ class InvertibleConv1x1(InvertibleLayer):
 
     def _inverse(self, z: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
         with full_precision(z.device.type):
-            x = F.conv2d(z, torch.linalg.inv(self.weight())[:, :, None, None])
+            x = _mix_channels(torch.linalg.inv(self.weight()), z)
         return x, _per_sample(-z.shape[2] * z.shape[3] * self.log_s.sum(), z)
+
+
+def _mix_channels(weight: Tensor, x: Tensor) -> Tensor:
+    """``weight @ x`` at every pixel: a 1x1 convolution, written as an einsum because oneDNN's 1x1 convolution is
+    slow at the 1-4 channels of a flow's first levels (forward + backward at 64 px, batch 32, one thread: 15 ms as a
+    convolution, 0.3 ms as an einsum; a float32 training step of the ``scanner`` recipe is about 4% faster)."""
+    return torch.einsum("oc,bchw->bohw", weight, x)
 
 
 def squeeze2d(x: Tensor) -> Tensor:
