@@ -123,7 +123,7 @@ def main() -> None:
              "class recognition | FID | MIA AUC | ε lower bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, model in runs.items():
         arm = parse_arm(f"{label}:T={args.temperature}", set(runs))
-        topup = synthetic_file(arm, work, runs, split / "train.h5", log)
+        topup = synthetic_file(arm, work, runs, split / "train.h5", log, args.threads)
         val_bpd = dataset_loss(load_model(model_file(model)), split / "val.h5", device="cpu")
         lines.append(row(label, audit(label, model, topup, split, work, log, args.threads), val_bpd))
     arms = ",".join(["real", "oversampled", *(f"{label}:T={args.temperature}" for label in runs)])

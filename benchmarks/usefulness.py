@@ -107,8 +107,9 @@ def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
     return {"mode": mode, "family": parts[0], **options}
 
 
-def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log: list[str]) -> Path:
-    """The top-up (or the balanced synthetic-only set) of an arm, sampled once."""
+def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log: list[str], threads: int) -> Path:
+    """The top-up (or the balanced synthetic-only set) of an arm, sampled once, on ``threads`` CPU threads (torch
+    would take every core, and two instruments side by side would crawl)."""
     name = "_".join([arm["family"]] + [f"{k}{arm[k]}" for k in SAMPLING_KEYS if k in arm])
     per_class = arm["mode"] != "topup"  # "only", "all" and "pre" share one balanced synthetic set
     out = work / "synthetic" / (("only_" if per_class else "topup_") + name + ".h5")
@@ -116,7 +117,7 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     command = ["augflow", "synthesize", "--model", str(runs[arm["family"]]), "--out", str(out), "--seed", "0",
-               "--real", str(real)]
+               "--real", str(real), "--threads", str(threads)]
     if per_class:
         command += ["--per-class", str(int(np.bincount(read_info(real).labels).max()))]
     else:
@@ -238,7 +239,7 @@ def main() -> None:
             run(["augflow", "train", "--data", str(train_file), "--val", str(split / "val.h5"), "--recipe",
                  args.task + FAMILIES[family], "--out", str(runs[family]), "--threads", str(args.threads),
                  *(["--resume"] if resume else []), *TRAIN_SETTINGS[family]], log, work)
-    files = {a: synthetic_file(s, work, runs, train_file, log) for a, s in specs.items()}
+    files = {a: synthetic_file(s, work, runs, train_file, log, args.threads) for a, s in specs.items()}
 
     info, x = read_info(train_file), read_images(train_file)
     y, names = info.labels, info.class_names
