@@ -225,7 +225,6 @@ def main() -> None:
     parser.add_argument("--quality-steps", type=int, default=300, help="training steps of the quality runs (0: skip)")
     parser.add_argument("--data", type=Path, default=None, help="folder with train.h5 and val.h5 (64 px scanner); "
                                                                  "default: generated")
-    parser.add_argument("--out", type=Path, default=REPORT, help="report file (default: reports/benchmarks.md)")
     parser.add_argument("--measure", nargs=3, metavar=("MODEL", "MODE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
@@ -294,8 +293,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     # Keep the hand-written notes (what was tried and what it gave) below the generated tables.
-    notes = args.out.read_text().partition(NOTES)[2] if args.out.exists() else ""
-    args.out.write_text(text + (f"\n{NOTES}{notes}" if notes else ""))
+    notes = REPORT.read_text().partition(NOTES)[2] if REPORT.exists() else ""
+    REPORT.write_text(text + (f"\n{NOTES}{notes}" if notes else ""))
     print(json.dumps({"rows": rows, "synthesize": synth, "quality": runs}), file=sys.stderr)
 
 
