@@ -121,7 +121,9 @@ def train(
     if rank == 0:  # everything is checked: only now the folder becomes this run's
         mark_run(out, recipe.to_dict(), rows.fingerprint, seed, state)
         start_run(out, recipe.to_dict(), command)
-    session.attach(Objective(model, cfg.ce_weight, session.amp), optimizer)
+    ce_prior = torch.tensor(log_prior(session.class_counts), dtype=torch.float32, device=device) \
+        if cfg.ce_prior == "train" else None
+    session.attach(Objective(model, cfg.ce_weight, session.amp, ce_prior), optimizer)
     end = session.last_step(total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps))
     log = (out / METRICS).open("a") if rank == 0 else None
     bar = tqdm(total=end, initial=run.step, desc="train", unit="step", disable=not (progress and rank == 0),
@@ -234,15 +236,17 @@ def initial_model(recipe: Recipe, rows: TrainingRows, session: Session, seed: in
 
 class Objective(torch.nn.Module):
     """The model's per-sample training loss as a module's forward, for DDP's gradient hooks (and DP-SGD's per-sample
-    gradients); under ``amp`` the model's networks run in bf16 (:mod:`augflow.precision`), the loss in float32."""
+    gradients); under ``amp`` the model's networks run in bf16 (:mod:`augflow.precision`), the loss in float32.
+    ``log_prior``: the hybrid objective's class prior (``train.ce_prior``), None = uniform; under DP it comes from the
+    released class counts, so the loss stays a function of one example."""
 
-    def __init__(self, model: ModelFamily, ce_weight: float, amp: bool = False):
+    def __init__(self, model: ModelFamily, ce_weight: float, amp: bool = False, log_prior: torch.Tensor | None = None):
         super().__init__()
-        self.model, self.ce_weight, self.amp = model, ce_weight, amp
+        self.model, self.ce_weight, self.amp, self.log_prior = model, ce_weight, amp, log_prior
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(x.device, self.amp):
-            return self.model.training_loss(x, y, ce_weight=self.ce_weight).float()
+            return self.model.training_loss(x, y, ce_weight=self.ce_weight, log_prior=self.log_prior).float()
 
 
 class _Run:

@@ -64,6 +64,9 @@ class TrainConfig:
     app_mask: str = ""  # .npy (H, W) brain mask (public under DP); "" = Otsu on the training mean (DP: on the template)
     amp: bool = False  # bf16 networks where the hardware has bf16 (augflow.precision); else float32 with a warning
     ce_weight: float = 0.0  # MAGIC-Flow hybrid objective: bits/dim + ce_weight * cross-entropy of the Bayes posterior
+    # The class prior of that posterior: "uniform", or "train" (the stored training class counts: the joint model's
+    # own posterior, so the likelihoods need not absorb the imbalance; logit adjustment, arXiv:2007.07314)
+    ce_prior: str = "uniform"
     # Which validation figure keeps the released model: "loss" (lowest) or "balanced_accuracy" (highest, of the
     # likelihood classifier: a classifier is stopped early on what it is for; MAGIC-Flow only)
     select_on: str = "loss"
@@ -157,6 +160,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
 
 
 SELECT_ON = ("loss", "balanced_accuracy")
+CE_PRIORS = ("uniform", "train")
 
 
 def _describe_range(low: float, high: float, low_in: bool, high_in: bool) -> str:
@@ -232,6 +236,9 @@ def recipe_from_dict(data: dict, name: str = "custom", source: str = "recipe") -
     if train.select_on not in SELECT_ON:
         raise ConfigError(f"{source}: train.select_on must be one of {', '.join(SELECT_ON)}, but is: "
                           f"{train.select_on!r}")
+    if train.ce_prior not in CE_PRIORS:
+        raise ConfigError(f"{source}: train.ce_prior must be one of {', '.join(CE_PRIORS)}, but is: "
+                          f"{train.ce_prior!r}")
     check_values("augment", augment, source)
     if not isinstance(privacy.enabled, bool):
         raise ConfigError(f"{source}: privacy.enabled must be true or false, but is: {privacy.enabled!r}")

@@ -47,6 +47,12 @@ def test_batched_classes_equal_a_per_class_loop(prior):
     hybrid = model.training_loss(x, y, ce_weight=0.5)
     ce = torch.nn.functional.cross_entropy(loop, y, reduction="none")
     torch.testing.assert_close(hybrid, model.bits_per_dim(x, y) + 0.5 * ce)
+    # With a class prior (train.ce_prior = "train"): the cross-entropy of softmax(log p(x | k) + log pi_k).
+    log_pi = torch.log(torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64))
+    adjusted = torch.nn.functional.cross_entropy(loop + log_pi, y, reduction="none")
+    torch.testing.assert_close(model.training_loss(x, y, ce_weight=0.5, log_prior=log_pi),
+                               model.bits_per_dim(x, y) + 0.5 * adjusted)
+    assert not torch.allclose(adjusted, ce)
     torch.testing.assert_close(model.training_loss(x, y), model.bits_per_dim(x, y))
     with pytest.raises(ConfigError, match="the model scores 3 classes, but 2 are expected"):
         class_log_likelihoods(model, x, 2)

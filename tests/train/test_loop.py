@@ -9,7 +9,7 @@ from conftest import TINY, make_dataset
 
 from augflow.errors import ConfigError
 from augflow.models import load_model
-from augflow.train.loop import train
+from augflow.train.loop import Objective, train
 from augflow.train.recipe import load_recipe
 
 
@@ -195,7 +195,23 @@ def test_validation_balanced_accuracy_is_the_likelihood_classifiers(tmp_path):
     assert evaluate_balanced_accuracy(flow, rows, counts, 7, torch.device("cpu")) == pytest.approx(expected)
 
 
+def test_ce_prior_train_gives_the_objective_the_stored_class_frequencies(tmp_path, monkeypatch):
+    import augflow.train.loop as loop
+    from augflow.classify.likelihood import log_prior
+
+    seen = []
+    monkeypatch.setattr(loop, "Objective", lambda *args, **kwargs: seen.append(args[3]) or Objective(*args, **kwargs))
+    data = make_dataset(tmp_path / "d.h5", n_subjects=12, slices=3, num_classes=3)
+    for ce_prior in ("uniform", "train"):
+        recipe = load_recipe(None, [*TINY, "train.ce_weight=0.5", f"train.ce_prior={ce_prior}"])
+        result = train(data, tmp_path / ce_prior, recipe, progress=False)
+    _, meta = load_model(result.model_path, with_meta=True)
+    assert seen[0] is None
+    np.testing.assert_allclose(seen[1].numpy(), log_prior(meta["class_counts"]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("settings, message", [
+    (["train.ce_prior=balanced"], "train.ce_prior must be one of uniform, train, but is: 'balanced'"),
     (["model.family=symmflow", "train.select_on=balanced_accuracy"], "needs a likelihood classifier"),
     (["train.select_on=balanced_accuracy", "privacy.enabled=true", "privacy.epsilon=8.0"], "cannot apply under --dp"),
     (["train.select_on=accuracy"], "train.select_on must be one of loss, balanced_accuracy, but is: 'accuracy'"),
