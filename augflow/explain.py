@@ -86,7 +86,7 @@ def explain_file(model_path, data, rows: list[int], class_name: str | None = Non
     images = read_images(data, np.asarray(rows))
     x = torch.from_numpy(images).to(dev)
     log_lik = class_log_likelihoods(model, x, len(names)).double().cpu().numpy()
-    calibration = stored_calibration(model_path, prior) or Calibration()
+    calibration = stored_calibration(model_path, prior, names) or Calibration()
     probs = posterior(log_lik, calibration.log_prior(log_prior(meta["class_counts"], prior)), calibration.temperature)
     predicted = probs.argmax(axis=1)
     target = np.full(len(rows), resolve_class(class_name, names)) if class_name else predicted

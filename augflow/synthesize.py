@@ -290,7 +290,7 @@ class _Selector:
             from augflow.classify.likelihood import class_log_likelihoods, log_prior
             from augflow.classify.metrics import Calibration
 
-            calibration = stored_calibration(model_path, "train") or Calibration()
+            calibration = stored_calibration(model_path, "train", meta["class_names"]) or Calibration()
             temperature = calibration.temperature
             log_pi = torch.tensor(calibration.log_prior(log_prior(meta["class_counts"])), dtype=torch.float32,
                                   device=device)

@@ -255,7 +255,7 @@ def run_audit(
                 test_ll = dataset_log_likelihoods(flow, real, device=device, amp=amp)
                 counts = meta.get("class_counts") or np.bincount(y["train"], minlength=len(names)).tolist()
                 # The calibration fitted on a validation split (`augflow classify --calibrate-on`), never on --real.
-                calibration = stored_calibration(model, "train") or Calibration()
+                calibration = stored_calibration(model, "train", names) or Calibration()
                 preds = predict(test_ll, calibration.log_prior(log_prior(counts)), calibration.temperature)
                 metrics["likelihood_classifier"] = classification_metrics(y["real"], preds, names)
                 metrics["likelihood_classifier"]["calibrated"] = calibration.biases is not None

@@ -109,10 +109,14 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
     return record
 
 
-def stored_calibration(model: str | os.PathLike, prior: str) -> Calibration | None:
-    """The calibration stored for a model and prior, or None.
+def stored_calibration(model: str | os.PathLike, prior: str, class_names: list[str]) -> Calibration | None:
+    """The calibration stored for a model and prior, or None; the offsets in the order of ``class_names``.
 
-    Files written before the keys were renamed hold the temperature as ``"temperature"`` and no biases.
+    The record keys the offsets by class name (and JSON sorts the keys), so they are read back by name, never by
+    position. Files written before the keys were renamed hold the temperature as ``"temperature"`` and no biases.
+
+    Raises:
+        DataError: If the stored offsets name other classes than the model's.
     """
     path = calibration_file(model)
     if not path.is_file():
@@ -121,5 +125,7 @@ def stored_calibration(model: str | os.PathLike, prior: str) -> Calibration | No
     if record.get("prior") != prior:
         return None
     biases = record.get("class_biases")
-    return Calibration(record.get("calibration_temperature", record.get("temperature")),
-                       None if biases is None else tuple(biases.values()))
+    if biases is not None:
+        check_classes(sorted(biases), sorted(class_names), str(path))
+        biases = tuple(float(biases[name]) for name in class_names)
+    return Calibration(record.get("calibration_temperature", record.get("temperature")), biases)

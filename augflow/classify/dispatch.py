@@ -64,7 +64,7 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
     if calibrate_on is not None:
         calibrate(model, scorer, calibrate_on, names, biases=loaded.has_likelihood and class_offsets)
         source = f"fitted on {calibrate_on}"
-    calibration = stored_calibration(model, scorer.prior)
+    calibration = stored_calibration(model, scorer.prior, names)
     if calibrate_on is None:
         source = "stored with the model" if calibration is not None else "none (temperature 1, no offsets)"
     calibration = calibration or Calibration()

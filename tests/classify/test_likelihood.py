@@ -9,12 +9,12 @@ from click.testing import CliRunner
 from conftest import TINY
 from sklearn.metrics import balanced_accuracy_score
 
-from augflow.classify.calibration import fit_calibration
+from augflow.classify.calibration import calibrate, fit_calibration, stored_calibration
 from augflow.classify.likelihood import class_log_likelihoods, log_prior
-from augflow.classify.metrics import expected_calibration_error, posterior, selective_prediction
+from augflow.classify.metrics import Scores, expected_calibration_error, posterior, selective_prediction
 from augflow.cli import cli
 from augflow.data.store import write_dataset
-from augflow.errors import ConfigError
+from augflow.errors import ConfigError, DataError
 from augflow.explain import explain_file
 from augflow.flows import MagicFlow, MagicFlowConfig
 from augflow.models import load_model
@@ -124,6 +124,33 @@ def test_temperature_is_fitted_by_the_ordinary_likelihood_after_balanced_offsets
     assert fitted.temperature == pytest.approx(ordinary, rel=0.01)
     alone = fit_calibration(scores, labels, pi, biases=False)
     assert alone.biases is None and alone.temperature > 0
+
+
+def test_stored_offsets_are_read_back_by_class_name_not_by_position(tmp_path):
+    # JSON sorts the record's keys; class names out of alphabetical order must still get their own offsets.
+    names = ["zeta", "alpha", "mid"]
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    scores = 20 * rng.normal(size=(120, 3)) + np.array([0.0, 30.0, -40.0])
+    scores[np.arange(120), labels] += 40.0
+    path = write_dataset(tmp_path / "val.h5", np.zeros((120, 1, 8, 8), np.float32), labels,
+                         [f"s{i}" for i in range(120)], np.zeros(120), names)
+
+    class Fixed:
+        prior = "train"
+
+        def score(self, _):
+            return Scores(scores, log_prior([1, 1, 1]))
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").touch()
+    record = calibrate(tmp_path / "run", Fixed(), path, names)
+    fitted = fit_calibration(scores, labels, log_prior([1, 1, 1]))
+    assert list(record["class_biases"].values()) == list(fitted.biases) and fitted.biases[2] > 20
+    assert stored_calibration(tmp_path / "run", "train", names).biases == fitted.biases
+    assert stored_calibration(tmp_path / "run", "uniform", names) is None
+    with pytest.raises(DataError, match="differ from the model's"):
+        stored_calibration(tmp_path / "run", "train", ["zeta", "alpha", "other"])
 
 
 def _noise_dataset(path, n_per_class, seed):
