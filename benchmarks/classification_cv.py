@@ -56,6 +56,7 @@ from augflow.data.phantom import generate_demo_data
 from augflow.data.splits import subject_kfold, subject_split, write_subset
 from augflow.data.store import read_images, read_info
 from augflow.models import load_model
+from augflow.runs import CHECKPOINT
 from augflow.train.loop import train
 from augflow.train.recipe import load_recipe
 
@@ -93,10 +94,8 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
     names, k = test_info.class_names, test_info.num_classes
 
     recipe = load_recipe("scanner-classify", [f"train.epochs={epochs}", *overrides])
-    started = time.process_time()  # CPU seconds: the budget is fair on a machine other jobs share
-    result = train(paths["train"], fold_dir / "flow", recipe, val=paths["val"], seed=seed, progress=False,
-                   resume=(fold_dir / "flow" / "checkpoint.pt").exists())
-    flow_seconds = time.process_time() - started
+    flow = train_flow(paths, fold_dir / "flow", recipe, seed)
+    flow_seconds = flow["seconds"]
     images = np.concatenate([read_images(paths["train"]), read_images(paths["val"])])
     labels = np.concatenate([train_info.labels, val_info.labels])
     # The same CPU-seconds as the flow, as a number of epochs (one timed epoch first), so that the CNN's run
@@ -114,15 +113,40 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
     summary = {
         "fold": fold, "command": command, "image_size": test_info.image_shape[-1], "class_names": names,
         "train_images": len(train_info), "val_images": len(val_info),
-        "test_images": len(test_info), "flow_steps": result.steps, "flow_train_seconds": flow_seconds,
+        "test_images": len(test_info), "flow_steps": flow["steps"], "flow_train_seconds": flow_seconds,
         "cnn_train_seconds": cnn_seconds, "cnn_epochs": cnn_epochs, "threads": torch.get_num_threads(),
-        "best_val_bpd": result.best_val_loss, "recipe_overrides": list(overrides), "cnn": cnn_metrics,
+        "best_val_bpd": flow["best_val_bpd"], "recipe_overrides": list(overrides), "cnn": cnn_metrics,
         **flow_rows(fold_dir),
     }
     np.savez(fold_dir / "predictions.npz", labels=test_info.labels, cnn_probs=probs)
     (fold_dir / "result.json").write_text(json.dumps(summary, indent=2))
     print(f"fold {fold}: flow bacc {summary['flow']['balanced_accuracy']:.3f} ({flow_seconds:.0f} s), "
           f"cnn bacc {cnn_metrics['balanced_accuracy']:.3f} ({cnn_seconds:.0f} s)", flush=True)
+
+
+def train_flow(paths: dict[str, Path], out: Path, recipe, seed: int) -> dict:
+    """Train (or resume) a fold's flow: ``{"seconds", "steps", "steps_measured", "best_val_bpd"}``, its training CPU
+    seconds being the CNN's budget.
+
+    CPU seconds, not wall time: the budget is fair on a machine other jobs share. A resumed run's earlier processes
+    are not measured, so its seconds are this process's, scaled to all the run's steps; a finished run's seconds
+    are read from the record written when it finished.
+    """
+    record = out / "cpu_seconds.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    checkpoint = out / CHECKPOINT
+    first = torch.load(checkpoint, map_location="cpu", weights_only=False)["step"] if checkpoint.exists() else 0
+    started = time.process_time()
+    result = train(paths["train"], out, recipe, val=paths["val"], seed=seed, progress=False,
+                   resume=checkpoint.exists())
+    seconds = time.process_time() - started
+    if result.steps == first:
+        raise SystemExit(f"{out} finished in a process that did not record its CPU time: delete it to retrain")
+    summary = {"seconds": seconds * result.steps / (result.steps - first), "steps": result.steps,
+               "steps_measured": result.steps - first, "best_val_bpd": result.best_val_loss}
+    record.write_text(json.dumps(summary))
+    return summary
 
 
 def flow_rows(fold_dir: Path) -> dict:
