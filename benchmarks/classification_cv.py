@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", choices=["magic", "symmflow"], default="magic",
                         help="magic: the flow and the CNN; symmflow: MedSymmFlow on folds the flow has run.")
     parser.add_argument("--passes", type=int, default=1, help="MedSymmFlow read-outs per image (1: the paper's).")
+    parser.add_argument("--name", default="classification",
+                        help="report: write reports/NAME.md and NAME-*.png (a variant's run beside the main report).")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Override a key of the family's recipe (repeatable), as augflow train --set.")
     args = parser.parse_args(argv)
@@ -267,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from classification_report import write_report
 
-        write_report(args.work, REPORTS, " ".join(["python", "benchmarks/classification_cv.py", *sys.argv[1:]]))
+        write_report(args.work, REPORTS, " ".join(["python", "benchmarks/classification_cv.py", *sys.argv[1:]]),
+                     args.name)
 
 
 if __name__ == "__main__":

@@ -67,18 +67,18 @@ def _selective_figure(results: list[dict], keys: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-def _attribution_figures(work: Path, reports: Path, fold: int) -> list[str]:
+def _attribution_figures(work: Path, reports: Path, fold: int, name: str) -> list[str]:
     """Two figures on fold ``fold``'s test images: maps of one image per scanner, and a close-pair contrast."""
     fold_dir = work / f"fold-{fold}"
     test = fold_dir / "test.h5"
     info = read_info(test, check_values=False)
     names = info.class_names
     first = [int(np.flatnonzero(info.labels == k)[0]) for k in range(len(names)) if np.any(info.labels == k)]
-    per_class = reports / "classification-attribution.png"
+    per_class = reports / f"{name}-attribution.png"
     plot_explanation(explain_file(fold_dir / "flow", test, first[:4], device="cpu"), per_class)
     # The designed-close pair: Prisma vs Prisma Fit (same vendor and field strength).
     prisma = [int(i) for i in np.flatnonzero(info.labels == names.index("Prisma"))[:2]]
-    contrast = reports / "classification-attribution-contrast.png"
+    contrast = reports / f"{name}-attribution-contrast.png"
     plot_explanation(explain_file(fold_dir / "flow", test, prisma, class_name="Prisma", contrast="Prisma Fit",
                                   device="cpu"), contrast)
     return [per_class.name, contrast.name]
@@ -90,7 +90,9 @@ def _overrides(result: dict) -> str:
     return (" with " + ", ".join(f"`{o}`" for o in overrides)) if overrides else ""
 
 
-def write_report(work: Path, reports: Path, command: str) -> Path:
+def write_report(work: Path, reports: Path, command: str, name: str = "classification") -> Path:
+    """``reports/NAME.md`` and its figures ``NAME-*.png``; the hand-written reading (``classification-notes.md``)
+    belongs to the main report only."""
     results = [json.loads(p.read_text()) for p in sorted(work.glob("fold-*/result.json"))]
     if not results:
         raise SystemExit(f"no fold results in {work}; run the 'run' stage first")
@@ -104,9 +106,9 @@ def write_report(work: Path, reports: Path, command: str) -> Path:
     main = [key for key in ("flow", "cnn", "symmflow") if key in models]  # the calibrated classifiers
     names = results[0]["class_names"]
     reports.mkdir(parents=True, exist_ok=True)
-    _confusion_figure(results, main, reports / "classification-confusion.png")
-    _selective_figure(results, main, reports / "classification-selective.png")
-    figures = _attribution_figures(work, reports, results[0]["fold"])
+    _confusion_figure(results, main, reports / f"{name}-confusion.png")
+    _selective_figure(results, main, reports / f"{name}-selective.png")
+    figures = _attribution_figures(work, reports, results[0]["fold"], name)
 
     lines = [
         "# Likelihood classification of the 7 scanners: MAGIC-Flow vs ResNet-18"
@@ -172,9 +174,9 @@ def write_report(work: Path, reports: Path, command: str) -> Path:
                   for r in results) + ". The CNN's time includes its BatchNorm re-estimation pass after the "
               "budget; the flow's includes its per-epoch validation.",
               "",
-              "![confusion matrices](classification-confusion.png)",
+              f"![confusion matrices]({name}-confusion.png)",
               "",
-              "![selective prediction](classification-selective.png)",
+              f"![selective prediction]({name}-selective.png)",
               "",
               "## Likelihood attribution maps (fold 0 test subjects)",
               "",
@@ -189,8 +191,8 @@ def write_report(work: Path, reports: Path, command: str) -> Path:
               "than of the close Prisma Fit; the sum is the log-likelihood ratio of the two scanners.",
               ""]
     notes = reports / "classification-notes.md"  # the hand-written reading of the numbers, kept across reruns
-    if notes.exists():
+    if name == "classification" and notes.exists():
         lines += ["## Reading", "", notes.read_text().strip(), ""]
-    out = reports / "classification.md"
+    out = reports / f"{name}.md"
     out.write_text("\n".join(lines))
     return out
