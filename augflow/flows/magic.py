@@ -374,8 +374,9 @@ class MagicFlow(FamilyModel):
         log_p = self.class_log_probs(x)  # (B, K)
         own = log_p.gather(1, y[:, None])[:, 0]
         bpd = -(own - self.num_dims * math.log(256)) / (self.num_dims * math.log(2))
-        logits = log_p if log_prior is None else log_p + log_prior
-        return bpd + ce_weight * (torch.logsumexp(logits, dim=1) - logits.gather(1, y[:, None])[:, 0])
+        if log_prior is not None:
+            log_p, own = log_p + log_prior, own + log_prior[y]
+        return bpd + ce_weight * (torch.logsumexp(log_p, dim=1) - own)
 
     @staticmethod
     def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
