@@ -442,8 +442,8 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
               help="Labelled file (the validation split) to fit the posterior temperature and per-class offsets "
                    "on; stored beside the model (calibration.json) and used when this option is not given.")
 @click.option("--no-class-offsets", "no_class_offsets", is_flag=True,
-              help="With --calibrate-on: fit the temperature only, no per-class offsets (the decisions stay the "
-                   "Bayes posterior's; better calibrated, while offsets favour balanced accuracy).")
+              help="With --calibrate-on: fit the temperature only, no per-class decision offsets (the decisions "
+                   "are the posterior's argmax; offsets favour balanced accuracy and the minority classes).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @_overwrite_option

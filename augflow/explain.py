@@ -19,7 +19,7 @@ import torch
 from augflow.atomic import atomic_path
 from augflow.classify.calibration import stored_calibration
 from augflow.classify.likelihood import class_log_likelihoods, log_prior
-from augflow.classify.metrics import Calibration, posterior
+from augflow.classify.metrics import Calibration
 from augflow.data.store import read_images, read_info
 from augflow.errors import ConfigError
 from augflow.flows import brain_mask_from_images
@@ -87,8 +87,8 @@ def explain_file(model_path, data, rows: list[int], class_name: str | None = Non
     x = torch.from_numpy(images).to(dev)
     log_lik = class_log_likelihoods(model, x, len(names)).double().cpu().numpy()
     calibration = stored_calibration(model_path, prior, names) or Calibration()
-    probs = posterior(log_lik, calibration.log_prior(log_prior(meta["class_counts"], prior)), calibration.temperature)
-    predicted = probs.argmax(axis=1)
+    preds = calibration.predict(log_lik, log_prior(meta["class_counts"], prior))
+    probs, predicted = preds.probs, preds.predicted
     target = np.full(len(rows), resolve_class(class_name, names)) if class_name else predicted
     other = resolve_class(contrast, names) if contrast else None
     maps = attribution_maps(model, x, torch.from_numpy(target).to(dev),

@@ -291,14 +291,12 @@ class _Selector:
             from augflow.classify.metrics import Calibration
 
             calibration = stored_calibration(model_path, "train", meta["class_names"]) or Calibration()
-            temperature = calibration.temperature
-            log_pi = torch.tensor(calibration.log_prior(log_prior(meta["class_counts"])), dtype=torch.float32,
-                                  device=device)
+            temperature = calibration.temperature  # the calibrated Bayes posterior (offsets set decisions only)
+            log_pi = torch.tensor(log_prior(meta["class_counts"]), dtype=torch.float32, device=device)
             k = len(meta["class_names"])
             self._probs = lambda x: torch.softmax((class_log_likelihoods(flow, x, k).float() + log_pi) / temperature,
                                                   dim=1)
-            self.details = {"prior": "train", "calibration_temperature": temperature,
-                            "class_biases": calibration.biases and list(calibration.biases)}
+            self.details = {"prior": "train", "calibration_temperature": temperature}
         elif self.method == "classifier":
             from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
 

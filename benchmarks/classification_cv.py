@@ -49,7 +49,6 @@ from augflow.classify.metrics import (
     entropy,
     expected_calibration_error,
     posterior,
-    predict,
 )
 from augflow.classify.readout import ReadoutScorer
 from augflow.data.phantom import generate_demo_data
@@ -164,8 +163,8 @@ def flow_rows(fold_dir: Path) -> dict:
                                 ("flow_uniform_prior", "uniform", False)):
         log_pi = log_prior(meta["class_counts"], prior)
         calibration = fit_calibration(val_ll, val_info.labels, log_pi, biases=offsets)
-        rows[key] = classification_metrics(test_info.labels, predict(test_ll, calibration.log_prior(log_pi),
-                                                                     calibration.temperature), test_info.class_names)
+        rows[key] = classification_metrics(test_info.labels, calibration.predict(test_ll, log_pi),
+                                           test_info.class_names)
         rows[key]["temperature"] = calibration.temperature
     rows["flow"]["ece_uncalibrated"] = expected_calibration_error(
         posterior(test_ll, log_prior(meta["class_counts"])), test_info.labels)

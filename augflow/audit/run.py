@@ -29,7 +29,7 @@ from augflow.audit.report import REPORT_FILES, GateThresholds, public, release_g
 from augflow.audit.verdict import verdict
 from augflow.classify.calibration import stored_calibration
 from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
-from augflow.classify.metrics import Calibration, classification_metrics, predict
+from augflow.classify.metrics import Calibration, classification_metrics
 from augflow.data.store import read_images, read_info, sha256_file
 from augflow.errors import DataError
 from augflow.models import ModelFamily, load_model
@@ -256,7 +256,7 @@ def run_audit(
                 counts = meta.get("class_counts") or np.bincount(y["train"], minlength=len(names)).tolist()
                 # The calibration fitted on a validation split (`augflow classify --calibrate-on`), never on --real.
                 calibration = stored_calibration(model, "train", names) or Calibration()
-                preds = predict(test_ll, calibration.log_prior(log_prior(counts)), calibration.temperature)
+                preds = calibration.predict(test_ll, log_prior(counts))
                 metrics["likelihood_classifier"] = classification_metrics(y["real"], preds, names)
                 metrics["likelihood_classifier"]["calibrated"] = calibration.biases is not None
 

@@ -23,14 +23,22 @@ REJECTION_GRID = np.arange(0, 100, 5) / 100  # reject the most uncertain 0, 5, .
 
 @dataclass(frozen=True)
 class Calibration:
-    """A fitted calibration: temperature ``T`` and per-class offsets ``b`` (None: no offsets)."""
+    """A fitted calibration: the posterior's temperature ``T`` and per-class decision offsets ``b`` (None: none).
+
+    The probabilities are the Bayes posterior ``softmax((scores + log prior) / T)``, calibrated for images with the
+    training mix; the offsets move only the decisions, ``argmax(scores + log prior + b)``, to the minority classes
+    (a cost-sensitive decision rule: the probabilities stay those of the images as they come).
+    """
 
     temperature: float = 1.0
     biases: tuple[float, ...] | None = None
 
-    def log_prior(self, log_pi: np.ndarray) -> np.ndarray:
-        """The log prior with the class offsets added (what the scores are shifted by before ``/ T``)."""
-        return log_pi if self.biases is None else log_pi + np.asarray(self.biases)
+    def predict(self, scores: np.ndarray, log_pi: np.ndarray) -> Predictions:
+        """The calibrated posterior of class scores (N, K) under a log prior, the decisions and the entropy."""
+        preds = predict(scores, log_pi, self.temperature)
+        if self.biases is not None:
+            preds.predicted = np.argmax(scores + log_pi + np.asarray(self.biases), axis=1)
+        return preds
 
 
 def posterior(log_likelihoods: np.ndarray, log_pi: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -160,9 +168,9 @@ class Scores:
     extra: dict = field(default_factory=dict)
 
     def predictions(self, calibration: Calibration | None = None) -> Predictions:
-        """The posterior ``softmax((values + b + log_prior) / T)`` of a calibration (none: b = 0, T = 1)."""
+        """The posterior ``softmax((values + log_prior) / T)`` of a calibration and its decisions (none: T = 1)."""
         calibration = calibration or Calibration()
-        preds = predict(self.values, calibration.log_prior(self.log_prior), calibration.temperature)
+        preds = calibration.predict(self.values, self.log_prior)
         if self.predicted is not None and calibration.biases is None:  # the same argmax, kept exactly (no ties
             # from a flat posterior); class offsets change the decisions
             preds.predicted = self.predicted
