@@ -23,8 +23,8 @@ Run the folds (two processes at once on a 2-core machine), then the report:
     python benchmarks/classification_cv.py report --work /tmp/cv
 
 ``run`` writes ``WORK/fold-K/result.json`` (metrics) and ``predictions.npz``; ``calibrate`` refits the calibrations
-of folds that have run from their stored models (after a change of ``augflow.classify.calibration``); ``report``
-writes reports/classification.md and its figures.
+of folds that have run from their stored models (after a change of ``augflow.classify.calibration``; the report lists
+its command); ``report`` writes reports/classification.md and its figures.
 """
 
 from __future__ import annotations
@@ -220,15 +220,16 @@ def symmflow_rows(fold_dir: Path, passes: int, seed: int) -> dict:
     return {"symmflow": metrics, "symmflow_nearest_colour": raw}
 
 
-def calibrate_folds(work: Path, folds: list[int]) -> None:
-    """Refit the calibrated rows of folds that have run, from their stored models (no training)."""
+def calibrate_folds(work: Path, folds: list[int], command: str) -> None:
+    """Refit the calibrated rows of folds that have run, from their stored models (no training); the command is
+    recorded (``calibrate_command``) for the report."""
     for fold in folds:
         fold_dir = work / f"fold-{fold}"
         flow, symmflow = fold_dir / "result.json", fold_dir / "symmflow.json"
         if not flow.exists():
             raise SystemExit(f"{flow} is missing: run the fold first")
         record = json.loads(flow.read_text())
-        flow.write_text(json.dumps({**record, **flow_rows(fold_dir)}, indent=2))
+        flow.write_text(json.dumps({**record, **flow_rows(fold_dir), "calibrate_command": command}, indent=2))
         if symmflow.exists():
             record = json.loads(symmflow.read_text())
             rows = symmflow_rows(fold_dir, record["passes"], record.get("seed", 0))
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 run_fold(data, args.work, fold, args.epochs, args.seed, command, args.set)
     elif args.stage == "calibrate":
-        calibrate_folds(args.work, list(map(int, args.folds.split(","))))
+        calibrate_folds(args.work, list(map(int, args.folds.split(","))), " ".join(["python", *sys.argv]))
     else:
         from classification_report import write_report
 

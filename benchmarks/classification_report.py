@@ -18,10 +18,10 @@ from augflow.classify.metrics import REJECTION_GRID  # noqa: E402
 from augflow.data.store import read_info  # noqa: E402
 from augflow.explain import explain_file, plot_explanation  # noqa: E402
 
-MODELS = {"flow": "MAGIC-Flow (Bayes, training prior, offsets + temperature)",
-          "flow_temperature_only": "MAGIC-Flow (Bayes, training prior, temperature only)",
+MODELS = {"flow": "MAGIC-Flow (Bayes, training prior, temperature; offset decisions)",
+          "flow_temperature_only": "MAGIC-Flow (Bayes, training prior, temperature; argmax decisions)",
           "flow_uniform_prior": "MAGIC-Flow (uniform prior)", "cnn": "ResNet-18 (class-weighted)",
-          "symmflow": "MedSymmFlow (mask read-out, offsets + temperature)",
+          "symmflow": "MedSymmFlow (mask read-out, temperature; offset decisions)",
           "symmflow_nearest_colour": "MedSymmFlow (nearest colour: the paper's read-out)"}
 METRICS = ["accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro", "ece"]
 
@@ -126,6 +126,7 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
         "",
         "```",
         *sorted({r["command"] for r in results}),
+        *sorted({r["calibrate_command"] for r in results if "calibrate_command" in r}),
         *sorted({r["symmflow_run"]["command"] for r in results if "symmflow_run" in r}),
         command,
         "```",
@@ -161,12 +162,11 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
                      + " |")
     lines += ["", "Calibration of the flow (expected calibration error, 15 bins, on the test folds): "
               f"{_mean_std([r['flow']['ece_uncalibrated'] for r in results])} with the raw posterior; "
-              f"{_mean_std([r['flow']['ece'] for r in results])} with the per-class offsets (fitted by the "
-              "class-balanced likelihood of the validation labels) and the temperature (by their ordinary likelihood; "
-              "temperatures " + ", ".join(f"{r['flow']['temperature']:.3g}" for r in results) + ")"
-              + (f"; {_mean_std([r['flow_temperature_only']['ece'] for r in results])} with the temperature only "
-                 "(" + ", ".join(f"{r['flow_temperature_only']['temperature']:.3g}" for r in results) + ")"
-                 if "flow_temperature_only" in results[0] else "") + ".",
+              f"{_mean_std([r['flow']['ece'] for r in results])} with the temperature (fitted by the ordinary "
+              "likelihood of the validation labels; temperatures "
+              + ", ".join(f"{r['flow']['temperature']:.3g}" for r in results) + "). The per-class offsets (fitted by "
+              "the class-balanced likelihood of the same labels) set the decisions only: the probabilities, their "
+              "ECE and the entropy that ranks selective prediction are the temperature-scaled Bayes posterior's.",
               "", "Budget per fold (CPU seconds, one thread): " + ", ".join(
                   f"fold {r['fold']}: flow {r['flow_train_seconds']:.0f} s, CNN {r['cnn_train_seconds']:.0f} s"
                   + (f", MedSymmFlow {r['symmflow_run']['train_seconds']:.0f} s ({r['symmflow_run']['steps']} steps)"
