@@ -481,7 +481,8 @@ def classify(model, data, out, prior, calibrate_on, no_class_offsets, batch_size
     click.echo(f"calibration: temperature {metrics['temperature']:.3g}{offsets} ({metrics['calibration_source']}): "
                f"balanced accuracy {metrics['balanced_accuracy_uncalibrated']:.3f} -> "
                f"{metrics['balanced_accuracy']:.3f}, ECE {metrics['ece_uncalibrated']:.3f} -> "
-               f"{metrics['ece']:.3f}; selective-prediction area {metrics['selective_prediction']['area']:.3f}")
+               f"{metrics['ece']:.3f} (a perfectly calibrated model: {metrics['ece_floor']:.3f} on these "
+               f"{metrics['n']} images); selective-prediction area {metrics['selective_prediction']['area']:.3f}")
 
 
 @cli.command()

@@ -164,7 +164,11 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
               f"{_mean_std([r['flow']['ece_uncalibrated'] for r in results])} with the raw posterior; "
               f"{_mean_std([r['flow']['ece'] for r in results])} with the temperature (fitted by the ordinary "
               "likelihood of the validation labels; temperatures "
-              + ", ".join(f"{r['flow']['temperature']:.3g}" for r in results) + "). The per-class offsets (fitted by "
+              + ", ".join(f"{r['flow']['temperature']:.3g}" for r in results) + ")"
+              + (", where a perfectly calibrated posterior would show "
+                 f"{_mean_std([r['flow']['ece_floor'] for r in results])} on these test folds (labels drawn "
+                 "from the posterior itself: the ECE's sampling floor)"
+                 if "ece_floor" in results[0]["flow"] else "") + ". The per-class offsets (fitted by "
               "the class-balanced likelihood of the same labels) set the decisions only: the probabilities, their "
               "ECE and the entropy that ranks selective prediction are the temperature-scaled Bayes posterior's.",
               "", "Budget per fold (CPU seconds, one thread): " + ", ".join(

@@ -11,7 +11,13 @@ from sklearn.metrics import balanced_accuracy_score
 
 from augflow.classify.calibration import calibrate, fit_calibration, stored_calibration
 from augflow.classify.likelihood import class_log_likelihoods, log_prior
-from augflow.classify.metrics import Scores, expected_calibration_error, posterior, selective_prediction
+from augflow.classify.metrics import (
+    Scores,
+    calibration_error_floor,
+    expected_calibration_error,
+    posterior,
+    selective_prediction,
+)
 from augflow.cli import cli
 from augflow.data.store import write_dataset
 from augflow.errors import ConfigError, DataError
@@ -68,6 +74,29 @@ def test_selective_prediction_on_a_hand_made_example():
     assert curve["area"] == pytest.approx(np.mean(curve["accuracy"]))
     flipped = selective_prediction(correct, -uncertainty)
     assert flipped["area"] < curve["area"]
+
+
+def test_expected_calibration_error_on_a_hand_made_example():
+    # Two bins: confidence 0.9 (2 images, 1 right) and 0.6 (2 images, both right): |0.5 - 0.9| / 2 + |1 - 0.6| / 2.
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
+    assert expected_calibration_error(probs, np.array([0, 1, 1, 1])) == pytest.approx(0.4)
+
+
+def test_calibration_error_floor_is_the_ece_of_labels_drawn_from_the_probabilities():
+    # Labels drawn from the probabilities are perfectly calibrated: their ECE is the floor's sampling noise, which
+    # shrinks with the number of images; labels of an over-confident model sit far above it.
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(4, 0.7), size=300)
+    floor, spread = calibration_error_floor(probs)
+    calibrated = [expected_calibration_error(probs, (rng.random((300, 1)) > np.cumsum(probs, 1)).sum(1))
+                  for _ in range(100)]
+    assert abs(np.mean(calibrated) - floor) < 0.01 and 0.005 < spread < 0.03
+    assert 0.03 < floor < 0.12
+    big = rng.dirichlet(np.full(4, 0.7), size=20000)
+    assert calibration_error_floor(big, draws=20)[0] < 0.015
+    sharp = posterior(np.log(probs) * 3, np.zeros(4))  # the same decisions, over-confident
+    labels = (rng.random((300, 1)) > np.cumsum(probs, 1)).sum(1)
+    assert expected_calibration_error(sharp, labels) > floor + 5 * spread
 
 
 def test_calibration():
