@@ -190,11 +190,10 @@ def run_symmflow_fold(work: Path, fold: int, seed: int, command: str, overrides:
     paths = {part: fold_dir / f"{part}.h5" for part in ("train", "val", "test")}
     budget_file = fold_dir / "symmflow-budget.json"  # written before training, so that a resumed run keeps it
     if not budget_file.exists():
-        started = time.process_time()
         timing = fold_dir / "symmflow-epoch"
-        train(paths["train"], timing, load_recipe("scanner-symmflow", ["train.epochs=1", *overrides]),
-              val=paths["val"], seed=seed, progress=False, overwrite=True)
-        epoch_seconds = time.process_time() - started
+        epoch_seconds = cpu_seconds(lambda: train(paths["train"], timing, load_recipe(
+            "scanner-symmflow", ["train.epochs=1", *overrides]), val=paths["val"], seed=seed, progress=False,
+            overwrite=True))
         shutil.rmtree(timing)
         budget_file.write_text(json.dumps({"epochs": max(1, round(flow_seconds / epoch_seconds)),
                                            "epoch_seconds": epoch_seconds}))
