@@ -368,8 +368,8 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @click.option("--denoise", is_flag=True,
               help="Remove the training input noise (augment.noise_std) from each sample with one score step.")
 @click.option("--near", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Derive each sample from a real image of its class in this file (MAGIC-Flow; not for a DP or "
-                   "public release: the images vary around real subjects).")
+              help="Derive each sample from a real image of its class in this file (not for a DP or public release: "
+                   "the images vary around real subjects).")
 @click.option("--strength", type=float, default=None,
               help="With --near: how far a sample moves from its real image, in (0, 1] (1 = an ordinary sample; "
                    "default 0.3, the best of 0.15 / 0.3 / 0.6 on the built-in data's val split).")

@@ -67,6 +67,11 @@ class ModelFamily(Protocol):
     def sample(self, y: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """Class-conditional images ``(B, C, H, W)``, nominally in ``[0, 1]``."""
 
+    def sample_near(self, x: Tensor, c: Tensor, y: Tensor, strength: float, temperature: float = 1.0,
+                    generator: torch.Generator | None = None) -> Tensor:
+        """Images of classes ``y`` derived from real images ``x`` of classes ``c``: ``strength`` in (0, 1] is how far
+        they move from ``x`` (``-> 0``: ``x`` itself; 1: an ordinary :meth:`sample`)."""
+
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
         """Write ``{"family", "config", "state_dict", "meta"}`` for :func:`load_model`."""
 

@@ -18,16 +18,18 @@ density of the noisy images, and its samples carry that noise. ``denoise`` remov
 ``x + sigma^2 * grad_x log p(x | y)`` (Tweedie's formula; TarFlow, Zhai et al. 2024, arXiv 2412.06329), so the
 released images keep the noise of their scanner and not the training augmentation's.
 
-``near`` anchors each sample to a real image (an exactly invertible model only): the real image is encoded under
-its own class ``c``, its standardised deviation from that class's prior mixed with fresh noise and decoded under the
-class ``y`` to synthesize, ``z = mu_y + sigma_y (sqrt(1 - s^2) (z_real - mu_c) / sigma_c + s T eps)``. With anchors
-of the same class (``c = y``), ``s = 0`` returns the real image (oversampling), ``s = 1`` an ordinary sample; in
-between, images vary around real ones and keep what the model renders of their scanner, as latent-space augmentation
-does (DeVries & Taylor 2017, arXiv 1702.05538, in a learned feature space; here the flow's). With anchors of the
-other classes, the latent of an image of one scanner is decoded as another: a counterfactual translation of a
-conditional invertible network (Ardizzone et al. 2019, arXiv 1907.02392, style transfer with a cINN), which gives a
-rare class the anatomy of the frequent classes' subjects. Such images are derived from real subjects: they are for
-in-house training, not a privacy-preserving release, and a DP model refuses them.
+``near`` anchors each sample to a real image (the model's ``sample_near``). MAGIC-Flow encodes the real image under
+its own class ``c``, mixes its standardised deviation from that class's prior with fresh noise and decodes it under
+the class ``y`` to synthesize, ``z = mu_y + sigma_y (sqrt(1 - s^2) (z_real - mu_c) / sigma_c + s T eps)``;
+MedSymmFlow starts its ODE from the real image's point on the path at ``t = 1 - s`` (SDEdit, Meng et al. 2022,
+arXiv 2108.01073). With anchors of the same class (``c = y``), ``s -> 0`` returns the real image (oversampling),
+``s = 1`` an ordinary sample; in between, images vary around real ones and keep what the model renders of their
+scanner, as latent-space augmentation does (DeVries & Taylor 2017, arXiv 1702.05538, in a learned feature space;
+here the flow's). With anchors of the other classes, the latent of an image of one scanner is decoded as another: a
+counterfactual translation of a conditional invertible network (Ardizzone et al. 2019, arXiv 1907.02392, style
+transfer with a cINN), which gives a rare class the anatomy of the frequent classes' subjects. Such images are
+derived from real subjects: they are for in-house training, not a privacy-preserving release, and a DP model
+refuses them.
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def synthesize(
         counts_source: How ``counts`` were computed (:func:`topup_counts`), recorded in the provenance.
         denoise: Remove the model's training input noise from each sample with one score step (needs an exact
             likelihood and a model trained with ``augment.noise_std > 0``).
-        near: Derive each sample from a real image (:class:`Anchors`; MAGIC-Flow, not under DP).
+        near: Derive each sample from a real image (:class:`Anchors`; not under DP).
         overwrite: Replace ``out`` if it exists (never the model or ``selection.real``).
 
     Raises:
@@ -214,7 +216,7 @@ def synthesize(
                 # With a selection, draw whole batches: most of a batch may be rejected.
                 b = min(batch_size, n - made) if selector.method == "none" else batch_size
                 with autocast(dev, amp):
-                    start = anchors.latents(flow, order, drawn, b, dev) if anchors else None
+                    start = anchors.batch(order, drawn, b, dev) if anchors else None
                     x = _finite_batch(flow, k, b, temperature, generator, dev, start,
                                       near.strength if near else 1.0)
                     images = _denoised(flow, x.images, k, sigma) if sigma else x.images
@@ -352,8 +354,8 @@ class Anchors:
     Attributes:
         real: A real file with the model's classes and image shape; the anchors of a class are used in turn, in an
             order shuffled by the seed, so every real image anchors about as many samples as the others.
-        strength: ``s`` in ``z = mu_y + sigma_y (sqrt(1 - s^2) (z_real - mu_c) / sigma_c + s T eps)``, in (0, 1]:
-            how far a sample moves from its real image (0 would copy it, 1 ignores it).
+        strength: ``s`` in (0, 1], how far a sample moves from its real image (0 would copy it, 1 ignores it): the
+            noise fraction of MAGIC-Flow's latent, ``1 - t`` of MedSymmFlow's starting time.
         classes: Which real images anchor the samples of class ``y``: ``"same"`` (those of ``y``), ``"other"``
             (those of every other class: translated to ``y``) or ``"all"``.
     """
@@ -366,8 +368,7 @@ class Anchors:
         """Read the real images that anchor the classes to synthesize, after checking the model and the file.
 
         Raises:
-            ConfigError: For a strength outside (0, 1], unknown anchor classes, a model without an exact inverse, or
-                a DP model.
+            ConfigError: For a strength outside (0, 1], unknown anchor classes or a DP model.
             DataError: For a file whose classes or image shape differ from the model's, or a class to synthesize
                 that has no image to anchor to.
         """
@@ -375,9 +376,6 @@ class Anchors:
             raise ConfigError(f"--strength must be in (0, 1] (0 would copy the real images), but is: {self.strength}")
         if self.classes not in ANCHOR_CLASSES:
             raise ConfigError(f"--anchor-classes must be one of {', '.join(ANCHOR_CLASSES)}, but is: {self.classes!r}")
-        if not flow.has_likelihood:
-            raise ConfigError(f"--near encodes real images, which needs an invertible model (MAGIC-Flow); "
-                              f"{model_path} is a {flow.family!r} model")
         ledger = Ledger.from_dict(meta.get("privacy"))
         if ledger and ledger.dp:
             raise ConfigError(f"--near derives each image from a real image of {self.real}: the model's (epsilon, "
@@ -417,12 +415,10 @@ class _AnchorImages:
         rows = self.rows[k]
         return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(derive_seed(seed, k)))]
 
-    def latents(self, flow: ModelFamily, order: Tensor, start: int, b: int, device) -> list[Tensor]:
-        """The standardised latents ``(z - mu_c) / sigma_c`` of the next ``b`` anchors, each under its own class."""
+    def batch(self, order: Tensor, start: int, b: int, device) -> tuple[Tensor, Tensor]:
+        """The images and classes of the next ``b`` anchors of ``order``."""
         rows = order[torch.arange(start, start + b) % len(order)]
-        x, c = self.images[rows].to(device), self.labels[rows].to(device)
-        zs, _ = flow.encode(x, c)
-        return [(z - mu) * (-log_scale).exp() for z, mu, log_scale in zip(zs, *flow.prior(c), strict=True)]
+        return self.images[rows].to(device), self.labels[rows].to(device)
 
 
 @dataclass
@@ -460,8 +456,9 @@ def _denoised(flow: ModelFamily, x: torch.Tensor, k: int, sigma: float) -> torch
 
 
 def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float, generator, device,
-                  start: list[Tensor] | None = None, strength: float = 1.0) -> _Batch:
-    """Draw b samples of class k (from the latents ``start`` of real images, if given), redrawing non-finite ones."""
+                  start: tuple[Tensor, Tensor] | None = None, strength: float = 1.0) -> _Batch:
+    """Draw b samples of class k (anchored to the real images and classes ``start``, if given), redrawing
+    non-finite ones."""
     y = torch.full((b,), k, dtype=torch.long, device=device)
     images = _draw(flow, y, temperature, generator, start, strength)
     rejected = 0
@@ -470,19 +467,14 @@ def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float, generat
         if not bad.any():
             return _Batch(images, rejected)
         rejected += int(bad.sum())
-        images[bad] = _draw(flow, y[bad], temperature, generator, start and [z[bad] for z in start], strength)
+        images[bad] = _draw(flow, y[bad], temperature, generator, start and (start[0][bad], start[1][bad]), strength)
     raise FloatingPointError(f"class {k}: samples stayed non-finite after {_MAX_REDRAWS} redraws; "
                              "the model is unusable (retrain it or lower --temperature)")
 
 
-def _draw(flow: ModelFamily, y: Tensor, temperature: float, generator, start: list[Tensor] | None,
+def _draw(flow: ModelFamily, y: Tensor, temperature: float, generator, start: tuple[Tensor, Tensor] | None,
           strength: float) -> Tensor:
-    """Samples of classes ``y``: ordinary ones, or decoded from ``mu_y + sigma_y (sqrt(1 - s^2) start + s T eps)``
-    with ``start`` the standardised latents of real images (so ``s = 1`` is an ordinary sample)."""
+    """Samples of classes ``y``: ordinary ones, or anchored to the real images and classes ``start``."""
     if start is None:
         return flow.sample(y, temperature=temperature, generator=generator)
-    keep = math.sqrt(1 - strength ** 2)
-    zs = [mu + log_scale.exp() * (keep * u + strength * temperature * torch.randn(
-              u.shape, generator=generator, device=u.device, dtype=u.dtype))
-          for u, mu, log_scale in zip(start, *flow.prior(y), strict=True)]
-    return flow.decode(zs, y)
+    return flow.sample_near(*start, y, strength, temperature, generator)

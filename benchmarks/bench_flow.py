@@ -221,10 +221,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20.0, help="timing window per measurement")
-    parser.add_argument("--sample-counts", default="1000,20000")
+    parser.add_argument("--sample-counts", default="1000,20000", help="images per synthesize run ('': skip)")
     parser.add_argument("--quality-steps", type=int, default=300, help="training steps of the quality runs (0: skip)")
     parser.add_argument("--data", type=Path, default=None, help="folder with train.h5 and val.h5 (64 px scanner); "
                                                                  "default: generated")
+    parser.add_argument("--out", type=Path, default=REPORT, help="report to write (its notes section is kept)")
     parser.add_argument("--measure", nargs=3, metavar=("MODEL", "MODE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
@@ -244,7 +245,7 @@ def main() -> None:
                 rows.append(_child(["--measure", model, mode, precision, "--recipe", args.recipe, "--batch",
                                     str(args.batch), "--seconds", str(args.seconds)], args.threads))
     synth = []
-    for n in map(int, args.sample_counts.split(",")):
+    for n in (int(c) for c in args.sample_counts.split(",") if c):
         for amp in (False, True):
             print(f"synthesizing {n} images (amp {amp}) ...", file=sys.stderr, flush=True)
             synth.append(synthesize_rss(args.recipe, n, args.threads, amp))
@@ -279,8 +280,9 @@ def main() -> None:
                      f"{r['images_per_s']:.1f} | {speedup:.2f}x | {r['gflop_per_image']:.3f} | "
                      f"{r['achieved_gflops']:.1f} | {_fraction(r):.1%} | "
                      f"{relative:.2f}x | {r['peak_rss_mib'] / 1024:.2f} GiB |")
-    lines += ["", "`augflow synthesize` (streaming to HDF5, batch 64):", "",
-              "| images | amp | seconds | images/s | peak RSS |", "| --- | --- | --- | --- | --- |"]
+    if synth:
+        lines += ["", "`augflow synthesize` (streaming to HDF5, batch 64):", "",
+                  "| images | amp | seconds | images/s | peak RSS |", "| --- | --- | --- | --- | --- |"]
     for s in synth:
         lines.append(f"| {s['n']} | {s['amp']} | {s['seconds']:.1f} | {s['images_per_s']:.1f} | "
                      f"{s['peak_rss_mib']:.0f} MiB |")
@@ -293,8 +295,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     # Keep the hand-written notes (what was tried and what it gave) below the generated tables.
-    notes = REPORT.read_text().partition(NOTES)[2] if REPORT.exists() else ""
-    REPORT.write_text(text + (f"\n{NOTES}{notes}" if notes else ""))
+    notes = args.out.read_text().partition(NOTES)[2] if args.out.exists() else ""
+    args.out.write_text(text + (f"\n{NOTES}{notes}" if notes else ""))
     print(json.dumps({"rows": rows, "synthesize": synth, "quality": runs}), file=sys.stderr)
 
 

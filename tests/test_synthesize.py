@@ -248,7 +248,6 @@ def test_near_moves_from_the_real_images_to_ordinary_samples_with_the_strength(i
 @pytest.mark.parametrize("prior", ["class_gaussian", "class_diagonal"])
 def test_near_shrinks_the_deviation_from_the_class_mean_of_a_class_prior(prior):
     from augflow.flows import MagicFlow, MagicFlowConfig
-    from augflow.synthesize import _draw
 
     torch.manual_seed(0)
     config = MagicFlowConfig(image_shape=(1, 8, 8), num_classes=2, full_res_steps=("application",), channel_steps=1,
@@ -259,22 +258,21 @@ def test_near_shrinks_the_deviation_from_the_class_mean_of_a_class_prior(prior):
             p.add_(0.1 * torch.randn_like(p))  # leave the identity initialisation
         y, x = torch.tensor([1, 1, 0]), torch.rand(3, 1, 8, 8, dtype=torch.float64)
         real, (means, log_scales) = flow.encode(x, y)[0], flow.prior(y)
-        standardised = [(z - mu) / s.exp() for z, mu, s in zip(real, means, log_scales, strict=True)]
         strength, temperature = 0.6, 0.8  # sqrt(1 - 0.6^2) = 0.8
-        near = flow.encode(_draw(flow, y, temperature, torch.Generator().manual_seed(0), standardised, strength), y)[0]
+        near = flow.encode(flow.sample_near(x, y, y, strength, temperature, torch.Generator().manual_seed(0)), y)[0]
         generator = torch.Generator().manual_seed(0)
         for z_near, z, mu, log_sigma in zip(near, real, means, log_scales, strict=True):
             eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
             torch.testing.assert_close(z_near, mu + 0.8 * (z - mu) + strength * temperature * log_sigma.exp() * eps)
         # Strength 1 ignores the anchor: an ordinary sample, mu_y + T sigma_y eps.
-        full = _draw(flow, y, temperature, torch.Generator().manual_seed(1), standardised, 1.0)
+        full = flow.sample_near(x, y, y, 1.0, temperature, torch.Generator().manual_seed(1))
         torch.testing.assert_close(full, flow.sample(y, temperature, torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("prior", ["class_gaussian", "class_diagonal"])
 def test_anchors_of_another_class_are_translated_through_the_standardised_latent(prior):
     from augflow.flows import MagicFlow, MagicFlowConfig
-    from augflow.synthesize import _AnchorImages, _draw
+    from augflow.synthesize import _AnchorImages
 
     torch.manual_seed(0)
     config = MagicFlowConfig(image_shape=(1, 8, 8), num_classes=3, full_res_steps=("application",), channel_steps=1,
@@ -286,16 +284,36 @@ def test_anchors_of_another_class_are_translated_through_the_standardised_latent
         x, c = torch.rand(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 0, 2])
         anchors = _AnchorImages(x, c, {1: torch.tensor([0, 1, 2, 3])})
         order = torch.tensor([3, 0, 1, 2])
-        u = anchors.latents(flow, order, 1, 2, "cpu")  # the 2nd and 3rd anchors of the order: rows 0 and 1
-        # Encoded under their own classes (0 and 2) and standardised by those classes' priors ...
-        z_own, (mu_own, s_own) = flow.encode(x[[0, 1]], c[[0, 1]])[0], flow.prior(c[[0, 1]])
-        for u_part, z, mu, s in zip(u, z_own, mu_own, s_own, strict=True):
-            torch.testing.assert_close(u_part, (z - mu) / s.exp())
-        # ... and decoded as class 1: its prior mean and scale around the anchor's standardised deviation.
+        x_next, c_next = anchors.batch(order, 1, 2, "cpu")  # the 2nd and 3rd anchors of the order: rows 0 and 1
+        torch.testing.assert_close(x_next, x[[0, 1]])
+        assert c_next.tolist() == [0, 2]
+        # Decoded as class 1: its prior mean and scale around the anchor's deviation standardised by its own
+        # class's (0 and 2) prior.
         y = torch.tensor([1, 1])
-        translated = flow.encode(_draw(flow, y, 0.8, torch.Generator().manual_seed(0), u, 1e-9), y)[0]
-        for z, u_part, mu, s in zip(translated, u, *flow.prior(y), strict=True):
-            torch.testing.assert_close(z, mu + s.exp() * u_part)
+        translated = flow.encode(flow.sample_near(x_next, c_next, y, 1e-9, 0.8, torch.Generator().manual_seed(0)),
+                                 y)[0]
+        z_own, (mu_own, s_own) = flow.encode(x_next, c_next)[0], flow.prior(c_next)
+        for z, z_c, mu_c, s_c, mu, s in zip(translated, z_own, mu_own, s_own, *flow.prior(y), strict=True):
+            torch.testing.assert_close(z, mu + s.exp() * (z_c - mu_c) / s_c.exp())
+
+
+def test_medsymmflow_near_starts_its_ode_on_the_real_images_path():
+    from augflow.symmflow import SymmFlow, SymmFlowConfig
+
+    torch.manual_seed(0)
+    model = SymmFlow(SymmFlowConfig(image_shape=(1, 8, 8), num_classes=3, base_channels=8, channel_mult=(1, 2),
+                                    steps=10)).eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    # Strength 1: the ordinary sample with the same generator.
+    torch.testing.assert_close(model.sample_near(x, y, y, 1.0, 0.9, torch.Generator().manual_seed(3)),
+                               model.sample(y, 0.9, torch.Generator().manual_seed(3)))
+    # Strength -> 0: the real image (no integration time left, sigma_min of noise).
+    torch.testing.assert_close(model.sample_near(x, y, y, 1e-6, 1.0, torch.Generator().manual_seed(3)), x,
+                               atol=1e-3, rtol=0)
+    # In between, the distance to the anchor grows with the strength.
+    distances = [(model.sample_near(x, y, y, s, 1.0, torch.Generator().manual_seed(3)) - x).abs().mean().item()
+                 for s in (0.1, 0.5, 1.0)]
+    assert distances[0] < distances[1] < distances[2], distances
 
 
 def test_anchor_classes_choose_the_rows_that_anchor_each_class(imbalanced):
@@ -335,16 +353,11 @@ def test_bad_near_options_are_named_and_write_nothing(imbalanced, tmp_path, args
     assert not out.exists()
 
 
-def test_near_is_refused_for_a_dp_model_and_a_model_without_an_inverse(imbalanced, tmp_path, monkeypatch):
+def test_near_is_refused_for_a_dp_model(imbalanced, tmp_path, monkeypatch):
     from augflow import synthesize as module
-    from augflow.flows.magic import MagicFlow
     from augflow.synthesize import Anchors
 
     data, run = imbalanced
-    with monkeypatch.context() as patch:
-        patch.setattr(MagicFlow, "has_likelihood", False)
-        with pytest.raises(ConfigError, match="needs an invertible model"):
-            synthesize(run, tmp_path / "a.h5", {"small": 2}, near=Anchors(data), progress=False)
     monkeypatch.setattr(module.Ledger, "from_dict", staticmethod(lambda stored: type("L", (), {"dp": True})()))
     with pytest.raises(ConfigError, match="guarantee would not cover them"):
         synthesize(run, tmp_path / "b.h5", {"small": 2}, near=Anchors(data), progress=False)

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from conftest import make_dataset
 
 from augflow.cli import cli
-from augflow.data.store import read_info
+from augflow.data.store import read_images, read_info
 from augflow.errors import ConfigError
 from augflow.models import load_model
 from augflow.symmflow import SymmFlow
-from augflow.synthesize import synthesize
+from augflow.synthesize import Anchors, synthesize
 from augflow.train.loop import train
 from augflow.train.recipe import load_recipe
 
@@ -44,6 +44,13 @@ def test_recipe_trains_through_the_loop_and_synthesizes(tmp_path):
     info = read_info(out.out)
     assert info.source == "synthetic" and info.labels.tolist() == [1, 1, 1, 2, 2]
     assert info.image_shape == (1, 8, 8)
+    # Anchored to the real images (SDEdit): a small strength stays near its anchors of the same class.
+    near = synthesize(tmp_path / "run", tmp_path / "near.h5", {"class1": 3}, near=Anchors(data, 0.05),
+                      progress=False).out
+    real, labels = read_images(data), read_info(data).labels
+    distance = np.abs(read_images(near)[:, None] - real[None]).reshape(3, len(real), -1).mean(-1)
+    assert (labels[distance.argmin(1)] == 1).all() and (distance.min(1) < 0.05).all()
+    assert read_info(near).provenance["near"]["strength"] == 0.05
 
 
 def test_resume_continues_exactly(tmp_path):
