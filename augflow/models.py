@@ -32,7 +32,7 @@ class ModelFamily(Protocol):
         has_likelihood: Whether it has an exact ``log_prob(x, y)`` (with ``attribution(x, y)``, its per-pixel
             split, ``class_log_probs(x)``, every class's at once, and the inverse ``encode`` / ``decode`` with the
             latent prior ``prior(y)``, its means and log standard deviations): the likelihood classifier,
-            attribution maps, ``--near`` and exact membership scores need it. A family without one classifies by
+            attribution maps and exact membership scores need it. A family without one classifies by
             its own read-out (MedSymmFlow: ``classify(x, passes, generator)``).
         default_temperature: Sampling temperature when the model's metadata names none.
         config: Its config dataclass (``image_shape``, ``num_classes``, ``uses_app_mask``, ``to_dict()``).
