@@ -48,10 +48,11 @@ class ModelFamily(Protocol):
     @property
     def dp_blocker(self) -> str | None: ...
 
-    def training_loss(self, x: Tensor, y: Tensor, ce_weight: float = 0.0, log_prior: Tensor | None = None) -> Tensor:
+    def training_loss(self, x: Tensor, y: Tensor, ce_weight: float = 0.0, log_prior: Tensor | None = None,
+                      label_smoothing: float = 0.0) -> Tensor:
         """Per-sample objective ``(B,)`` of dequantised images in ``[0, 1]`` (per sample, so DP-SGD can clip it);
-        ``ce_weight`` and ``log_prior`` (``(K,)``, None = uniform) weigh and condition a hybrid objective's
-        cross-entropy where the family has one."""
+        ``ce_weight``, ``log_prior`` (``(K,)``, None = uniform) and ``label_smoothing`` weigh, condition and smooth
+        a hybrid objective's cross-entropy where the family has one."""
 
     def initialize(self, x: Tensor, y: Tensor) -> None:
         """Data-dependent initialisation before training (a no-op where there is none)."""

@@ -362,21 +362,23 @@ class MagicFlow(FamilyModel):
         prior = [[p[:, None] for p in part] for part in self.prior(torch.arange(k, device=x.device))]  # (K, 1, C, H, W)
         return (logdet.reshape(passes, b) + _gaussian_log_prob(zs, prior)).T  # (B, K)
 
-    def training_loss(self, x: Tensor, y: Tensor, ce_weight: float = 0.0, log_prior: Tensor | None = None) -> Tensor:
+    def training_loss(self, x: Tensor, y: Tensor, ce_weight: float = 0.0, log_prior: Tensor | None = None,
+                      label_smoothing: float = 0.0) -> Tensor:
         """Per-sample objective ``(B,)``: bits/dim of dequantised ``x``, plus ``ce_weight`` times the
         cross-entropy of the Bayes posterior ``softmax(log p(x | k) + log_prior_k)`` (the hybrid objective; 0 = the
         paper's conditional maximum likelihood). ``log_prior`` ``(K,)``: None = uniform. With the training
         frequencies it is the joint model's own posterior, so the class likelihoods need not absorb the class
-        imbalance (the logit-adjusted loss, Menon et al. 2021, arXiv:2007.07314). The hybrid term needs all K
+        imbalance (the logit-adjusted loss, Menon et al. 2021, arXiv:2007.07314). ``label_smoothing`` spreads that
+        much of the target over all K classes (IB-INN, arXiv:2001.06448, uses 0.02). The hybrid term needs all K
         class densities (:meth:`class_log_probs`): one flow pass with unconditional couplings, else K times the cost."""
         if ce_weight == 0:
             return self.bits_per_dim(x, y)
         log_p = self.class_log_probs(x)  # (B, K)
         own = log_p.gather(1, y[:, None])[:, 0]
         bpd = -(own - self.num_dims * math.log(256)) / (self.num_dims * math.log(2))
-        if log_prior is not None:
-            log_p, own = log_p + log_prior, own + log_prior[y]
-        return bpd + ce_weight * (torch.logsumexp(log_p, dim=1) - own)
+        logits = log_p if log_prior is None else log_p + log_prior
+        return bpd + ce_weight * nn.functional.cross_entropy(logits, y, reduction="none",
+                                                             label_smoothing=label_smoothing)
 
     @staticmethod
     def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -283,12 +283,13 @@ class SymmFlow(FamilyModel):
         loss_m = (v_hat[:, c:] - v_m).square().flatten(1).mean(1)
         return w * loss_z + (1 - w) * loss_m
 
-    def training_loss(self, x: Tensor, y: Tensor, ce_weight: float = 0.0, log_prior: Tensor | None = None) -> Tensor:
+    def training_loss(self, x: Tensor, y: Tensor, ce_weight: float = 0.0, log_prior: Tensor | None = None,
+                      label_smoothing: float = 0.0) -> Tensor:
         """Per-sample symmetric flow-matching loss ``(B,)`` of dequantised images ``x`` in ``[0, 1]``.
 
         ``t``, the noise and the mask dequantisation come from torch's global RNG (the loop seeds it per step;
-        ``torch.func.vmap(..., randomness="different")`` draws per sample). ``log_prior`` belongs to the hybrid
-        objective and is unused.
+        ``torch.func.vmap(..., randomness="different")`` draws per sample). ``log_prior`` and ``label_smoothing`` belong
+        to the hybrid objective and are unused.
 
         Raises:
             ConfigError: If ``ce_weight`` is not 0 (the hybrid objective is MAGIC-Flow's).

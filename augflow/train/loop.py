@@ -123,7 +123,7 @@ def train(
         start_run(out, recipe.to_dict(), command)
     ce_prior = torch.tensor(log_prior(session.class_counts), dtype=torch.float32, device=device) \
         if cfg.ce_prior == "train" else None
-    session.attach(Objective(model, cfg.ce_weight, session.amp, ce_prior), optimizer)
+    session.attach(Objective(model, cfg.ce_weight, session.amp, ce_prior, cfg.label_smoothing), optimizer)
     end = session.last_step(total_steps if cfg.max_steps <= 0 else min(total_steps, cfg.max_steps))
     log = (out / METRICS).open("a") if rank == 0 else None
     bar = tqdm(total=end, initial=run.step, desc="train", unit="step", disable=not (progress and rank == 0),
@@ -238,15 +238,19 @@ class Objective(torch.nn.Module):
     """The model's per-sample training loss as a module's forward, for DDP's gradient hooks (and DP-SGD's per-sample
     gradients); under ``amp`` the model's networks run in bf16 (:mod:`augflow.precision`), the loss in float32.
     ``log_prior``: the hybrid objective's class prior (``train.ce_prior``), None = uniform; under DP it comes from the
-    released class counts, so the loss stays a function of one example."""
+    released class counts, so the loss stays a function of one example. ``label_smoothing``: of that objective's
+    cross-entropy target (``train.label_smoothing``)."""
 
-    def __init__(self, model: ModelFamily, ce_weight: float, amp: bool = False, log_prior: torch.Tensor | None = None):
+    def __init__(self, model: ModelFamily, ce_weight: float, amp: bool = False, log_prior: torch.Tensor | None = None,
+                 label_smoothing: float = 0.0):
         super().__init__()
         self.model, self.ce_weight, self.amp, self.log_prior = model, ce_weight, amp, log_prior
+        self.label_smoothing = label_smoothing
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(x.device, self.amp):
-            return self.model.training_loss(x, y, ce_weight=self.ce_weight, log_prior=self.log_prior).float()
+            return self.model.training_loss(x, y, ce_weight=self.ce_weight, log_prior=self.log_prior,
+                                            label_smoothing=self.label_smoothing).float()
 
 
 class _Run:

@@ -67,6 +67,7 @@ class TrainConfig:
     # The class prior of that posterior: "uniform", or "train" (the stored training class counts: the joint model's
     # own posterior, so the likelihoods need not absorb the imbalance; logit adjustment, arXiv:2007.07314)
     ce_prior: str = "uniform"
+    label_smoothing: float = 0.0  # of that cross-entropy's target (IB-INN, arXiv:2001.06448: 0.02); needs ce_weight > 0
     # Which validation figure keeps the released model: "loss" (lowest) or "balanced_accuracy" (highest, of the
     # likelihood classifier: a classifier is stopped early on what it is for; MAGIC-Flow only)
     select_on: str = "loss"
@@ -153,6 +154,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train.max_steps": (0, math.inf, True, False),
     "train.temperature": (0, 2, False, True),
     "train.ce_weight": (0, math.inf, True, False),
+    "train.label_smoothing": (0, 1, True, False),
     "augment.rotation_deg": (0, 180, True, True),
     "augment.shift_px": (0, math.inf, True, False),
     "augment.noise_std": (0, math.inf, True, False),
@@ -239,6 +241,9 @@ def recipe_from_dict(data: dict, name: str = "custom", source: str = "recipe") -
     if train.ce_prior not in CE_PRIORS:
         raise ConfigError(f"{source}: train.ce_prior must be one of {', '.join(CE_PRIORS)}, but is: "
                           f"{train.ce_prior!r}")
+    if train.label_smoothing and not train.ce_weight:
+        raise ConfigError(f"{source}: train.label_smoothing smooths the hybrid objective's cross-entropy and needs "
+                          f"train.ce_weight > 0, but train.ce_weight is 0")
     check_values("augment", augment, source)
     if not isinstance(privacy.enabled, bool):
         raise ConfigError(f"{source}: privacy.enabled must be true or false, but is: {privacy.enabled!r}")

@@ -59,6 +59,11 @@ def test_batched_classes_equal_a_per_class_loop(prior):
     torch.testing.assert_close(model.training_loss(x, y, ce_weight=0.5, log_prior=log_pi),
                                model.bits_per_dim(x, y) + 0.5 * adjusted)
     assert not torch.allclose(adjusted, ce)
+    # Label smoothing (train.label_smoothing): the target is (1 - eps) on the true class plus eps / K on every class.
+    log_post = torch.log_softmax(loop, dim=1)
+    smoothed = -(0.9 * log_post.gather(1, y[:, None])[:, 0] + 0.1 * log_post.mean(dim=1))
+    torch.testing.assert_close(model.training_loss(x, y, ce_weight=0.5, label_smoothing=0.1),
+                               model.bits_per_dim(x, y) + 0.5 * smoothed)
     torch.testing.assert_close(model.training_loss(x, y), model.bits_per_dim(x, y))
     with pytest.raises(ConfigError, match="the model scores 3 classes, but 2 are expected"):
         class_log_likelihoods(model, x, 2)

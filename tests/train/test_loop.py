@@ -215,6 +215,8 @@ def test_ce_prior_train_gives_the_objective_the_stored_class_frequencies(tmp_pat
     (["model.family=symmflow", "train.select_on=balanced_accuracy"], "needs a likelihood classifier"),
     (["train.select_on=balanced_accuracy", "privacy.enabled=true", "privacy.epsilon=8.0"], "cannot apply under --dp"),
     (["train.select_on=accuracy"], "train.select_on must be one of loss, balanced_accuracy, but is: 'accuracy'"),
+    (["train.label_smoothing=0.1"], "train.label_smoothing .* needs train.ce_weight > 0, but train.ce_weight is 0"),
+    (["train.ce_weight=1", "train.label_smoothing=1.0"], r"train.label_smoothing must be a number in \[0, 1\)"),
 ])
 def test_select_on_refusals_write_nothing(tmp_path, settings, message):
     data = make_dataset(tmp_path / "d.h5")

@@ -38,8 +38,9 @@ def _losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize(("ce_weight", "ce_prior"), [(0.0, None), (0.5, None), (0.5, (0.6, 0.3, 0.1))])
-def test_per_sample_gradients_equal_an_autograd_loop(ce_weight, ce_prior):
+@pytest.mark.parametrize(("ce_weight", "ce_prior", "smoothing"),
+                         [(0.0, None, 0.0), (0.5, None, 0.0), (0.5, (0.6, 0.3, 0.1), 0.0), (0.5, None, 0.1)])
+def test_per_sample_gradients_equal_an_autograd_loop(ce_weight, ce_prior, smoothing):
     # 16 px and two levels: float64 convolutions on 1x1 maps hit a torch CPU limitation under vmap
     # ("slow_conv2d: grad_weight must be contiguous"); training runs in float32, where they work.
     torch.manual_seed(0)
@@ -51,7 +52,7 @@ def test_per_sample_gradients_equal_an_autograd_loop(ce_weight, ce_prior):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     log_prior = None if ce_prior is None else torch.log(torch.tensor(ce_prior, dtype=torch.float64))
-    objective = Objective(model, ce_weight, log_prior=log_prior)
+    objective = Objective(model, ce_weight, log_prior=log_prior, label_smoothing=smoothing)
     grads, losses = PerSampleGradients(objective)(x, y)
     torch.testing.assert_close(losses, objective(x, y).detach(), rtol=1e-10, atol=0)
     names = [n for n, p in objective.named_parameters() if p.numel()]
