@@ -30,7 +30,9 @@ real images: every class gets as many synthetic images as every other, so that l
 about the class (a top-up puts synthetic images in the minority classes only). ``pre:`` pretrains on that balanced
 synthetic set for the fraction ``pre`` (default 0.5) of the arm's steps and fine-tunes on ``real+oversampled`` for the
 rest: the synthetic images teach anatomy and class layout, the real ones the scanners' exact signatures. The key
-``bn=real`` keeps BatchNorm statistics of the real training images only (the test images are real).
+``bn=real`` keeps BatchNorm statistics of the real training images only (the test images are real). ``dup=F`` mixes
+the two ways of filling a class: the fraction F of each class's gap to the largest class is filled by duplicates of its
+real images (as ``oversampled`` does), the rest by the top-up (``dup=0``: the top-up; ``dup=1``: oversampling).
 
     python benchmarks/usefulness.py --task scanner --size 32 --eval test --seeds 5 --threads 1 \\
         --arms real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0 --out reports/usefulness.md
@@ -77,7 +79,7 @@ TRAIN_SETTINGS = {
 
 BATCH = 64  # images per downstream CNN step
 SAMPLING_KEYS = ("T", "select", "conf", "ratio", "denoise", "near", "from")  # the keys that change the synthetic file
-ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre")
+ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre", "dup")
 MODES = ("only", "all", "pre")  # prefixes of arms that use a balanced synthetic set instead of a top-up
 
 
@@ -136,19 +138,38 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
     return out
 
 
-def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path], seed: int, weight: float = 1.0):
-    """Images, labels and per-image loss weights of an arm (``weight`` for each synthetic image of a top-up)."""
+def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path], seed: int, weight: float = 1.0,
+                 dup: float = 0.0):
+    """Images, labels and per-image loss weights of an arm (``weight`` for each synthetic image of a top-up), and
+    how many of its first rows are real images (``dup``: the share of each class's top-up replaced by duplicates)."""
     if arm == "real":
-        return x, y, None
+        return x, y, None, len(y)
     if arm == "oversampled":
         rows = oversample_rows(y, int(y.max()) + 1, seed)
-        return x[rows], y[rows], None
+        return x[rows], y[rows], None, len(rows)
     info, images = read_info(files[arm]), read_images(files[arm])
     if arm.startswith(("only:", "pre:")):
-        return images, info.labels, None
+        return images, info.labels, None, 0
     rows = np.arange(len(images)) if arm.startswith("all:") else topup_rows(y, info.labels, len(info.class_names), seed)
-    weights = None if weight == 1 else np.r_[np.ones(len(y)), np.full(len(rows), weight)]
-    return np.concatenate([x, images[rows]]), np.concatenate([y, info.labels[rows]]), weights
+    real = np.arange(len(y))
+    if dup:
+        rows, duplicates = mixed_rows(y, info.labels, rows, dup, seed)
+        real = np.r_[real, duplicates]
+    weights = None if weight == 1 else np.r_[np.ones(len(real)), np.full(len(rows), weight)]
+    return np.concatenate([x[real], images[rows]]), np.concatenate([y[real], info.labels[rows]]), weights, len(real)
+
+
+def mixed_rows(y: np.ndarray, synthetic_labels: np.ndarray, rows: np.ndarray, dup: float, seed: int):
+    """Replace the share ``dup`` of each class's top-up ``rows`` by duplicates of that class's real images (spread
+    evenly over them): returns the synthetic rows kept and the real rows duplicated."""
+    rng = np.random.default_rng(seed)
+    kept, duplicates = [], []
+    for k in np.unique(synthetic_labels[rows]):
+        mine = rows[synthetic_labels[rows] == k]
+        n_dup = round(dup * len(mine))
+        kept.append(np.sort(rng.choice(mine, len(mine) - n_dup, replace=False)))
+        duplicates.append(np.resize(rng.permutation(np.flatnonzero(y == k)), n_dup))
+    return np.concatenate(kept).astype(np.int64), np.concatenate(duplicates).astype(np.int64)
 
 
 def soft_targets(teacher, labels: np.ndarray, images: np.ndarray, n_real: int, num_classes: int,
@@ -164,13 +185,13 @@ def soft_targets(teacher, labels: np.ndarray, images: np.ndarray, n_real: int, n
 def train_arm(arm: str, spec: dict, x: np.ndarray, y: np.ndarray, files: dict[str, Path], seed: int,
               epochs: int, steps: int | None, num_classes: int, amp: bool, teacher=None):
     """The downstream CNN of one arm and seed, and the number of images it trained on."""
-    xa, ya, wa = training_set(arm, x, y, files, seed, float(spec.get("w", 1)))
+    xa, ya, wa, n_real = training_set(arm, x, y, files, seed, float(spec.get("w", 1)), float(spec.get("dup", 0)))
     common = {"batch_size": BATCH, "seed": seed, "amp": amp}
     if spec.get("mode") != "pre":
-        soft = None if "soft" not in spec else soft_targets(teacher, ya, xa, len(y), num_classes, float(spec["soft"]))
+        soft = None if "soft" not in spec else soft_targets(teacher, ya, xa, n_real, num_classes, float(spec["soft"]))
         return train_cnn(xa, ya, num_classes, epochs=epochs, steps=steps, sample_weight=wa, soft_targets=soft,
                          bn_images=x if spec.get("bn") == "real" else None, **common), len(ya)
-    xo, yo, _ = training_set("oversampled", x, y, files, seed)
+    xo, yo, _, _ = training_set("oversampled", x, y, files, seed)
     total = steps or epochs * steps_per_epoch(len(yo), BATCH)
     pre_steps = round(float(spec.get("pre", 0.5)) * total)
     if not 1 <= pre_steps < total:
