@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class TrainResult:
     model_path: Path
     loss_name: str
     ledger: Ledger  # the privacy ledger stored with the model
+    released_step: int | None = None  # the step of the weights in model.pt
 
 
 def train(
@@ -159,10 +161,20 @@ def train(
         log.close()
         if not (out / MODEL).exists():
             run.save_model()
+        _warn_if_released_early(cfg, run.released_step, end)
     if world > 1:
         dist.barrier()
     return TrainResult(out, run.step, run.best_val, run.last_val, out / MODEL, model.loss_name,
-                       session.ledger(model))
+                       session.ledger(model), run.released_step)
+
+
+def _warn_if_released_early(cfg, released_step: int | None, end: int) -> None:
+    """Validation bits/dim ignores the hybrid cross-entropy and can be lowest in the first epochs of a classifier
+    (measured: ``train.ce_weight = 50`` kept epoch 1 of 30): say so instead of releasing it silently."""
+    if cfg.ce_weight and cfg.select_on == "loss" and released_step is not None and released_step < end / 2:
+        warnings.warn(f"model.pt holds the weights of step {released_step} of {end}: train.select_on = 'loss' keeps "
+                      f"the lowest validation bits/dim, which ignores the train.ce_weight = {cfg.ce_weight:g} "
+                      f"cross-entropy; for a classifier use --set train.select_on=balanced_accuracy", stacklevel=3)
 
 
 def _check_selection(recipe: Recipe) -> None:
@@ -263,6 +275,7 @@ class _Run:
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
         self.step, self.best_val, self.last_val = 0, None, None
         self.best_score = None  # the train.select_on figure of the released model, as a loss (lower is better)
+        self.released_step = None
         self.started = time.perf_counter()  # moved back by the elapsed time of a resumed run
 
     @property
@@ -280,6 +293,7 @@ class _Run:
         set_rng_states(state["rng"])
         self.step, self.best_val, self.last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
         self.best_score = state.get("best_score", self.best_val)  # checkpoints from before train.select_on
+        self.released_step = state.get("released_step")
         self.started -= state.get("elapsed_s", 0.0)  # checkpoints from before elapsed_s restart the clock
 
     def after_step(self, record: dict, end: int, log) -> None:
@@ -321,6 +335,7 @@ class _Run:
             "augflow_version": __version__, "seed": self.seed, "privacy": session.ledger(self.model).to_dict(),
         }
         self.eval_model.save(self.out / MODEL, meta=meta)
+        self.released_step = self.step
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint.pt``: everything a resumed run needs, the session's private state included (under DP
@@ -329,7 +344,7 @@ class _Run:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng_states(), "step": self.step, "best_val_loss": self.best_val, "last_val_loss": self.last_val,
-            "best_score": self.best_score,
+            "best_score": self.best_score, "released_step": self.released_step,
             "elapsed_s": time.perf_counter() - self.started,
             "recipe": self.recipe.to_dict(), "seed": self.seed, "fingerprint": self.rows.fingerprint,
             "privacy": {"ledger": self.session.ledger(self.model).to_dict(), "state": self.session.state()},

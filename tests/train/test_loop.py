@@ -1,6 +1,7 @@
 """augflow train: exact resume, run-folder contents, and refusals."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -223,3 +224,22 @@ def test_select_on_refusals_write_nothing(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=message):
         train(data, tmp_path / "run", load_recipe(None, settings), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_classifier_released_from_its_first_epoch_is_warned_about(tmp_path, monkeypatch):
+    # With a large train.ce_weight, validation bits/dim can be lowest at the first epoch (measured at 50), and
+    # train.select_on = 'loss' would release that model silently. Here bits/dim rises after the first epoch.
+    import augflow.train.loop as loop
+
+    rising = iter(range(100))
+    monkeypatch.setattr(loop, "evaluate_loss", lambda *args, **kwargs: float(next(rising)))
+    data = make_dataset(tmp_path / "d.h5", n_subjects=12, slices=3, num_classes=3)
+    with pytest.warns(UserWarning, match=r"step 4 of 12: train.select_on = 'loss' .* train.ce_weight = 0.5"):
+        result = train(data, tmp_path / "hybrid", load_recipe(None, [*TINY, "train.epochs=3", "train.ce_weight=0.5"]),
+                       progress=False)
+    _, meta = load_model(result.model_path, with_meta=True)
+    assert result.released_step == meta["step"] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bits/dim is what a generator is chosen on: no warning without the hybrid term
+        assert train(data, tmp_path / "plain", load_recipe(None, [*TINY, "train.epochs=3"]),
+                     progress=False).released_step == 4
