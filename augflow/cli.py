@@ -552,6 +552,9 @@ def explain(model, data, rows, class_name, contrast, prior, out, overwrite, devi
               help="steps: every downstream set trains for the steps of --epochs passes over the real training "
                    "images (the sets differ in their images, not in their compute); epochs: --epochs passes over "
                    "each set.")
+@click.option("--duplicates", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="The share of each minority class's gap that the real+duplicates+synthetic set fills with "
+                   "duplicates of its real images (the rest with synthetic ones).")
 @click.option("--no-downstream", is_flag=True, help="Skip the downstream classification protocol (the slowest stage).")
 @click.option("--encoder-epochs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Epochs of the domain encoder.")
@@ -568,8 +571,8 @@ def explain(model, data, rows, class_name, contrast, prior, out, overwrite, devi
 @_threads_option
 @_error_boundary
 def audit(real, train_file, synthetic, model, out, features, inception_weights, gate, max_copy_fraction, max_mia_auc,
-          max_exact_copies, seeds, epochs, budget, no_downstream, encoder_epochs, bootstraps, cache_dir, seed,
-          as_json, overwrite, amp, device):
+          max_exact_copies, seeds, epochs, budget, duplicates, no_downstream, encoder_epochs, bootstraps, cache_dir,
+          seed, as_json, overwrite, amp, device):
     """Audit a synthetic dataset: fidelity, diversity, memorization, privacy, downstream utility, release gate.
 
     Writes metrics.json, report.md and a self-contained report.html (with a data card) into --out.
@@ -586,7 +589,7 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
                                 max_exact_copies=max_exact_copies)
     result = run_audit(real, train_file, synthetic, out, model=model, features=features,
                        inception_weights=inception_weights, gate=thresholds, seeds=seeds, downstream_epochs=epochs,
-                       downstream_budget=budget, run_downstream=not no_downstream,
+                       downstream_budget=budget, downstream_duplicates=duplicates, run_downstream=not no_downstream,
                        encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=cache_dir, bootstraps=bootstraps,
                        seed=seed, device=device, command=command_line(), amp=amp, overwrite=overwrite)
     verdict = result["gate"]
@@ -610,7 +613,7 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Downstream CNN trainings per protocol in the audit.")
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Epochs per downstream CNN training (4 protocols x --seeds trainings).")
+              help="Epochs per downstream CNN training (5 protocols x --seeds trainings).")
 @click.option("--overwrite", is_flag=True, help="Run in a non-empty --out-dir, replacing a previous demo's files.")
 @_error_boundary
 def demo(out_dir, task, seed, seeds, epochs, overwrite):

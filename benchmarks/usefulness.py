@@ -57,6 +57,7 @@ from augflow.audit.downstream import (
     CONFIDENCE,
     cnn_metrics,
     minority_classes,
+    mixed_rows,
     oversample_rows,
     paired_difference,
     topup_rows,
@@ -157,19 +158,6 @@ def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path],
         real = np.r_[real, duplicates]
     weights = None if weight == 1 else np.r_[np.ones(len(real)), np.full(len(rows), weight)]
     return np.concatenate([x[real], images[rows]]), np.concatenate([y[real], info.labels[rows]]), weights, len(real)
-
-
-def mixed_rows(y: np.ndarray, synthetic_labels: np.ndarray, rows: np.ndarray, dup: float, seed: int):
-    """Replace the share ``dup`` of each class's top-up ``rows`` by duplicates of that class's real images (spread
-    evenly over them): returns the synthetic rows kept and the real rows duplicated."""
-    rng = np.random.default_rng(seed)
-    kept, duplicates = [], []
-    for k in np.unique(synthetic_labels[rows]):
-        mine = rows[synthetic_labels[rows] == k]
-        n_dup = round(dup * len(mine))
-        kept.append(np.sort(rng.choice(mine, len(mine) - n_dup, replace=False)))
-        duplicates.append(np.resize(rng.permutation(np.flatnonzero(y == k)), n_dup))
-    return np.concatenate(kept).astype(np.int64), np.concatenate(duplicates).astype(np.int64)
 
 
 def soft_targets(teacher, labels: np.ndarray, images: np.ndarray, n_real: int, num_classes: int,

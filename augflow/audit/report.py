@@ -306,9 +306,10 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
     doc.h(1, f"Audit of {base_name(syn['path'])}")
     doc.verdict(list((m.get("verdict") or verdict(m)).values()))
     doc.p(f"Privacy and the release gate judge copying and leakage only; usefulness compares a classifier trained "
-          "on the real images plus the synthetic top-up with one trained on the real images with the minority "
-          f"classes duplicated to the same count; fidelity is close to real when class recognition, precision and "
-          f"coverage all reach {CLOSE:.0%} of the real-vs-real value (far below {FAR:.0%}). Details below.")
+          "on the real images plus the synthetic top-up (alone, and beside duplicates of the real images) with one "
+          "trained on the real images with the minority classes duplicated to the same count; fidelity is close to "
+          f"real when class recognition, precision and coverage all reach {CLOSE:.0%} of the real-vs-real value "
+          f"(far below {FAR:.0%}). Details below.")
 
     doc.h(2, "Data card")
     doc.h(3, "What the data is")

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from augflow.atomic import check_output, check_output_folder
 from augflow.audit.diversity import diversity
-from augflow.audit.downstream import PROTOCOLS, check_subjects_disjoint, downstream
+from augflow.audit.downstream import DUPLICATE_SHARE, PROTOCOLS, check_subjects_disjoint, downstream
 from augflow.audit.features import EncoderRecipe, domain_encoder_path, feature_space, load_encoder
 from augflow.audit.fidelity import fidelity, torch_fidelity_metrics
 from augflow.audit.figures import (
@@ -31,7 +31,7 @@ from augflow.classify.calibration import stored_calibration
 from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
 from augflow.classify.metrics import Calibration, classification_metrics
 from augflow.data.store import read_images, read_info, sha256_file
-from augflow.errors import DataError
+from augflow.errors import ConfigError, DataError
 from augflow.models import ModelFamily, load_model
 from augflow.precision import autocast, resolve_amp
 from augflow.runs import check_classes, model_file, resolve_device, stored_amp
@@ -111,6 +111,7 @@ def run_audit(
     seeds: int = 3,
     downstream_epochs: int = 30,
     downstream_budget: str = "steps",
+    downstream_duplicates: float = DUPLICATE_SHARE,
     run_downstream: bool = True,
     encoder_recipe: EncoderRecipe | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -139,6 +140,8 @@ def run_audit(
         downstream_epochs: Epochs per downstream training.
         downstream_budget: ``"steps"``: every downstream training set gets the steps of ``downstream_epochs``
             passes over the real training images; ``"epochs"``: that many passes over each set.
+        downstream_duplicates: The share of each class's gap that the ``real+duplicates+synthetic`` protocol fills
+            with duplicates of the real images (the rest with synthetic ones), in [0, 1].
         run_downstream: Run the downstream protocol (the slowest stage).
         encoder_recipe: Recipe of the domain encoder (default :class:`EncoderRecipe`).
         cache_dir: Encoder cache folder (default ``~/.cache/augflow/encoders``).
@@ -161,6 +164,8 @@ def run_audit(
             train and test, or are too small. ConfigError: on invalid settings, or a non-empty ``out`` without
             ``overwrite``; all before the first stage.
     """
+    if not 0 <= downstream_duplicates <= 1:
+        raise ConfigError(f"--duplicates must be a share in [0, 1], but is: {downstream_duplicates}")
     check_output_folder(out, overwrite)
     for name in REPORT_FILES:
         check_output(os.path.join(out, name), True, [real, train, synthetic, model])
@@ -268,7 +273,8 @@ def run_audit(
             metrics["downstream"] = downstream(
                 x["train"], y["train"], x["synthetic"], y["synthetic"], x["real"], y["real"], names,
                 train_subjects=infos["train"].subjects, test_subjects=infos["real"].subjects, seeds=seeds,
-                epochs=downstream_epochs, device=device, progress=inner.update, amp=amp, budget=downstream_budget)
+                epochs=downstream_epochs, device=device, progress=inner.update, amp=amp, budget=downstream_budget,
+                duplicates=downstream_duplicates)
             inner.close()
         figures["recall"] = figure_recall(metrics["downstream"], names)
 

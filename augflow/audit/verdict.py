@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from augflow.audit.downstream import usefulness_sentence
+from augflow.audit.downstream import best_verdict, usefulness_sentence
 
 STATUSES = ("good", "warn", "bad", "none")
 # Fidelity against the real-vs-real reference: synthetic class recognition, precision and coverage as fractions of
@@ -67,7 +67,8 @@ def privacy_line(m: dict) -> dict:
 
 
 def usefulness_line(m: dict) -> dict:
-    """The synthetic top-up against the oversampling control: helped / hurt / not distinguishable."""
+    """The synthetic top-up against the oversampling control, alone or beside duplicates (the better use decides):
+    helped / hurt / not distinguishable."""
     ds = m.get("downstream")
     if ds is None:
         return _line("Usefulness", "none", "not evaluated",
@@ -76,11 +77,12 @@ def usefulness_line(m: dict) -> dict:
     c = ds.get("comparisons", {}).get(OVERSAMPLING)
     if c is None:
         return _line("Usefulness", "none", "not evaluated", usefulness_sentence(ds))
-    status = {"helped": "good", "hurt": "bad"}.get(c["verdict"], "warn")
+    best = best_verdict(ds)
+    status = {"helped": "good", "hurt": "bad"}.get(best, "warn")
     arms = ds["protocols"]
     means = ", ".join(f"{name} {arms[name]['summary']['balanced_accuracy']['mean']:.3f}" for name in arms)
     seeds = " One seed has no interval: rerun with --seeds 3 or more to tell." if c["low"] is None else ""
-    return _line("Usefulness", status, c["verdict"],
+    return _line("Usefulness", status, best,
                  f"{usefulness_sentence(ds)} Balanced accuracy on held-out real images: {means}.{seeds}")
 
 

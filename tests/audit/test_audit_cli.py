@@ -11,6 +11,7 @@ import pytest
 from audit_helpers import blobs, tiny_flow, write_blobs
 from click.testing import CliRunner
 
+from augflow.audit.downstream import best_verdict
 from augflow.cli import cli
 
 TOP_LEVEL = {"schema", "command", "inputs", "privacy", "feature_space", "fidelity", "diversity", "memorization",
@@ -26,7 +27,8 @@ def test_audit_help_has_an_example():
 
 
 @pytest.mark.parametrize("command, option, value", [("audit", "--seeds", "0"), ("audit", "--epochs", "0"),
-                                                     ("audit", "--bootstraps", "-1"), ("demo", "--seeds", "0"),
+                                                     ("audit", "--bootstraps", "-1"), ("audit", "--duplicates", "1.5"),
+                                                     ("demo", "--seeds", "0"),
                                                      ("demo", "--epochs", "-5")])
 def test_counts_and_budgets_out_of_range_are_refused_before_any_work(tmp_path, command, option, value):
     data = write_blobs(tmp_path / "d.h5", [4, 4, 4], seed=0, prefix="d")
@@ -83,15 +85,16 @@ def test_audit_end_to_end(audited):
     assert 0 <= metrics["memorization"]["copy_fraction"] <= 1 and metrics["memorization"]["exact_copies"] == 0
     assert 0 <= metrics["membership_inference"]["auc"] <= 1
     assert metrics["privacy"]["differentially_private"] is False
-    assert list(metrics["downstream"]["protocols"]) == ["real", "real+oversampled", "real+synthetic", "synthetic"]
-    assert set(metrics["downstream"]["comparisons"]) == {"real+synthetic vs real+oversampled", "real+synthetic vs real"}
+    assert list(metrics["downstream"]["protocols"]) == ["real", "real+oversampled", "real+synthetic",
+                                                        "real+duplicates+synthetic", "synthetic"]
+    assert set(metrics["downstream"]["comparisons"]) == {"real+synthetic vs real+oversampled", "real+synthetic vs real",
+                                                         "real+duplicates+synthetic vs real+oversampled"}
     assert 0 <= metrics["likelihood_classifier"]["accuracy"] <= 1
     rec = metrics["recognition"]
     assert rec["synthetic"]["a"] is None and 0 <= rec["synthetic"]["c"] <= 1 and 0 <= rec["real_mean"] <= 1
     assert metrics["inputs"]["synthetic"]["provenance"]["generator"] == "test"
     assert list(metrics["verdict"]) == ["privacy", "usefulness", "fidelity", "gate"]
-    assert metrics["verdict"]["usefulness"]["word"] == metrics["downstream"]["comparisons"][
-        "real+synthetic vs real+oversampled"]["verdict"]
+    assert metrics["verdict"]["usefulness"]["word"] == best_verdict(metrics["downstream"])
     html = (out / "report.html").read_text()
     assert "Data card" in html and "data:image/png;base64," in html and "not differentially private" in html
     assert "<details><summary>Raw privacy ledger (JSON)</summary>" in html and "<details open" not in html

@@ -10,6 +10,7 @@ from augflow.audit.downstream import (
     check_subjects_disjoint,
     downstream,
     minority_classes,
+    mixed_rows,
     oversample_rows,
     paired_difference,
     topup_rows,
@@ -65,10 +66,13 @@ def test_protocol_metrics_have_stable_keys():
     xs, ys = blobs([0, 6, 8], seed=1)
     xt, yt = blobs([6, 6, 6], seed=2)
     out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=1, batch_size=16)
-    assert list(out["protocols"]) == ["real", "real+oversampled", "real+synthetic", "synthetic"]
-    assert out["protocols"]["real+synthetic"]["class_counts"] == {"a": 12, "b": 12, "c": 12}
-    assert out["protocols"]["real+oversampled"]["class_counts"] == {"a": 12, "b": 12, "c": 12}
+    assert list(out["protocols"]) == ["real", "real+oversampled", "real+synthetic", "real+duplicates+synthetic",
+                                      "synthetic"]
+    for name in ("real+synthetic", "real+oversampled", "real+duplicates+synthetic"):
+        assert out["protocols"][name]["class_counts"] == {"a": 12, "b": 12, "c": 12}, name
     assert out["comparisons"]["real+synthetic vs real+oversampled"]["n"] == 1
+    assert out["comparisons"]["real+duplicates+synthetic vs real+oversampled"]["n"] == 1
+    assert out["duplicate_share"] == 0.5
     assert out["topup_counts"] == {"a": 0, "b": 6, "c": 8}
     summary = out["protocols"]["real"]["summary"]
     for key in ("accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro"):
@@ -87,11 +91,11 @@ def test_the_steps_budget_gives_every_protocol_the_updates_of_the_real_set(monke
     xs, ys = blobs([0, 6, 8], seed=1)
     xt, yt = blobs([6, 6, 6], seed=2)
     out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=3, batch_size=16)
-    assert budgets == [(22, 6), (36, 6), (36, 6), (14, 6)]  # real, oversampled, top-up, synthetic: 3 x 2 steps
+    assert budgets == [(22, 6), (36, 6), (36, 6), (36, 6), (14, 6)]  # real, oversampled, top-up, mixed, synthetic
     assert out["recipe"]["steps"] == 6 and out["recipe"]["epochs"] == 3
     budgets.clear()
     downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=1, batch_size=16, budget="epochs")
-    assert budgets == [(22, None), (36, None), (36, None), (14, None)]
+    assert budgets == [(22, None), (36, None), (36, None), (36, None), (14, None)]
     with pytest.raises(ConfigError, match="budget must be one of steps, epochs, but is: 'time'"):
         downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], budget="time")
 
@@ -106,6 +110,26 @@ def test_oversampling_duplicates_exactly_the_minority_rows():
     assert sorted(copies[10:14].tolist()) == [2, 2, 3, 3]  # 6 extra for 4 rows: each once more, then 2 distinct
     assert sorted(copies[14:].tolist()) == [3, 3, 4]  # 7 extra for 3 rows: each twice more, then 1
     assert np.array_equal(oversample_rows(labels, 3, seed=0), rows)
+
+
+def test_mixing_replaces_a_share_of_each_top_up_by_spread_duplicates():
+    labels = np.repeat([0, 1, 2], [10, 4, 3])  # gaps 6 and 7
+    synthetic = np.repeat([1, 2], [8, 9])
+    topup = topup_rows(labels, synthetic, 3, seed=0)
+    kept, duplicates = mixed_rows(labels, synthetic, topup, 0.5, seed=0)
+    assert set(kept) <= set(topup) and len(set(kept)) == len(kept)
+    assert np.bincount(synthetic[kept], minlength=3).tolist() == [0, 3, 3]  # 6 -> 3 kept; 7 -> round(3.5) = 4 dups
+    assert np.bincount(labels[duplicates], minlength=3).tolist() == [0, 3, 4]
+    copies = np.bincount(duplicates, minlength=17)
+    assert sorted(copies[10:14].tolist()) == [0, 1, 1, 1] and sorted(copies[14:].tolist()) == [1, 1, 2]
+    counts = np.bincount(np.r_[labels, labels[duplicates]], minlength=3) + np.bincount(synthetic[kept], minlength=3)
+    assert counts.tolist() == [10, 10, 10]  # the class counts of real + top-up
+    none_kept, everything = mixed_rows(labels, synthetic, topup, 1.0)
+    assert len(none_kept) == 0 and np.bincount(labels[everything], minlength=3).tolist() == [0, 6, 7]
+    all_kept, no_dups = mixed_rows(labels, synthetic, topup, 0.0)
+    assert np.array_equal(all_kept, np.sort(topup)) and len(no_dups) == 0
+    with pytest.raises(ConfigError, match=r"share of duplicates must be in \[0, 1\], but is: 1.5"):
+        mixed_rows(labels, synthetic, topup, 1.5)
 
 
 def test_paired_difference_on_a_hand_made_example():
@@ -124,7 +148,14 @@ def test_usefulness_sentence_says_hurt_in_plain_words():
     result = {"comparisons": {"real+synthetic vs real+oversampled": paired_difference([0.6, 0.61, 0.62],
                                                                                       [0.7, 0.7, 0.71])}}
     sentence = usefulness_sentence(result)
-    assert sentence.startswith("The synthetic top-up hurt") and "do not release" in sentence and "-0.093" in sentence
+    assert sentence.startswith("The synthetic top-up hurt") and "Do not release" in sentence and "-0.093" in sentence
+    result["comparisons"]["real+duplicates+synthetic vs real+oversampled"] = paired_difference([0.8, 0.81, 0.82],
+                                                                                               [0.7, 0.7, 0.71])
+    result["duplicate_share"] = 0.5
+    sentence = usefulness_sentence(result)
+    assert "Filling 50% of each class's gap with it and 50% with duplicates of the real images helped (+0.107" \
+        in sentence
+    assert "Do not release" not in sentence
 
 
 def test_recognition_rates_count_each_class_own_argmax():

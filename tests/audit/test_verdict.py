@@ -37,6 +37,16 @@ def test_a_passed_gate_over_a_top_up_that_hurt_says_so_in_words():
     assert "worse than duplicating the real images" in v["gate"]["text"]
 
 
+def test_a_top_up_that_helps_beside_duplicates_is_useful():
+    m = metrics("hurt")
+    m["downstream"]["comparisons"]["real+duplicates+synthetic vs real+oversampled"] = {
+        "mean": 0.03, "low": 0.01, "high": 0.05, "n": 3, "confidence": 0.95, "verdict": "helped"}
+    v = verdict(m)
+    assert (v["usefulness"]["word"], v["usefulness"]["status"]) == ("helped", "good")
+    assert "with duplicates of the real images helped (+0.030" in v["usefulness"]["text"]
+    assert v["gate"]["status"] == "good" and "worse" not in v["gate"]["text"]
+
+
 @pytest.mark.parametrize(("word", "status"), [("helped", "good"), ("not distinguishable", "warn")])
 def test_usefulness_word_and_colour(word, status):
     v = verdict(metrics(word))
