@@ -337,8 +337,9 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
         _print_ledger(result.ledger.to_dict())
         return
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
-    click.echo(f"trained {result.steps} steps; best validation {result.loss_name} {best}; model (step "
-               f"{result.released_step}): {result.model_path}")
+    step = "" if result.released_step is None else f" (step {result.released_step})"  # unknown in older runs
+    click.echo(f"trained {result.steps} steps; best validation {result.loss_name} {best}; model{step}: "
+               f"{result.model_path}")
     _print_init(result.ledger)
 
 
