@@ -12,7 +12,7 @@ arXiv 1706.02633, "TSTR"): the same CNN (:func:`augflow.audit.baseline.train_cnn
 - ``real+duplicates+synthetic``: the same gap filled by duplicates of the class's real images (the share
   ``duplicates``, by default half) and synthetic images (the rest): on the built-in scanner data at 32 px the only
   use of a top-up that beat oversampling (+0.024 [+0.009, +0.039] balanced accuracy over 10 seeds,
-  reports/usefulness.md Round 12),
+  reports/usefulness.md Round 12; at 64 px it tied, -0.003 [-0.017, +0.011], Round 13),
 - ``synthetic``: the synthetic images only,
 
 and evaluated on the held-out real test images, for ``seeds`` seeds (mean and standard deviation). Seed ``s``
