@@ -243,6 +243,18 @@ def info(data, as_json):
     click.echo("provenance: " + json.dumps(summary["provenance"], indent=2))
 
 
+def _parse_temperature(ctx, param, value: str | None) -> float | tuple[float, ...] | None:
+    """``0.8`` -> 0.8; ``1.2,0.3,0.3,0`` -> one temperature per latent part, finest first."""
+    if value is None:
+        return None
+    try:
+        values = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number or a comma-separated list of numbers (one per latent "
+                                 "part, finest first, e.g. 1.2,0.3,0.3,0)") from None
+    return values[0] if len(values) == 1 else values
+
+
 def _device_option(fn):
     return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
 
@@ -366,7 +378,9 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
                    "--real, gives its class at least --min-confidence.")
 @click.option("--min-confidence", type=float, default=0.5, show_default=True,
               help="With --select: the class probability a sample needs, in (0, 1).")
-@click.option("--temperature", type=float, default=None, help="Latent temperature (default: the model's, 0.8).")
+@click.option("--temperature", default=None, callback=_parse_temperature,
+              help="Latent temperature (default: the model's, 0.8); for MAGIC-Flow also one per latent part, finest "
+                   "first (e.g. 1.2,0.3,0.3,0: the fine texture at 1.2, the coarse anatomy near its mode).")
 @click.option("--denoise", is_flag=True,
               help="Remove the training input noise (augment.noise_std) from each sample with one score step.")
 @click.option("--near", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

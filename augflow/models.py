@@ -8,6 +8,7 @@ never by its class or family name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -65,11 +66,13 @@ class ModelFamily(Protocol):
         """Names of the state-dict entries whose shape depends on ``num_classes`` (re-initialised by
         ``--init-from`` when the class set differs)."""
 
-    def sample(self, y: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """Class-conditional images ``(B, C, H, W)``, nominally in ``[0, 1]``."""
+    def sample(self, y: Tensor, temperature: float | Sequence[float] = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Class-conditional images ``(B, C, H, W)``, nominally in ``[0, 1]`` (a sequence: one temperature per latent
+        part, where the family has parts)."""
 
-    def sample_near(self, x: Tensor, c: Tensor, y: Tensor, strength: float, temperature: float = 1.0,
-                    generator: torch.Generator | None = None) -> Tensor:
+    def sample_near(self, x: Tensor, c: Tensor, y: Tensor, strength: float,
+                    temperature: float | Sequence[float] = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """Images of classes ``y`` derived from real images ``x`` of classes ``c``: ``strength`` in (0, 1] is how far
         they move from ``x`` (``-> 0``: ``x`` itself; 1: an ordinary :meth:`sample`)."""
 

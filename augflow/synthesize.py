@@ -35,6 +35,7 @@ refuses them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def synthesize(
     model: str | Path,
     out: str | Path,
     counts: dict[str, int],
-    temperature: float | None = None,
+    temperature: float | Sequence[float] | None = None,
     seed: int = 0,
     batch_size: int = 64,
     device: str = "auto",
@@ -153,7 +154,8 @@ def synthesize(
         model: A run folder or model file.
         out: Output .h5 file.
         counts: Images per class name (case-insensitive); classes not named get none.
-        temperature: Scale of the latent standard deviation (default: the one stored with the model).
+        temperature: Scale of the latent standard deviation (default: the one stored with the model); for MAGIC-Flow
+            also one value per latent part, finest first (:meth:`MagicFlow.level_temperatures`).
         seed: Seed of the latent draws (same seed, same file contents).
         batch_size: Images per sampling batch.
         device: "auto", "cpu" or "cuda[:N]".
@@ -182,9 +184,8 @@ def synthesize(
     if sum(per_class) == 0:
         raise ConfigError("nothing to synthesize: the requested counts are all 0 (a top-up: every class already "
                           "has the target count)")
-    temperature = meta.get("temperature", flow.default_temperature) if temperature is None else temperature
-    if not 0 < temperature <= 2:
-        raise ConfigError(f"--temperature must be in range (0, 2], but is: {temperature}")
+    temperature = _checked_temperature(flow, meta.get("temperature", flow.default_temperature)
+                                       if temperature is None else temperature)
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, but is: {batch_size}")
     sigma = _training_noise(flow, meta, path) if denoise else 0.0
@@ -455,7 +456,26 @@ def _denoised(flow: ModelFamily, x: torch.Tensor, k: int, sigma: float) -> torch
     return (x + sigma ** 2 * score.to(x.dtype)).detach()
 
 
-def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float, generator, device,
+def _checked_temperature(flow: ModelFamily, temperature: float | Sequence[float]) -> float | list[float]:
+    """A temperature in (0, 2], or (MAGIC-Flow) one per latent part in [0, 2], finest first, not all 0."""
+    if isinstance(temperature, (int, float)):
+        if not 0 < temperature <= 2:
+            raise ConfigError(f"--temperature must be in range (0, 2], but is: {temperature}")
+        return float(temperature)
+    if not hasattr(flow, "level_temperatures"):
+        raise ConfigError(f"--temperature: per-level temperatures ({', '.join(map(str, temperature))}) are for "
+                          f"MAGIC-Flow's latent parts; a {flow.family} model takes one number in (0, 2]")
+    try:
+        temperatures = flow.level_temperatures(temperature)
+    except ConfigError as error:
+        raise ConfigError(f"--temperature: {error}") from None
+    if not all(0 <= t <= 2 for t in temperatures) or not any(temperatures):
+        raise ConfigError(f"--temperature: each per-level value must be in range [0, 2] and one above 0, but they "
+                          f"are: {temperatures}")
+    return temperatures
+
+
+def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float | Sequence[float], generator, device,
                   start: tuple[Tensor, Tensor] | None = None, strength: float = 1.0) -> _Batch:
     """Draw b samples of class k (anchored to the real images and classes ``start``, if given), redrawing
     non-finite ones."""
@@ -472,8 +492,8 @@ def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float, generat
                              "the model is unusable (retrain it or lower --temperature)")
 
 
-def _draw(flow: ModelFamily, y: Tensor, temperature: float, generator, start: tuple[Tensor, Tensor] | None,
-          strength: float) -> Tensor:
+def _draw(flow: ModelFamily, y: Tensor, temperature: float | Sequence[float], generator,
+          start: tuple[Tensor, Tensor] | None, strength: float) -> Tensor:
     """Samples of classes ``y``: ordinary ones, or anchored to the real images and classes ``start``."""
     if start is None:
         return flow.sample(y, temperature=temperature, generator=generator)

@@ -18,7 +18,8 @@ against ``real+oversampled`` and ``real`` with a 95% Student-t interval over see
 minority classes marked, CPU time per training, and every command.
 
 Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAMILY[:key=value...]`` with FAMILY
-``magic`` or ``symm`` and keys ``T`` (sampling temperature), ``select`` (none | posterior | classifier), ``conf``
+``magic`` or ``symm`` and keys ``T`` (sampling temperature; for MAGIC-Flow one per latent part, finest first,
+separated by ``/``: ``T=1.0/0.3/0.3/0``), ``select`` (none | posterior | classifier), ``conf``
 (the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``), ``near``
 (``--near train.h5 --strength S``: each image derived from a real training image), ``from`` (with ``near``: the
 ``--anchor-classes`` same | other | all, whose real images anchor a class's samples), ``w`` (the
@@ -113,7 +114,7 @@ def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
 def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log: list[str], threads: int) -> Path:
     """The top-up (or the balanced synthetic-only set) of an arm, sampled once, on ``threads`` CPU threads (torch
     would take every core, and two instruments side by side would crawl)."""
-    name = "_".join([arm["family"]] + [f"{k}{arm[k]}" for k in SAMPLING_KEYS if k in arm])
+    name = "_".join([arm["family"]] + [f"{k}{arm[k]}".replace("/", "-") for k in SAMPLING_KEYS if k in arm])
     per_class = arm["mode"] != "topup"  # "only", "all" and "pre" share one balanced synthetic set
     out = work / "synthetic" / (("only_" if per_class else "topup_") + name + ".h5")
     if out.exists():
@@ -126,7 +127,7 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
     else:
         command += ["--balance"]
     if "T" in arm:
-        command += ["--temperature", arm["T"]]
+        command += ["--temperature", arm["T"].replace("/", ",")]
     if arm.get("select", "none") != "none":
         command += ["--select", arm["select"], "--min-confidence", arm.get("conf", "0.5")]
     if "ratio" in arm:

@@ -362,3 +362,51 @@ def test_near_is_refused_for_a_dp_model(imbalanced, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="guarantee would not cover them"):
         synthesize(run, tmp_path / "b.h5", {"small": 2}, near=Anchors(data), progress=False)
     assert not list(tmp_path.glob("*.h5"))
+
+
+def test_per_level_temperatures_from_the_cli_are_used_and_recorded(run, tmp_path):
+    from click.testing import CliRunner
+
+    from augflow.cli import cli
+    from augflow.models import load_model
+
+    levels = len(load_model(run / "model.pt").latent_shapes)
+    spec = ",".join(["1.2"] + ["0.3"] * (levels - 2) + ["0"])
+    out = tmp_path / "levels.h5"
+    result = CliRunner().invoke(cli, ["synthesize", "--model", str(run), "--per-class", "2", "--seed", "3",
+                                      "--temperature", spec, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert read_info(out).provenance["temperature"] == [float(t) for t in spec.split(",")]
+    plain = synthesize(run, tmp_path / "plain.h5", {f"class{k}": 2 for k in range(4)}, temperature=1.2, seed=3,
+                       progress=False).out
+    assert not np.array_equal(read_images(out), read_images(plain))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("warm", "'warm' is not a number or a comma-separated list"),
+    ("1,0.5", "--temperature: per-level temperatures need one value per latent part"),
+    ("{zeros}", "each per-level value must be in range [0, 2] and one above 0"),
+    ("3", "--temperature must be in range (0, 2]"),
+])
+def test_bad_temperatures_are_named_and_write_nothing(run, tmp_path, value, message):
+    from click.testing import CliRunner
+
+    from augflow.cli import cli
+    from augflow.models import load_model
+
+    value = value.format(zeros=",".join(["0"] * len(load_model(run / "model.pt").latent_shapes)))
+    out = tmp_path / "out.h5"
+    result = CliRunner().invoke(cli, ["synthesize", "--model", str(run), "--per-class", "2", "--temperature", value,
+                                      "--out", str(out)])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not out.exists()
+
+
+def test_medsymmflow_takes_one_temperature():
+    from augflow.symmflow import SymmFlow, SymmFlowConfig
+    from augflow.synthesize import _checked_temperature
+
+    model = SymmFlow(SymmFlowConfig(image_shape=(1, 8, 8), num_classes=3, base_channels=8, channel_mult=(1, 2)))
+    assert _checked_temperature(model, 0.9) == 0.9
+    with pytest.raises(ConfigError, match="per-level temperatures .* are for MAGIC-Flow's latent parts; a symmflow"):
+        _checked_temperature(model, (1.0, 0.5))

@@ -36,6 +36,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -418,16 +419,37 @@ class MagicFlow(FamilyModel):
 
     attribution = log_prob_map
 
+    def level_temperatures(self, temperature: float | Sequence[float]) -> list[float]:
+        """One temperature per latent part (:attr:`latent_shapes`, finest first): a number applies to all.
+
+        Per-level temperatures are the hierarchical models' way to trade detail for fidelity (NVAE, Vahdat & Kautz
+        2020, arXiv 2007.03898, samples each latent group at its own temperature): the early splits hold the fine
+        texture (a scanner's noise and ringing), the last parts the coarse anatomy.
+
+        Raises:
+            ConfigError: If a sequence does not have one value per latent part.
+        """
+        if isinstance(temperature, (int, float)):
+            return [float(temperature)] * len(self.latent_shapes)
+        temperatures = [float(t) for t in temperature]
+        if len(temperatures) != len(self.latent_shapes):
+            raise ConfigError(
+                f"per-level temperatures need one value per latent part of this model, finest first: "
+                f"{len(self.latent_shapes)} for shapes {self.latent_shapes}, got {len(temperatures)} ({temperatures})"
+            )
+        return temperatures
+
     @torch.no_grad()
     def sample(
-        self, y: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+        self, y: Tensor, temperature: float | Sequence[float] = 1.0, generator: torch.Generator | None = None
     ) -> Tensor:
         """Draw ``x ~ p(x | y)``: decode ``z = mu_y + T sigma_y eps`` (without gradients; call ``eval()`` first).
 
         Arguments:
             y: Labels ``(B,)``.
             temperature: ``T``, the latents' spread about their prior means in units of the prior's standard
-                deviation (1 = the model's distribution).
+                deviation (1 = the model's distribution); or one ``T`` per latent part, finest first
+                (:meth:`level_temperatures`).
             generator: Optional RNG on the model's device.
 
         Returns:
@@ -435,12 +457,12 @@ class MagicFlow(FamilyModel):
         """
         y = y.to(self.app_mask.device)
         means, log_scales = self.prior(y)
-        return self.decode([m + temperature * s.exp() * torch.randn(m.shape, generator=generator, device=m.device,
-                                                                    dtype=m.dtype)
-                            for m, s in zip(means, log_scales, strict=True)], y)
+        return self.decode([m + t * s.exp() * torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
+                            for m, s, t in zip(means, log_scales, self.level_temperatures(temperature), strict=True)],
+                           y)
 
-    def sample_near(self, x: Tensor, c: Tensor, y: Tensor, strength: float, temperature: float = 1.0,
-                    generator: torch.Generator | None = None) -> Tensor:
+    def sample_near(self, x: Tensor, c: Tensor, y: Tensor, strength: float,
+                    temperature: float | Sequence[float] = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """Samples of classes ``y`` anchored to real images ``x`` of classes ``c``.
 
         Each image is encoded under its own class, its latent standardised by that class's prior,
@@ -456,10 +478,10 @@ class MagicFlow(FamilyModel):
         zs, _ = self.encode(x, c)
         keep = math.sqrt(1 - strength ** 2)
         mixed = []
-        for z, mu_c, log_sigma_c, mu_y, log_sigma_y in zip(zs, *self.prior(c), *self.prior(y), strict=True):
+        for z, mu_c, log_sigma_c, mu_y, log_sigma_y, t in zip(zs, *self.prior(c), *self.prior(y),
+                                                              self.level_temperatures(temperature), strict=True):
             eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-            mixed.append(mu_y + log_sigma_y.exp() * (keep * (z - mu_c) * (-log_sigma_c).exp()
-                                                     + strength * temperature * eps))
+            mixed.append(mu_y + log_sigma_y.exp() * (keep * (z - mu_c) * (-log_sigma_c).exp() + strength * t * eps))
         return self.decode(mixed, y)
 
     @torch.no_grad()

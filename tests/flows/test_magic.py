@@ -449,3 +449,26 @@ def test_class_means_are_class_conditioning_and_class_shaped() -> None:
     diagonal = prior_model("class-diagonal-unconditional")
     assert diagonal.class_entries() == means + ["class_log_scales.0", "class_log_scales.1", "class_log_scales.2"]
     assert diagonal.parameter_groups()["conditioning"] == ["class_means.*", "class_log_scales.*"]
+
+
+@pytest.mark.parametrize("prior", ["standard", "class-diagonal-unconditional"])
+def test_per_level_temperatures_scale_each_latent_part_alone(prior: str) -> None:
+    """One temperature per latent part (finest first): a part at 0 decodes its prior mean, the others keep their
+    spread, and a number is the same as that number at every level."""
+    flow = prior_model(prior)
+    y = torch.tensor([0, 1, 2, 2])
+    levels = len(flow.latent_shapes)
+    same = [flow.sample(y, t, torch.Generator().manual_seed(4)) for t in (0.7, [0.7] * levels)]
+    torch.testing.assert_close(same[0], same[1], rtol=0, atol=0)
+    zs, _ = flow.encode(flow.sample(y, [1.0] + [0.0] * (levels - 1), torch.Generator().manual_seed(4)), y)
+    means, log_scales = flow.prior(y)
+    for z, mu in zip(zs[1:], means[1:], strict=True):
+        torch.testing.assert_close(z, mu.detach(), rtol=0, atol=1e-6)
+    spread = ((zs[0] - means[0]) / log_scales[0].exp()).std().item()
+    assert 0.7 < spread < 1.3, spread  # the finest part: unit-temperature draws
+
+
+def test_per_level_temperatures_need_one_value_per_latent_part() -> None:
+    flow = prior_model("standard")
+    with pytest.raises(ConfigError, match=rf"{len(flow.latent_shapes)} for shapes .*got 2"):
+        flow.sample(torch.tensor([0]), [1.0, 0.5])
