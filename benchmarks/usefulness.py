@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from augflow.audit.baseline import predict_proba, steps_per_epoch, train_cnn
+from augflow.audit.detectability import detectability
 from augflow.audit.downstream import (
     CONFIDENCE,
     cnn_metrics,
@@ -63,7 +64,7 @@ from augflow.audit.downstream import (
     paired_difference,
     topup_rows,
 )
-from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
+from augflow.audit.features import EncoderRecipe, domain_encoder_path, feature_space, load_encoder
 from augflow.audit.recognition import class_recognition
 from augflow.data.splits import write_subset
 from augflow.data.store import read_images, read_info
@@ -285,7 +286,18 @@ def main() -> None:
     # Class recognition of every synthetic file.
     recognition = {arm: class_recognition(encoder, read_images(path), read_info(path).labels, x_test, test.labels,
                                           names) for arm, path in files.items()}
-    report = render(args, results, names, minority_classes(y, names), log, files, test, recognition, amp)
+    # Detectability of every synthetic file: can a linear classifier tell it from the real eval images?
+    space = feature_space("domain", train_file, progress=False)
+    real_sets = {"train": (x, space.extract(x), y, info.subjects), "real": (x_test, space.extract(x_test), test.labels,
+                                                                             test.subjects)}
+    detect = {}
+    for arm, path in files.items():
+        images, synthetic = read_images(path), read_info(path)
+        sets = {**real_sets, "synthetic": (images, space.extract(images), synthetic.labels, synthetic.subjects)}
+        detect[arm] = detectability({"pixels": {r: v[0] for r, v in sets.items()},
+                                     "features": {r: v[1] for r, v in sets.items()}},
+                                    {r: v[2] for r, v in sets.items()}, {r: np.asarray(v[3]) for r, v in sets.items()})
+    report = render(args, results, names, minority_classes(y, names), log, files, test, recognition, detect, amp)
     out = args.out or work / f"usefulness-{args.eval}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
@@ -332,7 +344,7 @@ def make_rare(train: Path, rare: dict[str, int], out: Path) -> Path:
 
 
 def render(args, results: dict, names: list[str], minority: list[str], log: list[str], files: dict,
-           test, recognition: dict, amp: bool) -> str:
+           test, recognition: dict, detect: dict, amp: bool) -> str:
     lines = [f"# Usefulness: {args.task} task, {args.size} px, evaluated on the {args.eval} split", ""]
     if args.scale != 1 or args.rare:
         rare = f"; the training split keeps only {args.rare} subjects (val and test keep theirs)" if args.rare else ""
@@ -351,6 +363,16 @@ def render(args, results: dict, names: list[str], minority: list[str], log: list
         for arm, rec in recognition.items():
             lines.append(f"| {arm} | {rec['synthetic_mean']:.2f} | " + " | ".join(
                 "" if rec["synthetic"][n] is None else f"{rec['synthetic'][n]:.2f}" for n in names) + " |")
+    if detect:
+        lines += ["", "Detectability (`augflow.audit.detectability`): ROC AUC of a logistic regression that tells "
+                  f"each set from the {args.eval} images, class-matched, 5 folds grouped by subject; 0.5 = "
+                  "indistinguishable; the real training images are the reference.", "",
+                  "| images | per side | features: synthetic | features: real train | pixels: synthetic | "
+                  "pixels: real train |", "|---|---|---|---|---|---|"]
+        for arm, det in detect.items():
+            cells = ["n/a" if det[s][r] is None else f"{det[s][r]:.2f}" for s in ("features", "pixels")
+                     for r in ("synthetic", "real")]
+            lines.append(f"| {arm} | {det['n']} | " + " | ".join(cells) + " |")
     lines += ["", "Synthetic files:", ""]
     for arm, path in files.items():
         prov = read_info(path).provenance or {}

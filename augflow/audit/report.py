@@ -462,6 +462,17 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
                    *[[n, "n/a" if rec["synthetic"][n] is None else rec["synthetic"][n],
                       "n/a" if rec["real"][n] is None else rec["real"][n]] for n in names]])
 
+    det = m.get("detectability")
+    if det is not None:
+        doc.p(f"Detectability (classifier two-sample test, Lopez-Paz & Oquab 2017): the cross-validated ROC AUC of a "
+              f"logistic regression that separates each set from the held-out real test images, {det['n']} images "
+              "per side with the same count of every class, folds grouped by subject. 0.5: indistinguishable. A "
+              "downstream classifier can learn what tells a top-up apart as a feature of the classes it fills.")
+        doc.table(["space", "synthetic vs real test", "real train vs real test"],
+                  [[space, "n/a" if det[space]["synthetic"] is None else det[space]["synthetic"],
+                    "n/a" if det[space]["real"] is None else det[space]["real"]]
+                   for space in ("features", "pixels") if space in det])
+
     doc.h(2, "Diversity")
     st = div["settings"]
     doc.p(f"Mean {st['method'].upper()} (window {st['win_size']}, {st['scales']} scale(s)) over {div['pairs']} "

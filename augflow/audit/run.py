@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from augflow.atomic import check_output, check_output_folder
+from augflow.audit.detectability import detectability
 from augflow.audit.diversity import diversity
 from augflow.audit.downstream import DUPLICATE_SHARE, PROTOCOLS, check_subjects_disjoint, downstream
 from augflow.audit.features import EncoderRecipe, domain_encoder_path, feature_space, load_encoder
@@ -234,6 +235,9 @@ def run_audit(
         encoder = load_encoder(domain_encoder_path(train, encoder_recipe, cache_dir, device, progress))
         metrics["recognition"] = class_recognition(encoder, x["synthetic"], y["synthetic"], x["real"], y["real"],
                                                    names, device=device)
+        metrics["detectability"] = detectability({"features": f, "pixels": x}, y,
+                                                 {role: np.asarray(info.subjects) for role, info in infos.items()},
+                                                 seed)
 
     with stage("diversity"):
         metrics["diversity"] = diversity(x["synthetic"], y["synthetic"], x["train"], y["train"], names, pairs, seed)

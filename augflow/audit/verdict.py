@@ -110,7 +110,17 @@ def fidelity_line(m: dict) -> dict:
     status, word = (("good", "close to real") if worst >= CLOSE else ("warn", "below real") if worst >= FAR
                     else ("bad", "far from real"))
     fid = f" (FID {_num(fo['synthetic'].get('fid'))} vs {_num(fo['real'].get('fid'))} real-vs-real)"
-    return _line("Fidelity", status, word, "; ".join(parts) + fid + ".")
+    return _line("Fidelity", status, word, "; ".join(parts) + fid + "." + detectability_sentence(m))
+
+
+def detectability_sentence(m: dict) -> str:
+    """How well a linear classifier tells the synthetic from the real images, beside real vs real (or "")."""
+    det = (m.get("detectability") or {}).get("features") or {}
+    if det.get("synthetic") is None or det.get("real") is None:
+        return ""
+    return (f" A linear classifier tells the synthetic from held-out real images with ROC AUC "
+            f"{_num(det['synthetic'], 2)} in the audit's features (real training vs held-out real images: "
+            f"{_num(det['real'], 2)}; 0.5 = indistinguishable).")
 
 
 def gate_line(m: dict, usefulness: dict | None = None) -> dict:

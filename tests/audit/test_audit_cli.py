@@ -16,7 +16,7 @@ from augflow.cli import cli
 
 TOP_LEVEL = {"schema", "command", "inputs", "privacy", "feature_space", "fidelity", "diversity", "memorization",
              "membership_inference", "likelihood_classifier", "downstream", "settings", "gate", "timings_s",
-             "recognition"}
+             "recognition", "detectability"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,6 +92,10 @@ def test_audit_end_to_end(audited):
     assert 0 <= metrics["likelihood_classifier"]["accuracy"] <= 1
     rec = metrics["recognition"]
     assert rec["synthetic"]["a"] is None and 0 <= rec["synthetic"]["c"] <= 1 and 0 <= rec["real_mean"] <= 1
+    det = metrics["detectability"]
+    assert set(det) == {"n", "features", "pixels"} and det["n"] > 0
+    assert all(auc is None or 0 <= auc <= 1 for space in ("features", "pixels") for auc in det[space].values())
+    assert "Detectability (classifier two-sample test" in (out / "report.md").read_text()
     assert metrics["inputs"]["synthetic"]["provenance"]["generator"] == "test"
     assert list(metrics["verdict"]) == ["privacy", "usefulness", "fidelity", "gate"]
     assert metrics["verdict"]["usefulness"]["word"] == best_verdict(metrics["downstream"])

@@ -92,6 +92,14 @@ def test_fidelity_without_recognition_uses_precision_and_coverage():
     assert v["word"] == "close to real" and "recognises" not in v["text"] and v["text"].startswith("Precision 0.9")
 
 
+def test_fidelity_names_the_detectability_beside_real_vs_real():
+    m = metrics()
+    assert "linear classifier" not in verdict(m)["fidelity"]["text"]  # not measured: not mentioned
+    m["detectability"] = {"n": 120, "features": {"synthetic": 0.912, "real": 0.55}}
+    assert ("tells the synthetic from held-out real images with ROC AUC 0.91 in the audit's features (real training "
+            "vs held-out real images: 0.55" in verdict(m)["fidelity"]["text"])
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("/tmp/democwd/augflow-demo/data/train.h5", "train.h5"),
     ('"data": "/work/results/scanner/train.h5",', '"data": "train.h5",'),
