@@ -392,6 +392,9 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @click.option("--anchor-classes", type=click.Choice(["same", "other", "all"]), default=None,
               help="With --near: anchor a class's samples to real images of the same class (default), of every other "
                    "class (translated: the anatomy of other subjects rendered as this class), or of all classes.")
+@click.option("--zero-background", is_flag=True,
+              help="Give the samples the exact-zero background of the --real images (values below the darkest "
+                   "tissue set to 0), so that a faint sampled background does not tell them apart from real ones.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @_overwrite_option
@@ -400,7 +403,8 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @_threads_option
 @_error_boundary
 def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real, per_class, select, min_confidence,
-               temperature, denoise, near, strength, anchor_classes, seed, batch_size, overwrite, amp, device):
+               temperature, denoise, near, strength, anchor_classes, zero_background, seed, batch_size, overwrite, amp,
+               device):
     """Write synthetic images of a trained model to a dataset file.
 
     \b
@@ -424,6 +428,8 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
         raise click.UsageError("--target-count and --max-ratio go with --balance")
     if (strength is not None or anchor_classes is not None) and near is None:
         raise click.UsageError("--strength and --anchor-classes go with --near FILE")
+    if zero_background and real is None:
+        raise click.UsageError("--zero-background needs --real FILE (the real images whose background to match)")
     source = None
     if class_name is not None:
         if n is None:
@@ -438,7 +444,7 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
                            device=device, amp=amp, selection=selection, counts_source=source, denoise=denoise,
                            near=near and Anchors(near, Anchors.strength if strength is None else strength,
                                                  anchor_classes or Anchors.classes),
-                           overwrite=overwrite)
+                           background_from=real if zero_background else None, overwrite=overwrite)
     made = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
     click.echo(f"wrote {sum(result.counts.values())} synthetic images to {result.out} ({made}); "
                f"rejected non-finite: {result.rejected_nonfinite}")

@@ -146,6 +146,7 @@ def synthesize(
     counts_source: dict | None = None,
     denoise: bool = False,
     near: Anchors | None = None,
+    background_from: str | Path | None = None,
     overwrite: bool = False,
 ) -> SynthesisResult:
     """Sample ``counts[class] `` images per class from a trained model into a synthetic dataset file.
@@ -166,6 +167,8 @@ def synthesize(
         denoise: Remove the model's training input noise from each sample with one score step (needs an exact
             likelihood and a model trained with ``augment.noise_std > 0``).
         near: Derive each sample from a real image (:class:`Anchors`; not under DP).
+        background_from: A real file whose exact-zero background the samples get (:func:`zero_background`): values
+            below its threshold are set to 0.
         overwrite: Replace ``out`` if it exists (never the model or ``selection.real``).
 
     Raises:
@@ -194,6 +197,7 @@ def synthesize(
     flow = flow.to(dev).eval()
     selector = _Selector(selection or Selection(), flow, meta, path, dev)
     anchors = near.load(flow, meta, path, per_class) if near else None
+    background = zero_background(background_from) if background_from is not None else None
 
     rejected = 0
     provenance = {
@@ -203,7 +207,7 @@ def synthesize(
         "counts": dict(zip(class_names, per_class, strict=True)),
         "augflow_version": __version__, "privacy": _ledger(meta.get("privacy")),
         "counts_source": counts_source, "selection": selector.describe(),
-        "near": near.describe() if near else None,
+        "near": near.describe() if near else None, "background": background,
     }
     # The bar starts once the output can be written; an error mid-way ends its line before the message.
     with (DatasetWriter(out, flow.config.image_shape, class_names, "synthetic", provenance) as writer,
@@ -221,7 +225,10 @@ def synthesize(
                     x = _finite_batch(flow, k, b, temperature, generator, dev, start,
                                       near.strength if near else 1.0)
                     images = _denoised(flow, x.images, k, sigma) if sigma else x.images
-                    images = selector.keep(images.clamp(0, 1), k)[: n - made]
+                    images = images.clamp(0, 1)
+                    if background and background["threshold"]:
+                        images = torch.where(images < background["threshold"], 0.0, images)
+                    images = selector.keep(images, k)[: n - made]
                 rejected += x.rejected
                 drawn += b
                 kept = len(images)
@@ -346,6 +353,26 @@ class _Selector:
             out["kept"] = {class_names[k]: self.kept[k] for k in self.drawn}
             out["acceptance_rate"] = {class_names[k]: self.kept[k] / v for k, v in self.drawn.items() if v}
         return out
+
+
+def zero_background(real: str | Path) -> dict:
+    """The exact-zero background of a real file, for synthetic images to match.
+
+    Skull-stripped or masked scans store their background as exact zeros, with no intensity between 0 and the
+    darkest tissue; a flow trained with dequantisation and input noise samples a faint noisy background instead,
+    which a downstream classifier can use to tell synthetic from real images (:mod:`augflow.audit.detectability`).
+    When at least 1% of the real pixels are exactly 0, the threshold is half the 0.1% quantile of the nonzero ones
+    (the empty gap above 0 stays empty); else there is no such background and the threshold is None.
+
+    Returns:
+        ``{"file", "sha256", "zero_fraction", "threshold"}``, recorded in the provenance.
+    """
+    images = read_images(real)
+    zero_fraction = float(np.mean(images == 0))
+    nonzero = images[images > 0]
+    threshold = (float(np.quantile(nonzero, 0.001)) / 2 if zero_fraction >= 0.01 and nonzero.size else None)
+    return {"file": Path(real).name, "sha256": sha256_file(real), "zero_fraction": zero_fraction,
+            "threshold": threshold}
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAM
 separated by ``/``: ``T=1.0/0.3/0.3/0``), ``select`` (none | posterior | classifier), ``conf``
 (the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``), ``near``
 (``--near train.h5 --strength S``: each image derived from a real training image), ``from`` (with ``near``: the
-``--anchor-classes`` same | other | all, whose real images anchor a class's samples), ``w`` (the
+``--anchor-classes`` same | other | all, whose real images anchor a class's samples), ``bg`` (``1``:
+``--zero-background``, the real images' exact-zero background), ``w`` (the
 downstream loss weight of each synthetic image, default 1; class weights count it) and ``soft`` (soft labels: the
 target of each synthetic image mixes its intended class with weight ``1 - soft`` and the posterior of the audit's
 domain encoder, a ResNet-18 trained on the real training images, with weight ``soft``). Before a spec, ``only:`` trains
@@ -81,7 +82,8 @@ TRAIN_SETTINGS = {
 
 
 BATCH = 64  # images per downstream CNN step
-SAMPLING_KEYS = ("T", "select", "conf", "ratio", "denoise", "near", "from")  # the keys that change the synthetic file
+# The keys that change the synthetic file.
+SAMPLING_KEYS = ("T", "select", "conf", "ratio", "denoise", "near", "from", "bg")
 ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre", "dup")
 MODES = ("only", "all", "pre")  # prefixes of arms that use a balanced synthetic set instead of a top-up
 
@@ -135,6 +137,8 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
         command += ["--max-ratio", arm["ratio"]]
     if arm.get("denoise", "0") == "1":
         command += ["--denoise"]
+    if arm.get("bg", "0") == "1":
+        command += ["--zero-background"]
     if "near" in arm:
         command += ["--near", str(real), "--strength", arm["near"], "--anchor-classes", arm.get("from", "same")]
     run(command, log, work)

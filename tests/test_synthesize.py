@@ -410,3 +410,41 @@ def test_medsymmflow_takes_one_temperature():
     assert _checked_temperature(model, 0.9) == 0.9
     with pytest.raises(ConfigError, match="per-level temperatures .* are for MAGIC-Flow's latent parts; a symmflow"):
         _checked_temperature(model, (1.0, 0.5))
+
+
+def test_zero_background_is_learned_from_the_real_file_and_given_to_the_samples(run, tmp_path):
+    """A real file whose outer pixels are exactly 0 and whose tissue is >= 0.3: the threshold is half the darkest
+    tissue's 0.1% quantile, and every sample below it becomes 0; without such a background nothing changes."""
+    from augflow.data.store import write_dataset
+    from augflow.synthesize import zero_background
+
+    rng = np.random.default_rng(0)
+    images = np.zeros((24, 1, 8, 8), dtype=np.float32)
+    images[:, :, 2:6, 2:6] = rng.uniform(0.3, 1.0, size=(24, 1, 4, 4))
+    real = write_dataset(tmp_path / "masked.h5", images, np.arange(24) % 4, [f"s{i // 2}" for i in range(24)],
+                         np.zeros(24, dtype=np.int64), [f"class{k}" for k in range(4)])
+    background = zero_background(real)
+    tissue = images[images > 0]
+    assert background["zero_fraction"] == pytest.approx(0.75)
+    assert background["threshold"] == pytest.approx(np.quantile(tissue, 0.001) / 2)
+    counts = {f"class{k}": 3 for k in range(4)}
+    plain = read_images(synthesize(run, tmp_path / "plain.h5", counts, seed=2, progress=False).out)
+    out = synthesize(run, tmp_path / "bg.h5", counts, seed=2, progress=False, background_from=real).out
+    snapped = read_images(out)
+    below = plain < background["threshold"]
+    assert below.any() and (snapped[below] == 0).all() and np.array_equal(snapped[~below], plain[~below])
+    assert read_info(out).provenance["background"] == background
+    # Random images have no exact-zero background: no threshold, the samples stay as they are.
+    assert zero_background(make_dataset(tmp_path / "noisy.h5", num_classes=4))["threshold"] is None
+
+
+def test_zero_background_needs_the_real_file(run, tmp_path):
+    from click.testing import CliRunner
+
+    from augflow.cli import cli
+
+    out = tmp_path / "out.h5"
+    result = CliRunner().invoke(cli, ["synthesize", "--model", str(run), "--per-class", "2", "--zero-background",
+                                      "--out", str(out)])
+    assert result.exit_code != 0 and "--zero-background needs --real FILE" in result.output, result.output
+    assert not out.exists()
