@@ -197,6 +197,9 @@ def synthesize(
     flow = flow.to(dev).eval()
     selector = _Selector(selection or Selection(), flow, meta, path, dev)
     anchors = near.load(flow, meta, path, per_class) if near else None
+    if background_from is not None:
+        refuse_under_dp(meta, f"--zero-background sets a threshold read off the pixels of {background_from}",
+                        "--zero-background")
     background = zero_background(background_from) if background_from is not None else None
 
     rejected = 0
@@ -310,6 +313,8 @@ class _Selector:
         elif self.method == "classifier":
             from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
 
+            refuse_under_dp(meta, f"--select classifier keeps the samples that a classifier trained on "
+                            f"{selection.real} accepts", "--select classifier")
             info = read_info(selection.real)
             check_classes(info.class_names, meta["class_names"], f"--real {selection.real}")
             if info.image_shape != tuple(flow.config.image_shape):
@@ -404,10 +409,7 @@ class Anchors:
             raise ConfigError(f"--strength must be in (0, 1] (0 would copy the real images), but is: {self.strength}")
         if self.classes not in ANCHOR_CLASSES:
             raise ConfigError(f"--anchor-classes must be one of {', '.join(ANCHOR_CLASSES)}, but is: {self.classes!r}")
-        ledger = Ledger.from_dict(meta.get("privacy"))
-        if ledger and ledger.dp:
-            raise ConfigError(f"--near derives each image from a real image of {self.real}: the model's (epsilon, "
-                              "delta) guarantee would not cover them; drop --near to release DP samples")
+        refuse_under_dp(meta, f"--near derives each image from a real image of {self.real}", "--near")
         info = read_info(self.real)
         check_classes(info.class_names, meta["class_names"], f"--near {self.real}")
         if info.image_shape != tuple(flow.config.image_shape):
@@ -453,6 +455,18 @@ class _AnchorImages:
 class _Batch:
     images: torch.Tensor
     rejected: int
+
+
+def refuse_under_dp(meta: dict, what: str, option: str) -> None:
+    """Refuse an option whose output depends on real images beyond what a DP model's ledger accounted for.
+
+    Raises:
+        ConfigError: When the model was trained with DP, naming ``what`` the option does with the real data.
+    """
+    ledger = Ledger.from_dict(meta.get("privacy"))
+    if ledger and ledger.dp:
+        raise ConfigError(f"{what}: the model's (epsilon, delta) guarantee would not cover the released images; "
+                          f"drop {option} to release DP samples")
 
 
 def _ledger(stored: dict | None) -> dict | None:

@@ -7,7 +7,7 @@ from conftest import TINY, make_dataset
 
 from augflow.data.store import read_images, read_info, sha256_file
 from augflow.errors import ConfigError
-from augflow.synthesize import balance_counts, synthesize, training_counts
+from augflow.synthesize import Selection, balance_counts, synthesize, training_counts
 from augflow.train.loop import train
 from augflow.train.recipe import load_recipe
 
@@ -136,7 +136,6 @@ def test_posterior_selection_keeps_only_confident_samples_and_records_the_accept
     import torch
 
     from augflow.classify import likelihood
-    from augflow.synthesize import Selection
 
     # A known scorer: class 2's log-likelihood grows with the image mean, the others are flat, so p(2 | x) is a
     # logistic function of the mean and a threshold keeps the brighter samples only.
@@ -161,7 +160,6 @@ def test_posterior_selection_keeps_only_confident_samples_and_records_the_accept
 
 
 def test_classifier_selection_trains_on_the_real_file_and_records_it(imbalanced, tmp_path, monkeypatch):
-    from augflow.synthesize import Selection
 
     monkeypatch.setenv("AUGFLOW_CACHE_DIR", str(tmp_path / "cache"))
     data, run = imbalanced
@@ -353,14 +351,20 @@ def test_bad_near_options_are_named_and_write_nothing(imbalanced, tmp_path, args
     assert not out.exists()
 
 
-def test_near_is_refused_for_a_dp_model(imbalanced, tmp_path, monkeypatch):
+@pytest.mark.parametrize("option", ["--near", "--select classifier", "--zero-background"])
+def test_options_that_read_real_images_are_refused_for_a_dp_model(imbalanced, tmp_path, monkeypatch, option):
+    """Anchors, a selecting classifier trained on the real file and a background threshold read off its pixels all
+    make the released images depend on real data that the DP ledger did not account for."""
     from augflow import synthesize as module
     from augflow.synthesize import Anchors
 
     data, run = imbalanced
     monkeypatch.setattr(module.Ledger, "from_dict", staticmethod(lambda stored: type("L", (), {"dp": True})()))
-    with pytest.raises(ConfigError, match="guarantee would not cover them"):
-        synthesize(run, tmp_path / "b.h5", {"small": 2}, near=Anchors(data), progress=False)
+    kwargs = {"--near": {"near": Anchors(data)},
+              "--select classifier": {"selection": Selection("classifier", real=data, cache_dir=tmp_path)},
+              "--zero-background": {"background_from": data}}[option]
+    with pytest.raises(ConfigError, match=f"guarantee would not cover the released images; drop {option} "):
+        synthesize(run, tmp_path / "b.h5", {"small": 2}, progress=False, **kwargs)
     assert not list(tmp_path.glob("*.h5"))
 
 
