@@ -198,7 +198,7 @@ def synthesize(
     selector = _Selector(selection or Selection(), flow, meta, path, dev)
     anchors = near.load(flow, meta, path, per_class) if near else None
     if background_from is not None:
-        refuse_under_dp(meta, f"--zero-background sets a threshold read off the pixels of {background_from}",
+        _refuse_under_dp(meta, f"--zero-background sets a threshold read off the pixels of {background_from}",
                         "--zero-background")
     background = zero_background(background_from) if background_from is not None else None
 
@@ -251,9 +251,9 @@ class Selection:
 
     Attributes:
         method: ``"none"`` (every sample), ``"posterior"`` (the model's own Bayes posterior ``p(y | x)`` with its
-            training-class prior and the calibration temperature stored beside it, if any; needs an exact
-            likelihood) or ``"classifier"`` (a ResNet-18 trained on ``real``, the real training file: the audit's
-            domain encoder, cached by the file's SHA-256).
+            training-class prior and the calibration temperature stored beside it, if any and the model is not DP;
+            needs an exact likelihood) or ``"classifier"`` (a ResNet-18 trained on ``real``, the real training file:
+            the audit's domain encoder, cached by the file's SHA-256; not for a DP model).
         min_confidence: Keep a sample of class ``k`` when its probability of ``k`` is at least this, in (0, 1).
         real: The real training file of the ``"classifier"``.
         max_draws: At most this many samples are drawn per requested sample of a class before giving up.
@@ -303,17 +303,21 @@ class _Selector:
             from augflow.classify.likelihood import class_log_likelihoods, log_prior
             from augflow.classify.metrics import Calibration
 
-            calibration = stored_calibration(model_path, "train", meta["class_names"]) or Calibration()
+            calibration = stored_calibration(model_path, "train", meta["class_names"])
+            source = "none" if calibration is None else "calibration.json"
+            if calibration is not None and _is_dp(meta):  # fitted on real images, outside the ledger
+                calibration, source = None, "ignored: the model is DP and the calibration was fitted on real images"
+            calibration = calibration or Calibration()
             temperature = calibration.temperature  # the calibrated Bayes posterior (offsets set decisions only)
             log_pi = torch.tensor(log_prior(meta["class_counts"]), dtype=torch.float32, device=device)
             k = len(meta["class_names"])
             self._probs = lambda x: torch.softmax((class_log_likelihoods(flow, x, k).float() + log_pi) / temperature,
                                                   dim=1)
-            self.details = {"prior": "train", "calibration_temperature": temperature}
+            self.details = {"prior": "train", "calibration_temperature": temperature, "calibration": source}
         elif self.method == "classifier":
             from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
 
-            refuse_under_dp(meta, f"--select classifier keeps the samples that a classifier trained on "
+            _refuse_under_dp(meta, f"--select classifier keeps the samples that a classifier trained on "
                             f"{selection.real} accepts", "--select classifier")
             info = read_info(selection.real)
             check_classes(info.class_names, meta["class_names"], f"--real {selection.real}")
@@ -409,7 +413,7 @@ class Anchors:
             raise ConfigError(f"--strength must be in (0, 1] (0 would copy the real images), but is: {self.strength}")
         if self.classes not in ANCHOR_CLASSES:
             raise ConfigError(f"--anchor-classes must be one of {', '.join(ANCHOR_CLASSES)}, but is: {self.classes!r}")
-        refuse_under_dp(meta, f"--near derives each image from a real image of {self.real}", "--near")
+        _refuse_under_dp(meta, f"--near derives each image from a real image of {self.real}", "--near")
         info = read_info(self.real)
         check_classes(info.class_names, meta["class_names"], f"--near {self.real}")
         if info.image_shape != tuple(flow.config.image_shape):
@@ -457,16 +461,21 @@ class _Batch:
     rejected: int
 
 
-def refuse_under_dp(meta: dict, what: str, option: str) -> None:
+def _refuse_under_dp(meta: dict, what: str, option: str) -> None:
     """Refuse an option whose output depends on real images beyond what a DP model's ledger accounted for.
 
     Raises:
         ConfigError: When the model was trained with DP, naming ``what`` the option does with the real data.
     """
-    ledger = Ledger.from_dict(meta.get("privacy"))
-    if ledger and ledger.dp:
+    if _is_dp(meta):
         raise ConfigError(f"{what}: the model's (epsilon, delta) guarantee would not cover the released images; "
                           f"drop {option} to release DP samples")
+
+
+def _is_dp(meta: dict) -> bool:
+    """Whether the model was trained with DP (its ledger says so)."""
+    ledger = Ledger.from_dict(meta.get("privacy"))
+    return bool(ledger and ledger.dp)
 
 
 def _ledger(stored: dict | None) -> dict | None:

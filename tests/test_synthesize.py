@@ -159,6 +159,27 @@ def test_posterior_selection_keeps_only_confident_samples_and_records_the_accept
     assert prov["acceptance_rate"]["small"] == pytest.approx(prov["kept"]["small"] / prov["drawn"]["small"])
 
 
+def test_posterior_selection_of_a_dp_model_ignores_a_calibration_fitted_on_real_images(imbalanced, tmp_path,
+                                                                                       monkeypatch):
+    import shutil
+
+    from augflow import synthesize as module
+    from augflow.runs import calibration_file, write_json
+
+    _, trained = imbalanced
+    run = shutil.copytree(trained, tmp_path / "run")
+    write_json({"calibration_temperature": 7.0, "class_biases": None, "prior": "train"}, calibration_file(run))
+    selection = Selection("posterior", 0.01)
+    plain = read_info(synthesize(run, tmp_path / "a.h5", {"small": 2}, selection=selection,
+                                 progress=False).out).provenance["selection"]
+    assert plain["calibration_temperature"] == 7.0 and plain["calibration"] == "calibration.json"
+    fake = type("L", (), {"dp": True, "to_dict": lambda self: {"dp": True}})()
+    monkeypatch.setattr(module.Ledger, "from_dict", staticmethod(lambda stored: fake))
+    private = read_info(synthesize(run, tmp_path / "b.h5", {"small": 2}, selection=selection,
+                                   progress=False).out).provenance["selection"]
+    assert private["calibration_temperature"] == 1.0 and private["calibration"].startswith("ignored: the model is DP")
+
+
 def test_classifier_selection_trains_on_the_real_file_and_records_it(imbalanced, tmp_path, monkeypatch):
 
     monkeypatch.setenv("AUGFLOW_CACHE_DIR", str(tmp_path / "cache"))
