@@ -156,14 +156,22 @@ def train_flow(paths: dict[str, Path], out: Path, recipe, seed: int) -> dict:
     return summary
 
 
-def flow_rows(fold_dir: Path) -> dict:
+def flow_rows(fold_dir: Path, weights: str = "released") -> dict:
     """The flow's rows of a fold, from its stored model and the calibrations fitted on the fold's validation part.
+
+    ``weights``: "released" (``model.pt``, the run's selection) or "last" (the last step's weights, from the run's
+    checkpoint: what the run would have released without selection).
 
     ``flow``: per-class offsets and temperature (the decisions set for balanced accuracy); ``flow_temperature_only``:
     the Bayes posterior's decisions, temperature only; ``flow_uniform_prior``: a uniform class prior, temperature only.
     """
     val_info, test_info = read_info(fold_dir / "val.h5"), read_info(fold_dir / "test.h5")
     model, meta = load_model(fold_dir / "flow" / "model.pt", with_meta=True)
+    if weights == "last":
+        state = torch.load(fold_dir / "flow" / CHECKPOINT, map_location="cpu", weights_only=False)
+        if state["ema"] is not None:
+            raise SystemExit(f"--weights last: {fold_dir / 'flow'} kept an EMA of its weights: use --weights released")
+        model.load_state_dict(state["model"])
     val_ll = dataset_log_likelihoods(model, fold_dir / "val.h5", device="cpu")
     test_ll = dataset_log_likelihoods(model, fold_dir / "test.h5", device="cpu")
     rows = {}
@@ -227,16 +235,17 @@ def symmflow_rows(fold_dir: Path, passes: int, seed: int) -> dict:
     return {"symmflow": metrics, "symmflow_nearest_colour": raw}
 
 
-def calibrate_folds(work: Path, folds: list[int], command: str) -> None:
-    """Refit the calibrated rows of folds that have run, from their stored models (no training); the command is
-    recorded (``calibrate_command``) for the report."""
+def calibrate_folds(work: Path, folds: list[int], command: str, weights: str = "released") -> None:
+    """Refit the calibrated rows of folds that have run, from their stored models (no training; ``weights``: as
+    :func:`flow_rows`); the command is recorded (``calibrate_command``) for the report."""
     for fold in folds:
         fold_dir = work / f"fold-{fold}"
         flow, symmflow = fold_dir / "result.json", fold_dir / "symmflow.json"
         if not flow.exists():
             raise SystemExit(f"{flow} is missing: run the fold first")
         record = json.loads(flow.read_text())
-        flow.write_text(json.dumps({**record, **flow_rows(fold_dir), "calibrate_command": command}, indent=2))
+        rows = flow_rows(fold_dir, weights)
+        flow.write_text(json.dumps({**record, **rows, "flow_weights": weights, "calibrate_command": command}, indent=2))
         if symmflow.exists():
             record = json.loads(symmflow.read_text())
             rows = symmflow_rows(fold_dir, record["passes"], record.get("seed", 0))
@@ -258,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--passes", type=int, default=1, help="MedSymmFlow read-outs per image (1: the paper's).")
     parser.add_argument("--name", default="classification",
                         help="report: write reports/NAME.md and NAME-*.png (a variant's run beside the main report).")
+    parser.add_argument("--weights", choices=["released", "last"], default="released",
+                        help="calibrate: score the released model (default) or the last step's weights.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Override a key of the family's recipe (repeatable), as augflow train --set.")
     args = parser.parse_args(argv)
@@ -272,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 run_fold(data, args.work, fold, args.epochs, args.seed, command, args.set)
     elif args.stage == "calibrate":
-        calibrate_folds(args.work, list(map(int, args.folds.split(","))), " ".join(["python", *sys.argv]))
+        calibrate_folds(args.work, list(map(int, args.folds.split(","))), " ".join(["python", *sys.argv]),
+                        args.weights)
     else:
         from classification_report import write_report
 
