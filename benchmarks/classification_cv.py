@@ -24,7 +24,8 @@ Run the folds (two processes at once on a 2-core machine), then the report:
 
 ``run`` writes ``WORK/fold-K/result.json`` (metrics) and ``predictions.npz``; ``calibrate`` refits the calibrations
 of folds that have run from their stored models (after a change of ``augflow.classify.calibration``; the report lists
-its command); ``report`` writes reports/classification.md and its figures.
+its command; ``--weights last`` scores the last step's weights of the checkpoint instead of the released model);
+``report`` writes reports/classification.md and its figures.
 """
 
 from __future__ import annotations
