@@ -117,10 +117,13 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
         f"{len(results)}-fold subject-wise cross-validation (scikit-learn StratifiedGroupKFold, seed 0) on the "
         f"built-in scanner data at {results[0]['image_size']} px (1352 slices, 338 subjects). Per fold the flow "
         f"(`recipes/scanner-classify.toml`{_overrides(results[0])}, {results[0]['flow_steps']} steps) trains on the "
-        "training subjects, keeps its best-validation weights and "
-        "fits its posterior temperature on a 10% subject-wise validation part; the ResNet-18 (augflow.audit.baseline: "
-        "one input channel, from scratch, class-weighted cross-entropy) trains on all training subjects for the same "
-        "CPU time the flow's training took, on one thread each. Both are scored on the held-out subjects.",
+        "training subjects, "
+        + ("is scored with its last step's weights (`calibrate --weights last`, not the run's selection) and "
+           if results[0].get("flow_weights") == "last" else "keeps its best-validation weights and ")
+        + "fits its posterior temperature on a 10% subject-wise validation part; the ResNet-18 "
+        "(augflow.audit.baseline: one input channel, from scratch, class-weighted cross-entropy) trains on all "
+        "training subjects for the same CPU time the flow's training took, on one thread each. Both are scored on "
+        "the held-out subjects.",
         "",
         "Commands (the folds ran as two processes, one thread each):",
         "",
