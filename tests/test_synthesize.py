@@ -181,7 +181,6 @@ def test_posterior_selection_of_a_dp_model_ignores_a_calibration_fitted_on_real_
 
 
 def test_classifier_selection_trains_on_the_real_file_and_records_it(imbalanced, tmp_path, monkeypatch):
-
     monkeypatch.setenv("AUGFLOW_CACHE_DIR", str(tmp_path / "cache"))
     data, run = imbalanced
     out = synthesize(run, tmp_path / "s.h5", {"mid": 3}, selection=Selection("classifier", 0.05, data),
