@@ -369,15 +369,18 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
               help="With --balance: at most this many synthetic images per real image of each class.")
 @click.option("--real", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The real training file the synthetic images will be added to: --balance counts its classes, "
-                   "--select classifier trains on it.")
+                   "--select classifier and realism train on it.")
 @click.option("--per-class", type=click.IntRange(min=1), default=None,
               help="N images of every class (a set to audit, or to train on synthetic data only).")
-@click.option("--select", "select", type=click.Choice(["none", "posterior", "classifier"]), default="none",
-              show_default=True,
+@click.option("--select", "select", type=click.Choice(["none", "posterior", "classifier", "realism"]),
+              default="none", show_default=True,
               help="Keep a sample only if the model's own Bayes posterior (MAGIC-Flow), or a ResNet-18 trained on "
-                   "--real, gives its class at least --min-confidence.")
+                   "--real, gives its class at least --min-confidence; realism: only if a per-class real-vs-synthetic "
+                   "logistic regression in that ResNet's features gives it a probability of being real of at least "
+                   "--min-confidence.")
 @click.option("--min-confidence", type=float, default=0.5, show_default=True,
-              help="With --select: the class probability a sample needs, in (0, 1).")
+              help="With --select: the class probability (realism: the probability of being real) a sample needs, "
+                   "in (0, 1).")
 @click.option("--temperature", default=None, callback=_parse_temperature,
               help="Latent temperature (default: the model's, 0.8); for MAGIC-Flow also one per latent part, finest "
                    "first (e.g. 1.2,0.3,0.3,0: the fine texture at 1.2, the coarse anatomy near its mode).")

@@ -11,7 +11,12 @@ model (or ``--real FILE``), optionally capped at ``max_ratio`` synthetic images 
 selection (:class:`Selection`) keeps a sample only when a classifier assigns it to its intended class with
 probability at least ``min_confidence``: the flow's own Bayes posterior, or a ResNet-18 trained on the real
 training file. Filtering synthetic images by classifier confidence narrows the gap between synthetic and real
-training data (GaFi, Lomurno et al. 2023, arXiv 2305.10118; He et al. 2023, arXiv 2210.07574).
+training data (GaFi, Lomurno et al. 2023, arXiv 2305.10118; He et al. 2023, arXiv 2210.07574). The ``realism``
+selection asks instead whether a sample looks real: per class, a logistic regression in the domain encoder's
+features separates the real training images of that class from a pilot batch of the model's samples, and a sample is
+kept when its probability of being real is at least ``min_confidence`` (discriminator rejection sampling, Azadi et
+al. 2019, arXiv 1810.06758, with a threshold in place of its acceptance probability): a downstream classifier that
+can tell a top-up from real images learns "looks synthetic" as a feature of the classes it fills.
 
 A model trained on images with Gaussian noise of standard deviation sigma added (``augment.noise_std``) learns the
 density of the noisy images, and its samples carry that noise. ``denoise`` removes it with one score step,
@@ -41,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -216,24 +222,33 @@ def synthesize(
     with (DatasetWriter(out, flow.config.image_shape, class_names, "synthetic", provenance) as writer,
           tqdm(total=sum(per_class), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True) as bar):
         for k, n in enumerate(per_class):
+            if n == 0:
+                continue
             generator = torch.Generator(dev).manual_seed(derive_seed(seed, k))
             order = anchors.order(k, seed) if anchors else None
             made = drawn = 0
-            while made < n:
-                selector.check_budget(k, n, made, class_names[k])
-                # With a selection, draw whole batches: most of a batch may be rejected.
-                b = min(batch_size, n - made) if selector.method == "none" else batch_size
+
+            def draw(b: int = batch_size, k: int = k, order: Tensor | None = order, generator=generator) -> Tensor:
+                """The next ``b`` samples of class ``k``, in [0, 1], before selection (class bound at definition)."""
+                nonlocal drawn, rejected
                 with autocast(dev, amp):
                     start = anchors.batch(order, drawn, b, dev) if anchors else None
-                    x = _finite_batch(flow, k, b, temperature, generator, dev, start,
-                                      near.strength if near else 1.0)
+                    x = _finite_batch(flow, k, b, temperature, generator, dev, start, near.strength if near else 1.0)
                     images = _denoised(flow, x.images, k, sigma) if sigma else x.images
                     images = images.clamp(0, 1)
                     if background and background["threshold"]:
                         images = torch.where(images < background["threshold"], 0.0, images)
-                    images = selector.keep(images, k)[: n - made]
                 rejected += x.rejected
                 drawn += b
+                return images
+
+            selector.prepare(k, draw, class_names[k])
+            while made < n:
+                selector.check_budget(k, n, made, class_names[k])
+                # With a selection, draw whole batches: most of a batch may be rejected.
+                images = draw(min(batch_size, n - made) if selector.method == "none" else batch_size)
+                with autocast(dev, amp):
+                    images = selector.keep(images, k)[: n - made]
                 kept = len(images)
                 if kept:
                     ids = [f"synthetic-{class_names[k]}-{made + i:06d}" for i in range(kept)]
@@ -252,10 +267,12 @@ class Selection:
     Attributes:
         method: ``"none"`` (every sample), ``"posterior"`` (the model's own Bayes posterior ``p(y | x)`` with its
             training-class prior and the calibration temperature stored beside it, if any and the model is not DP;
-            needs an exact likelihood) or ``"classifier"`` (a ResNet-18 trained on ``real``, the real training file:
-            the audit's domain encoder, cached by the file's SHA-256; not for a DP model).
-        min_confidence: Keep a sample of class ``k`` when its probability of ``k`` is at least this, in (0, 1).
-        real: The real training file of the ``"classifier"``.
+            needs an exact likelihood), ``"classifier"`` (a ResNet-18 trained on ``real``, the real training file:
+            the audit's domain encoder, cached by the file's SHA-256; not for a DP model) or ``"realism"`` (per
+            class, a real-vs-synthetic logistic regression in that encoder's features; not for a DP model).
+        min_confidence: Keep a sample of class ``k`` when its probability of ``k`` (``"realism"``: of being real) is
+            at least this, in (0, 1).
+        real: The real training file of the ``"classifier"`` and the ``"realism"`` selections.
         max_draws: At most this many samples are drawn per requested sample of a class before giving up.
         cache_dir: Where the classifier is cached (default: the audit's encoder cache).
     """
@@ -276,15 +293,16 @@ class Selection:
             raise ConfigError(f"--select must be one of {', '.join(SELECTIONS)}, but is: {self.method!r}")
         if self.method != "none" and not 0 < self.min_confidence < 1:
             raise ConfigError(f"--min-confidence must be in (0, 1), but is: {self.min_confidence}")
-        if self.method == "classifier" and self.real is None:
-            raise ConfigError("--select classifier needs --real FILE: the real training file its classifier is "
+        if self.method in ("classifier", "realism") and self.real is None:
+            raise ConfigError(f"--select {self.method} needs --real FILE: the real training file its classifier is "
                               "trained on")
         if self.max_draws < 1:
             raise ConfigError(f"max_draws must be >= 1, but is: {self.max_draws}")
         return self
 
 
-SELECTIONS = ("none", "posterior", "classifier")
+SELECTIONS = ("none", "posterior", "classifier", "realism")
+PILOT = 256  # samples per class that the realism discriminator learns the synthetic side from (at least)
 
 
 class _Selector:
@@ -314,11 +332,12 @@ class _Selector:
             self._probs = lambda x: torch.softmax((class_log_likelihoods(flow, x, k).float() + log_pi) / temperature,
                                                   dim=1)
             self.details = {"prior": "train", "calibration_temperature": temperature, "calibration": source}
-        elif self.method == "classifier":
+        elif self.method in ("classifier", "realism"):
+            from augflow.audit.baseline import penultimate
             from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
 
-            _refuse_under_dp(meta, f"--select classifier keeps the samples that a classifier trained on "
-                            f"{selection.real} accepts", "--select classifier")
+            _refuse_under_dp(meta, f"--select {self.method} keeps the samples that a classifier trained on "
+                            f"{selection.real} accepts", f"--select {self.method}")
             info = read_info(selection.real)
             check_classes(info.class_names, meta["class_names"], f"--real {selection.real}")
             if info.image_shape != tuple(flow.config.image_shape):
@@ -331,14 +350,59 @@ class _Selector:
             self._probs = lambda x: torch.softmax(classifier(x).float(), dim=1)
             self.details = {"classifier": "ResNet-18 trained on the real training file (the audit's domain encoder)",
                             "trained_on_sha256": sha256_file(selection.real), "recipe": asdict(EncoderRecipe())}
+            if self.method == "realism":
+                self._features = lambda x: penultimate(classifier, x.float()).double().cpu().numpy()
+                self._real = (read_images(selection.real), info.labels, device)
+                self._discriminators: dict[int, object] = {}
+                self.details = {"discriminator": "per class, L2 logistic regression (C = 0.1, balanced class weights)"
+                                " separating the real training images of the class from a pilot batch of samples, "
+                                "in the penultimate features of a ResNet-18 trained on the real training file",
+                                **self.details, "pilot": {}, "pilot_auc": {}}
+
+    def prepare(self, k: int, draw, name: str) -> None:
+        """Before class ``k``: fit its realism discriminator on ``draw(b)`` batches (``"realism"`` only).
+
+        Raises:
+            ConfigError: If the real file has no image of the class.
+        """
+        if self.method != "realism":
+            return
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import roc_auc_score
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        images, labels, device = self._real
+        rows = np.flatnonzero(labels == k)
+        if len(rows) == 0:
+            raise ConfigError(f"--select realism: --real {self.selection.real} has no image of class {name!r}, so "
+                              f"nothing tells what a real one looks like; drop the class or use another --select")
+        real = np.concatenate([self._features(torch.from_numpy(images[rows[i:i + 256]]).to(device))
+                               for i in range(0, len(rows), 256)])
+        pilot: list[np.ndarray] = []
+        while sum(map(len, pilot)) < max(len(rows), PILOT):
+            pilot.append(self._features(draw()))
+        fake = np.concatenate(pilot)
+        x, y = np.concatenate([real, fake]), np.r_[np.ones(len(real)), np.zeros(len(fake))]
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
+        with threadpool_limits(1):  # a small problem: threads cost more than they give
+            model.fit(x, y)
+            self.details["pilot_auc"][name] = float(roc_auc_score(y, model.predict_proba(x)[:, 1]))
+        self.details["pilot"][name] = len(fake)
+        self._discriminators[k] = model
 
     def keep(self, images: torch.Tensor, k: int) -> torch.Tensor:
         """The images of class ``k`` (in ``[0, 1]``) that the selection keeps."""
         self.drawn[k] = self.drawn.get(k, 0) + len(images)
-        if self.method != "none":
+        if self.method == "realism":
+            with threadpool_limits(1):
+                p_real = self._discriminators[k].predict_proba(self._features(images))[:, 1]
+            images = images[torch.from_numpy(p_real >= self.selection.min_confidence).to(images.device)]
+        elif self.method != "none":
             images = images[self._probs(images)[:, k] >= self.selection.min_confidence]
         self.kept[k] = self.kept.get(k, 0) + len(images)
         return images
+
 
     def check_budget(self, k: int, n: int, made: int, name: str) -> None:
         """Give up on a class when ``max_draws`` samples per requested one did not give ``n``.

@@ -190,7 +190,52 @@ def test_classifier_selection_trains_on_the_real_file_and_records_it(imbalanced,
     assert list((tmp_path / "cache" / "encoders").glob("*.pt"))  # the classifier is cached for the next call
 
 
+def test_realism_selection_keeps_the_samples_its_discriminator_finds_real(imbalanced, tmp_path, monkeypatch):
+    """With the image mean m as the feature (as m and m^2, so the logistic regression's logit is a parabola in m),
+    the selection keeps one interval of means around the real images of the class and rejects both far ends."""
+    from augflow.audit import baseline
+    from augflow.data.store import read_images
+    from augflow.models import load_model
+    from augflow.synthesize import PILOT, _Selector
+
+    monkeypatch.setenv("AUGFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    mean = lambda x: x.flatten(1).mean(1, keepdim=True)  # noqa: E731
+    monkeypatch.setattr(baseline, "penultimate", lambda model, x: torch.cat([mean(x), mean(x) ** 2], 1))
+    data, run = imbalanced
+    flow, meta = load_model(run / "model.pt", with_meta=True)
+    selector = _Selector(Selection("realism", 0.5, data), flow, meta, run / "model.pt", torch.device("cpu"))
+    levels = torch.linspace(0, 1, 101)
+    # Pilot samples spread evenly over [0, 1]; the real "small" images are uniform noise, of mean about 0.5.
+    grid = iter(levels[torch.randperm(101, generator=torch.Generator().manual_seed(0))].repeat(5).split(50))
+    selector.prepare(2, lambda: next(grid).view(-1, 1, 1, 1).expand(-1, 1, 8, 8), "small")
+    assert selector.details["pilot"]["small"] >= PILOT
+    kept = selector.keep(levels.view(-1, 1, 1, 1).expand(-1, 1, 8, 8).clone(), 2).flatten(1).mean(1)
+    assert 0 < len(kept) < 101  # some kept, some rejected
+    real_means = read_images(data)[read_info(data).labels == 2].reshape(4, -1).mean(1)
+    assert kept.min() <= real_means.min() and kept.max() >= real_means.max()  # the real images would pass
+    steps = (kept * 100).round().long()  # the kept grid points: one interval
+    assert torch.equal(steps, torch.arange(int(steps.min()), int(steps.max()) + 1))
+    assert 0.0 not in kept and 1.0 not in kept  # the far ends look synthetic
+    assert selector.kept[2] == len(kept) and selector.drawn[2] == 101
+
+
+def test_realism_selection_needs_a_real_image_of_the_class(imbalanced, tmp_path, monkeypatch):
+    from augflow.data.store import write_dataset
+
+    monkeypatch.setenv("AUGFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    data, run = imbalanced
+    info = read_info(data)
+    keep = info.labels != 2
+    real = write_dataset(tmp_path / "no-small.h5", read_images(data)[keep], info.labels[keep],
+                         list(np.asarray(info.subjects)[keep]), np.zeros(int(keep.sum()), dtype=np.int64),
+                         info.class_names)
+    with pytest.raises(ConfigError, match="has no image of class 'small'"):
+        synthesize(run, tmp_path / "s.h5", {"small": 2}, selection=Selection("realism", 0.5, real), progress=False)
+    assert not (tmp_path / "s.h5").exists()
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--balance", "--select", "realism"], "--select realism needs --real FILE"),
     (["--balance", "--select", "posterior", "--min-confidence", "0"], "--min-confidence must be in (0, 1)"),
     (["--balance", "--select", "posterior", "--min-confidence", "1.5"], "--min-confidence must be in (0, 1)"),
     (["--balance", "--max-ratio", "0"], "--max-ratio must be > 0"),
@@ -382,6 +427,7 @@ def test_options_that_read_real_images_are_refused_for_a_dp_model(imbalanced, tm
     monkeypatch.setattr(module.Ledger, "from_dict", staticmethod(lambda stored: type("L", (), {"dp": True})()))
     kwargs = {"--near": {"near": Anchors(data)},
               "--select classifier": {"selection": Selection("classifier", real=data, cache_dir=tmp_path)},
+              "--select realism": {"selection": Selection("realism", real=data, cache_dir=tmp_path)},
               "--zero-background": {"background_from": data}}[option]
     with pytest.raises(ConfigError, match=f"guarantee would not cover the released images; drop {option} "):
         synthesize(run, tmp_path / "b.h5", {"small": 2}, progress=False, **kwargs)
