@@ -19,8 +19,8 @@ minority classes marked, CPU time per training, and every command.
 
 Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAMILY[:key=value...]`` with FAMILY
 ``magic`` or ``symm`` and keys ``T`` (sampling temperature; for MAGIC-Flow one per latent part, finest first,
-separated by ``/``: ``T=1.0/0.3/0.3/0``), ``select`` (none | posterior | classifier), ``conf``
-(the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``), ``near``
+separated by ``/``: ``T=1.0/0.3/0.3/0``), ``select`` (none | posterior | classifier | realism),
+``conf`` (the selection's minimum confidence), ``ratio`` (``--max-ratio``), ``denoise`` (``1``: ``--denoise``), ``near``
 (``--near train.h5 --strength S``: each image derived from a real training image), ``from`` (with ``near``: the
 ``--anchor-classes`` same | other | all, whose real images anchor a class's samples), ``bg`` (``1``:
 ``--zero-background``, the real images' exact-zero background), ``w`` (the
@@ -383,6 +383,8 @@ def render(args, results: dict, names: list[str], minority: list[str], log: list
         sel = prov.get("selection") or {}
         rate = sel.get("acceptance_rate")
         rate = (", acceptance " + ", ".join(f"{k} {v:.2f}" for k, v in rate.items())) if rate else ""
+        if sel.get("pilot_auc"):  # the realism discriminator's in-sample AUC on its pilot batch
+            rate += "; discriminator AUC on its pilot " + ", ".join(f"{k} {v:.2f}" for k, v in sel["pilot_auc"].items())
         lines.append(f"- `{arm}`: {path.name}, {len(read_info(path).labels)} images{rate}")
     lines += ["", "Commands (the stages run in this invocation; cached stages are not repeated):", "", "```",
               shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), *log, "```", ""]
