@@ -375,12 +375,13 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @click.option("--select", "select", type=click.Choice(["none", "posterior", "classifier", "realism"]),
               default="none", show_default=True,
               help="Keep a sample only if the model's own Bayes posterior (MAGIC-Flow), or a ResNet-18 trained on "
-                   "--real, gives its class at least --min-confidence; realism: only if a per-class real-vs-synthetic "
-                   "logistic regression in that ResNet's features gives it a probability of being real of at least "
-                   "--min-confidence.")
+                   "--real, gives its class at least --min-confidence; realism: only the --keep-fraction of samples "
+                   "that a per-class real-vs-synthetic logistic regression in that ResNet's features finds most real.")
 @click.option("--min-confidence", type=float, default=0.5, show_default=True,
-              help="With --select: the class probability (realism: the probability of being real) a sample needs, "
-                   "in (0, 1).")
+              help="With --select posterior or classifier: the class probability a sample needs, in (0, 1).")
+@click.option("--keep-fraction", type=float, default=0.25, show_default=True,
+              help="With --select realism: the fraction of the draws kept, in (0, 1] (threshold: a quantile of the "
+                   "discriminator's scores of a pilot batch).")
 @click.option("--temperature", default=None, callback=_parse_temperature,
               help="Latent temperature (default: the model's, 0.8); for MAGIC-Flow also one per latent part, finest "
                    "first (e.g. 1.2,0.3,0.3,0: the fine texture at 1.2, the coarse anatomy near its mode).")
@@ -406,8 +407,8 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @_threads_option
 @_error_boundary
 def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real, per_class, select, min_confidence,
-               temperature, denoise, near, strength, anchor_classes, zero_background, seed, batch_size, overwrite, amp,
-               device):
+               keep_fraction, temperature, denoise, near, strength, anchor_classes, zero_background, seed, batch_size,
+               overwrite, amp, device):
     """Write synthetic images of a trained model to a dataset file.
 
     \b
@@ -442,7 +443,7 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
         counts = dict.fromkeys(training_counts(model), per_class)
     else:
         counts, source = topup_counts(model, real, target_count, max_ratio)
-    selection = Selection(select, min_confidence, real)
+    selection = Selection(select, min_confidence, real, keep_fraction=keep_fraction)
     result = run_synthesis(model, out, counts, temperature=temperature, seed=seed, batch_size=batch_size,
                            device=device, amp=amp, selection=selection, counts_source=source, denoise=denoise,
                            near=near and Anchors(near, Anchors.strength if strength is None else strength,

@@ -14,9 +14,10 @@ training file. Filtering synthetic images by classifier confidence narrows the g
 training data (GaFi, Lomurno et al. 2023, arXiv 2305.10118; He et al. 2023, arXiv 2210.07574). The ``realism``
 selection asks instead whether a sample looks real: per class, a logistic regression in the domain encoder's
 features separates the real training images of that class from a pilot batch of the model's samples, and a sample is
-kept when its probability of being real is at least ``min_confidence`` (discriminator rejection sampling, Azadi et
-al. 2019, arXiv 1810.06758, with a threshold in place of its acceptance probability): a downstream classifier that
-can tell a top-up from real images learns "looks synthetic" as a feature of the classes it fills.
+kept when its probability of being real is among the top ``keep_fraction`` of the pilot's (discriminator rejection
+sampling, Azadi et al. 2019, arXiv 1810.06758, which also sets its threshold at a percentile of the discriminator's
+scores; here a hard threshold in place of its acceptance probability): a downstream classifier that can tell a top-up
+from real images learns "looks synthetic" as a feature of the classes it fills.
 
 A model trained on images with Gaussian noise of standard deviation sigma added (``augment.noise_std``) learns the
 density of the noisy images, and its samples carry that noise. ``denoise`` removes it with one score step,
@@ -270,9 +271,10 @@ class Selection:
             needs an exact likelihood), ``"classifier"`` (a ResNet-18 trained on ``real``, the real training file:
             the audit's domain encoder, cached by the file's SHA-256; not for a DP model) or ``"realism"`` (per
             class, a real-vs-synthetic logistic regression in that encoder's features; not for a DP model).
-        min_confidence: Keep a sample of class ``k`` when its probability of ``k`` (``"realism"``: of being real) is
-            at least this, in (0, 1).
+        min_confidence: Keep a sample of class ``k`` when its probability of ``k`` is at least this, in (0, 1).
         real: The real training file of the ``"classifier"`` and the ``"realism"`` selections.
+        keep_fraction: ``"realism"``: keep a sample when its probability of being real is at least the
+            ``1 - keep_fraction`` quantile of the pilot batch's, in (0, 1]: about that fraction of the draws is kept.
         max_draws: At most this many samples are drawn per requested sample of a class before giving up.
         cache_dir: Where the classifier is cached (default: the audit's encoder cache).
     """
@@ -280,6 +282,7 @@ class Selection:
     method: str = "none"
     min_confidence: float = 0.5
     real: str | Path | None = None
+    keep_fraction: float = 0.25
     max_draws: int = 20
     cache_dir: str | Path | None = None
 
@@ -291,7 +294,9 @@ class Selection:
         """
         if self.method not in SELECTIONS:
             raise ConfigError(f"--select must be one of {', '.join(SELECTIONS)}, but is: {self.method!r}")
-        if self.method != "none" and not 0 < self.min_confidence < 1:
+        if self.method == "realism" and not 0 < self.keep_fraction <= 1:
+            raise ConfigError(f"--keep-fraction must be in (0, 1], but is: {self.keep_fraction}")
+        if self.method not in ("none", "realism") and not 0 < self.min_confidence < 1:
             raise ConfigError(f"--min-confidence must be in (0, 1), but is: {self.min_confidence}")
         if self.method in ("classifier", "realism") and self.real is None:
             raise ConfigError(f"--select {self.method} needs --real FILE: the real training file its classifier is "
@@ -354,10 +359,11 @@ class _Selector:
                 self._features = lambda x: penultimate(classifier, x.float()).double().cpu().numpy()
                 self._real = (read_images(selection.real), info.labels, device)
                 self._discriminators: dict[int, object] = {}
+                self._thresholds: dict[int, float] = {}
                 self.details = {"discriminator": "per class, L2 logistic regression (C = 0.1, balanced class weights)"
                                 " separating the real training images of the class from a pilot batch of samples, "
                                 "in the penultimate features of a ResNet-18 trained on the real training file",
-                                **self.details, "pilot": {}, "pilot_auc": {}}
+                                **self.details, "pilot": {}, "pilot_auc": {}, "threshold": {}}
 
     def prepare(self, k: int, draw, name: str) -> None:
         """Before class ``k``: fit its realism discriminator on ``draw(b)`` batches (``"realism"`` only).
@@ -387,8 +393,11 @@ class _Selector:
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
         with threadpool_limits(1):  # a small problem: threads cost more than they give
             model.fit(x, y)
-            self.details["pilot_auc"][name] = float(roc_auc_score(y, model.predict_proba(x)[:, 1]))
+            p_real = model.predict_proba(x)[:, 1]
         self.details["pilot"][name] = len(fake)
+        self.details["pilot_auc"][name] = float(roc_auc_score(y, p_real))
+        self._thresholds[k] = float(np.quantile(p_real[y == 0], 1 - self.selection.keep_fraction))
+        self.details["threshold"][name] = self._thresholds[k]
         self._discriminators[k] = model
 
     def keep(self, images: torch.Tensor, k: int) -> torch.Tensor:
@@ -397,7 +406,8 @@ class _Selector:
         if self.method == "realism":
             with threadpool_limits(1):
                 p_real = self._discriminators[k].predict_proba(self._features(images))[:, 1]
-            images = images[torch.from_numpy(p_real >= self.selection.min_confidence).to(images.device)]
+            keep = p_real >= self._thresholds[k]
+            images = images[torch.from_numpy(keep).to(images.device)]
         elif self.method != "none":
             images = images[self._probs(images)[:, k] >= self.selection.min_confidence]
         self.kept[k] = self.kept.get(k, 0) + len(images)
@@ -412,14 +422,18 @@ class _Selector:
         """
         drawn = self.drawn.get(k, 0)
         if drawn >= self.selection.max_draws * n:
-            raise ConfigError(f"--select {self.method} --min-confidence {self.selection.min_confidence}: class {name!r}"
+            option = (f"--keep-fraction {self.selection.keep_fraction}" if self.method == "realism" else
+                      f"--min-confidence {self.selection.min_confidence}")
+            raise ConfigError(f"--select {self.method} {option}: class {name!r}"
                               f" kept {made} of {drawn} samples drawn ({made / drawn:.1%}), short of the {n} asked for;"
-                              f" lower --min-confidence, ask for fewer images, or train the model longer")
+                              f" loosen {option.split()[0]}, ask for fewer images, or train the model longer")
 
     def describe(self, class_names: list[str] | None = None) -> dict:
         """The selection for the provenance (with the acceptance per class once the classes are done)."""
         out = {"method": self.method, **self.details}
-        if self.method != "none":
+        if self.method == "realism":
+            out["keep_fraction"] = self.selection.keep_fraction
+        elif self.method != "none":
             out["min_confidence"] = self.selection.min_confidence
         if class_names is not None and self.method != "none":
             out["drawn"] = {class_names[k]: v for k, v in self.drawn.items()}

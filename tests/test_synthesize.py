@@ -192,7 +192,8 @@ def test_classifier_selection_trains_on_the_real_file_and_records_it(imbalanced,
 
 def test_realism_selection_keeps_the_samples_its_discriminator_finds_real(imbalanced, tmp_path, monkeypatch):
     """With the image mean m as the feature (as m and m^2, so the logistic regression's logit is a parabola in m),
-    the selection keeps one interval of means around the real images of the class and rejects both far ends."""
+    the selection keeps one interval of means around the real images of the class, rejects both far ends, and keeps
+    about its keep fraction of draws like the pilot's."""
     from augflow.audit import baseline
     from augflow.data.store import read_images
     from augflow.models import load_model
@@ -203,16 +204,17 @@ def test_realism_selection_keeps_the_samples_its_discriminator_finds_real(imbala
     monkeypatch.setattr(baseline, "penultimate", lambda model, x: torch.cat([mean(x), mean(x) ** 2], 1))
     data, run = imbalanced
     flow, meta = load_model(run / "model.pt", with_meta=True)
-    selector = _Selector(Selection("realism", 0.5, data), flow, meta, run / "model.pt", torch.device("cpu"))
+    selection = Selection("realism", real=data, keep_fraction=0.3)
+    selector = _Selector(selection, flow, meta, run / "model.pt", torch.device("cpu"))
     levels = torch.linspace(0, 1, 101)
     # Pilot samples spread evenly over [0, 1]; the real "small" images are uniform noise, of mean about 0.5.
     grid = iter(levels[torch.randperm(101, generator=torch.Generator().manual_seed(0))].repeat(5).split(50))
     selector.prepare(2, lambda: next(grid).view(-1, 1, 1, 1).expand(-1, 1, 8, 8), "small")
     assert selector.details["pilot"]["small"] >= PILOT
     kept = selector.keep(levels.view(-1, 1, 1, 1).expand(-1, 1, 8, 8).clone(), 2).flatten(1).mean(1)
-    assert 0 < len(kept) < 101  # some kept, some rejected
+    assert 25 <= len(kept) <= 35  # the draws are spread like the pilot: about 30% pass its 70% quantile
     real_means = read_images(data)[read_info(data).labels == 2].reshape(4, -1).mean(1)
-    assert kept.min() <= real_means.min() and kept.max() >= real_means.max()  # the real images would pass
+    assert kept.min() <= real_means.mean() <= kept.max()  # around the real images
     steps = (kept * 100).round().long()  # the kept grid points: one interval
     assert torch.equal(steps, torch.arange(int(steps.min()), int(steps.max()) + 1))
     assert 0.0 not in kept and 1.0 not in kept  # the far ends look synthetic
