@@ -356,7 +356,7 @@ class _Selector:
             self.details = {"classifier": "ResNet-18 trained on the real training file (the audit's domain encoder)",
                             "trained_on_sha256": sha256_file(selection.real), "recipe": asdict(EncoderRecipe())}
             if self.method == "realism":
-                self._features = lambda x: penultimate(classifier, x.float()).double().cpu().numpy()
+                self._encoder = lambda x: penultimate(classifier, x.float())
                 self._real = (read_images(selection.real), info.labels, device)
                 self._discriminators: dict[int, object] = {}
                 self._thresholds: dict[int, float] = {}
@@ -413,6 +413,10 @@ class _Selector:
         self.kept[k] = self.kept.get(k, 0) + len(images)
         return images
 
+    def _features(self, images: Tensor) -> np.ndarray:
+        """The realism discriminator's input, always in float32: pilot and kept samples must be scored alike."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self._encoder(images).double().cpu().numpy()
 
     def check_budget(self, k: int, n: int, made: int, name: str) -> None:
         """Give up on a class when ``max_draws`` samples per requested one did not give ``n``.
