@@ -415,7 +415,7 @@ class _Selector:
 
     def _features(self, images: Tensor) -> np.ndarray:
         """The realism discriminator's input, always in float32: pilot and kept samples must be scored alike."""
-        with torch.autocast(images.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             return self._encoder(images).double().cpu().numpy()
 
     def check_budget(self, k: int, n: int, made: int, name: str) -> None:

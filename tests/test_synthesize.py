@@ -221,6 +221,22 @@ def test_realism_selection_keeps_the_samples_its_discriminator_finds_real(imbala
     assert selector.kept[2] == len(kept) and selector.drawn[2] == 101
 
 
+def test_realism_scores_samples_in_float32_under_amp(imbalanced, tmp_path, monkeypatch):
+    """The pilot is scored outside the sampler's autocast and the kept samples inside it: both must see the same
+    float32 features, or the threshold set on the pilot would not apply to the samples."""
+    from augflow.models import load_model
+    from augflow.synthesize import _Selector
+
+    monkeypatch.setenv("AUGFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    data, run = imbalanced
+    flow, meta = load_model(run / "model.pt", with_meta=True)
+    selector = _Selector(Selection("realism", real=data), flow, meta, run / "model.pt", torch.device("cpu"))
+    images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = selector._features(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert np.array_equal(selector._features(images), plain)
+
+
 def test_realism_selection_needs_a_real_image_of_the_class(imbalanced, tmp_path, monkeypatch):
     from augflow.data.store import write_dataset
 
