@@ -360,9 +360,10 @@ class _Selector:
                 self._real = (read_images(selection.real), info.labels, device)
                 self._discriminators: dict[int, object] = {}
                 self._thresholds: dict[int, float] = {}
-                self.details = {"discriminator": "per class, L2 logistic regression (C = 0.1, balanced class weights)"
-                                " separating the real training images of the class from a pilot batch of samples, "
-                                "in the penultimate features of a ResNet-18 trained on the real training file",
+                self.details = {"discriminator": "per class, the audit's two-sample logistic regression (C = 0.1, "
+                                "balanced class weights) separating the real training images of the class from a "
+                                "pilot batch of samples, in the penultimate features of a ResNet-18 trained on the "
+                                "real training file",
                                 **self.details, "pilot": {}, "pilot_auc": {}, "threshold": {}}
 
     def prepare(self, k: int, draw, name: str) -> None:
@@ -373,10 +374,9 @@ class _Selector:
         """
         if self.method != "realism":
             return
-        from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
+
+        from augflow.audit.detectability import discriminator
 
         images, labels, device = self._real
         rows = np.flatnonzero(labels == k)
@@ -390,7 +390,7 @@ class _Selector:
             pilot.append(self._features(draw()))
         fake = np.concatenate(pilot)
         x, y = np.concatenate([real, fake]), np.r_[np.ones(len(real)), np.zeros(len(fake))]
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
+        model = discriminator()
         with threadpool_limits(1):  # a small problem: threads cost more than they give
             model.fit(x, y)
             p_real = model.predict_proba(x)[:, 1]

@@ -41,6 +41,12 @@ def matched_rows(labels: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.n
     return {name: np.sort(np.concatenate(r)).astype(np.int64) for name, r in rows.items()}
 
 
+def discriminator():
+    """The two-sample classifier: standardised inputs, L2 logistic regression with a strong penalty; balanced class
+    weights, so that unequal sides (as in ``augflow synthesize --select realism``) weigh the same as equal ones."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=PENALTY_C, class_weight="balanced", max_iter=2000))
+
+
 def two_sample_auc(candidate: np.ndarray, candidate_groups: np.ndarray, reference: np.ndarray,
                    reference_groups: np.ndarray, seed: int = 0) -> float | None:
     """Cross-validated ROC AUC of a logistic regression separating ``candidate`` from ``reference`` rows (flattened),
@@ -52,7 +58,7 @@ def two_sample_auc(candidate: np.ndarray, candidate_groups: np.ndarray, referenc
     # Candidate and reference ids may coincide (two real files): keep them apart.
     groups = np.concatenate([np.char.add("c:", candidate_groups.astype(str)),
                              np.char.add("r:", reference_groups.astype(str))])
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=PENALTY_C, max_iter=2000))
+    model = discriminator()
     folds = StratifiedGroupKFold(FOLDS, shuffle=True, random_state=seed)
     with threadpool_limits(1):  # small problems: threads cost more than they give
         scores = cross_val_predict(model, x, y, groups=groups, cv=folds, method="predict_proba")[:, 1]
