@@ -52,11 +52,13 @@ def test_a_zero_sample_weight_ignores_an_image_and_ones_change_nothing():
     images, labels = np.concatenate([x, x]), np.concatenate([y, (y + 1) % 3])  # each image also under a wrong label
     ignore_wrong = np.r_[np.ones(60), np.zeros(60)]
 
-    def accuracy(**kwargs):
-        return (predict_proba(train_cnn(images, labels, 3, epochs=5, batch_size=16, **kwargs), xt).argmax(1)
-                == yt).mean()
+    def mean_probability_of_the_true_class(**kwargs):
+        proba = predict_proba(train_cnn(images, labels, 3, epochs=2, batch_size=16, **kwargs), xt)
+        return proba[np.arange(len(yt)), yt].mean()
 
-    assert accuracy(sample_weight=ignore_wrong) > 0.9 and accuracy() < 0.8
+    # Unweighted, the wrong labels pull about half the probability away (argmax between the two is a coin flip).
+    assert mean_probability_of_the_true_class(sample_weight=ignore_wrong) > 0.95
+    assert mean_probability_of_the_true_class() < 0.75
     ones = train_cnn(x, y, 3, epochs=2, batch_size=8, sample_weight=np.ones(60))
     np.testing.assert_allclose(predict_proba(ones, x), predict_proba(train_cnn(x, y, 3, epochs=2, batch_size=8), x),
                                atol=1e-4)
@@ -71,7 +73,7 @@ def test_soft_targets_teach_their_distribution_and_one_hot_ones_change_nothing()
     true = np.eye(3)[np.concatenate([y, y])]
 
     def accuracy(targets):
-        model = train_cnn(images, labels, 3, epochs=5, batch_size=16, soft_targets=targets)
+        model = train_cnn(images, labels, 3, epochs=2, batch_size=16, soft_targets=targets)
         return (predict_proba(model, xt).argmax(1) == yt).mean()
 
     assert accuracy(0.85 * true + 0.05) > 0.9 and accuracy(np.eye(3)[labels]) < 0.2
