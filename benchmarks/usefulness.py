@@ -32,7 +32,10 @@ on a balanced synthetic set alone (``--per-class`` = the largest real class), an
 real images: every class gets as many synthetic images as every other, so that looking synthetic says nothing
 about the class (a top-up puts synthetic images in the minority classes only). ``pre:`` pretrains on that balanced
 synthetic set for the fraction ``pre`` (default 0.5) of the arm's steps and fine-tunes on ``real+oversampled`` for the
-rest: the synthetic images teach anatomy and class layout, the real ones the scanners' exact signatures. The key
+rest: the synthetic images teach anatomy and class layout, the real ones the scanners' exact signatures. ``half:``
+adds that balanced synthetic set to ``real+oversampled``: every class is then half real (its duplicates included), half
+synthetic, so that neither the class nor looking synthetic tells anything about the other (``all:`` still has a
+larger share of synthetic images in the minority classes). The key
 ``bn=real`` keeps BatchNorm statistics of the real training images only (the test images are real). ``dup=F`` mixes
 the two ways of filling a class: the fraction F of each class's gap to the largest class is filled by duplicates of its
 real images (as ``oversampled`` does), the rest by the top-up (``dup=0``: the top-up; ``dup=1``: oversampling).
@@ -86,7 +89,7 @@ BATCH = 64  # images per downstream CNN step
 # The keys that change the synthetic file.
 SAMPLING_KEYS = ("T", "select", "conf", "keep", "ratio", "denoise", "near", "from", "bg")
 ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre", "dup")
-MODES = ("only", "all", "pre")  # prefixes of arms that use a balanced synthetic set instead of a top-up
+MODES = ("only", "all", "pre", "half")  # prefixes of arms that use a balanced synthetic set instead of a top-up
 
 
 def run(command: list[str], log: list[str], cwd: Path) -> None:
@@ -99,7 +102,7 @@ def run(command: list[str], log: list[str], cwd: Path) -> None:
 def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
     """``only:magic:T=1.0:select=classifier`` -> {"mode": "only", "family": "magic", "T": "1.0", ...}.
 
-    The mode is "topup", "only", "all" or "pre"; the "family" is a model family (trained here when no ``--run``
+    The mode is "topup", "only", "all", "pre" or "half"; the "family" is a model family (trained here when no ``--run``
     gives it) or the label of a ``--run``.
     """
     parts = spec.split(":")
@@ -119,7 +122,7 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
     """The top-up (or the balanced synthetic-only set) of an arm, sampled once, on ``threads`` CPU threads (torch
     would take every core, and two instruments side by side would crawl)."""
     name = "_".join([arm["family"]] + [f"{k}{arm[k]}".replace("/", "-") for k in SAMPLING_KEYS if k in arm])
-    per_class = arm["mode"] != "topup"  # "only", "all" and "pre" share one balanced synthetic set
+    per_class = arm["mode"] != "topup"  # the other modes share one balanced synthetic set
     out = work / "synthetic" / (("only_" if per_class else "topup_") + name + ".h5")
     if out.exists():
         return out
@@ -160,8 +163,9 @@ def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path],
     info, images = read_info(files[arm]), read_images(files[arm])
     if arm.startswith(("only:", "pre:")):
         return images, info.labels, None, 0
-    rows = np.arange(len(images)) if arm.startswith("all:") else topup_rows(y, info.labels, len(info.class_names), seed)
-    real = np.arange(len(y))
+    rows = np.arange(len(images)) if arm.startswith(("all:", "half:")) else topup_rows(y, info.labels,
+                                                                                       len(info.class_names), seed)
+    real = oversample_rows(y, int(y.max()) + 1, seed) if arm.startswith("half:") else np.arange(len(y))
     if dup:
         rows, duplicates = mixed_rows(y, info.labels, rows, dup, seed)
         real = np.r_[real, duplicates]
@@ -435,6 +439,8 @@ def label(arm: str) -> str:
         return arm[5:] + " only"
     if arm.startswith("pre:"):
         return f"{arm[4:]} pretraining, then real+oversampled"
+    if arm.startswith("half:"):
+        return f"real+oversampled+{arm[5:]} for every class"
     return f"real+{arm[4:]} for every class" if arm.startswith("all:") else "real+" + arm
 
 
