@@ -638,7 +638,7 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Downstream CNN trainings per protocol in the audit.")
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Epochs per downstream CNN training (5 protocols x --seeds trainings).")
+              help="Epochs per downstream CNN training (up to 6 protocols x --seeds trainings).")
 @click.option("--overwrite", is_flag=True, help="Run in a non-empty --out-dir, replacing a previous demo's files.")
 @_error_boundary
 def demo(out_dir, task, seed, seeds, epochs, overwrite):

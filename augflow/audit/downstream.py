@@ -13,6 +13,13 @@ arXiv 1706.02633, "TSTR"): the same CNN (:func:`augflow.audit.baseline.train_cnn
   ``duplicates``, by default half) and synthetic images (the rest): on the built-in scanner data it beat
   oversampling at 32 px (+0.024 [+0.009, +0.039] balanced accuracy over 10 seeds, reports/usefulness.md Round 12)
   and tied with it at 64 px (-0.003 [-0.017, +0.011], Round 13),
+- ``real+oversampled+synthetic``: ``real+oversampled`` plus, for every class, as many synthetic images as the
+  largest real class has: every class is half real, half synthetic, so that looking synthetic says nothing about
+  the class (a top-up puts synthetic images in the minority classes only, and a CNN learns "looks synthetic ->
+  minority class"). On the built-in scanner data at 32 px it tied with oversampling where the top-up hurt
+  (+0.009 [-0.017, +0.034] over 10 seeds, reports/usefulness.md Round 16). It needs a release with that many
+  images of every class (``augflow synthesize --per-class N``); with fewer (a top-up) it is skipped and
+  ``skipped`` says why,
 - ``synthetic``: the synthetic images only,
 
 and evaluated on the held-out real test images, for ``seeds`` seeds (mean and standard deviation). Seed ``s``
@@ -38,10 +45,11 @@ from augflow.audit.baseline import predict_proba, steps_per_epoch, train_cnn
 from augflow.classify.metrics import Predictions, classification_metrics, entropy
 from augflow.errors import ConfigError, DataError
 
-PROTOCOLS = ("real", "real+oversampled", "real+synthetic", "real+duplicates+synthetic", "synthetic")
+PROTOCOLS = ("real", "real+oversampled", "real+synthetic", "real+duplicates+synthetic", "real+oversampled+synthetic",
+             "synthetic")
 BUDGETS = ("steps", "epochs")
 COMPARISONS = (("real+synthetic", "real+oversampled"), ("real+synthetic", "real"),  # (arm, control)
-               ("real+duplicates+synthetic", "real+oversampled"))
+               ("real+duplicates+synthetic", "real+oversampled"), ("real+oversampled+synthetic", "real+oversampled"))
 DUPLICATE_SHARE = 0.5  # fixed before it was measured (Round 12); 0.3 / 0.7 did no better on val (Round 13)
 CONFIDENCE = 0.95
 MINORITY_FRACTION = 0.25  # a class with fewer real training images than this fraction of the largest is a minority
@@ -118,6 +126,21 @@ def mixed_rows(train_labels: np.ndarray, synthetic_labels: np.ndarray, topup: np
     return np.concatenate(kept).astype(np.int64), np.concatenate(duplicates).astype(np.int64)
 
 
+def balanced_synthetic_rows(train_labels: np.ndarray, synthetic_labels: np.ndarray,
+                            num_classes: int) -> tuple[np.ndarray | None, str]:
+    """The first ``n`` synthetic rows of every class, ``n`` the largest real class's count, or ``None`` and why
+    not when a class of the training data has fewer synthetic images."""
+    target = int(np.bincount(train_labels, minlength=num_classes).max())
+    rows = []
+    for k in np.unique(train_labels):
+        mine = np.flatnonzero(synthetic_labels == k)
+        if len(mine) < target:
+            return None, (f"needs {target} synthetic images of every class (the largest real class), but class {k} "
+                          f"has {len(mine)}: sample the release with `augflow synthesize --per-class {target}`")
+        rows.append(mine[:target])
+    return np.concatenate(rows), ""
+
+
 def paired_difference(arm: list[float], control: list[float], confidence: float = CONFIDENCE) -> dict:
     """Mean of the per-seed differences ``arm - control`` with a Student-t interval over seeds, and a verdict.
 
@@ -152,7 +175,8 @@ def _change(c: dict) -> str:
 
 
 def best_verdict(result: dict) -> str | None:
-    """The verdict of the better use of the top-up against oversampling (alone, or with duplicates)."""
+    """The verdict of the best use of the synthetic images against oversampling (a top-up alone, beside
+    duplicates, or added to the oversampled set)."""
     verdicts = [c["verdict"] for name, c in result["comparisons"].items() if name.endswith("vs real+oversampled")]
     for verdict in ("helped", "not distinguishable", "hurt"):
         if verdict in verdicts:
@@ -161,8 +185,8 @@ def best_verdict(result: dict) -> str | None:
 
 
 def usefulness_sentence(result: dict) -> str:
-    """Plain sentences: did the top-up help the downstream CNN compared with oversampling the real images, alone
-    and when it fills part of each gap next to duplicates of the real images?"""
+    """Plain sentences: did the top-up help the downstream CNN compared with oversampling the real images, alone,
+    when it fills part of each gap next to duplicates of the real images, and added to the oversampled set?"""
     c = result["comparisons"].get("real+synthetic vs real+oversampled")
     if c is None:
         return "The top-up was not compared with oversampling the real images."
@@ -182,6 +206,12 @@ def usefulness_sentence(result: dict) -> str:
         text += {"helped": f" {use} helped ({_change(mixed)}): train on it that way.",
                  "hurt": f" {use} hurt ({_change(mixed)}).",
                  }.get(mixed["verdict"], f" {use} could not be told apart from oversampling ({_change(mixed)}).")
+    half = result["comparisons"].get("real+oversampled+synthetic vs real+oversampled")
+    if half is not None:
+        use = "Adding it to the oversampled real images, every class half real and half synthetic,"
+        text += {"helped": f" {use} helped ({_change(half)}): train on it that way.",
+                 "hurt": f" {use} hurt ({_change(half)}).",
+                 }.get(half["verdict"], f" {use} could not be told apart from oversampling ({_change(half)}).")
     verdict = best_verdict(result)
     if verdict == "hurt":
         text += " Do not release it for augmentation."
@@ -236,7 +266,7 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
     Returns:
         ``{"protocols": {name: {"summary": mean/std, "runs": [metrics per seed], "n_train", "class_counts"}},
         "comparisons": {"real+synthetic vs real+oversampled": paired difference, ...}, "seeds", "test_n",
-        "recipe", "minority_classes", "topup_counts", "duplicate_share"}``.
+        "recipe", "minority_classes", "topup_counts", "duplicate_share", "skipped": {protocol: why}}``.
 
     Raises:
         DataError: if a test subject is in the training data, or a protocol has no training images.
@@ -263,9 +293,18 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
                                       np.concatenate([train_labels, train_labels[dups], synthetic_labels[kept]])),
         "synthetic": (synthetic_images, synthetic_labels),
     }
+    balanced, why_not = balanced_synthetic_rows(train_labels, synthetic_labels, k)
+    skipped = {}
+    if balanced is None:
+        skipped["real+oversampled+synthetic"] = why_not
+    else:
+        sets["real+oversampled+synthetic"] = (np.concatenate([train_images[over], synthetic_images[balanced]]),
+                                              np.concatenate([train_labels[over], synthetic_labels[balanced]]))
     steps = epochs * steps_per_epoch(len(train_labels), batch_size) if budget == "steps" else None
     results = {}
     for name in protocols:
+        if name in skipped:
+            continue
         x, y = sets[name]
         if len(x) < 2:
             raise DataError(f"downstream protocol {name!r} has {len(x)} training images; it needs at least 2")
@@ -285,4 +324,4 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
             "minority_classes": minority_classes(train_labels, class_names),
             "topup_counts": dict(zip(class_names, np.bincount(synthetic_labels[topup], minlength=k).tolist(),
                                      strict=True)),
-            "duplicate_share": duplicates}
+            "duplicate_share": duplicates, "skipped": {name: why for name, why in skipped.items() if name in protocols}}

@@ -424,6 +424,8 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
                       [[name, f"{c['mean']:+.3f}", "n/a (one seed)" if c["low"] is None else
                         f"{c['low']:+.3f} to {c['high']:+.3f}", c["verdict"]]
                        for name, c in ds["comparisons"].items()])
+        for name, why in (ds.get("skipped") or {}).items():
+            doc.p(f"Not run: `{name}` {why}.")
     lk = m.get("likelihood_classifier")
     if lk is not None:
         calibrated = ("with the per-class offsets and temperature fitted on a validation file (`augflow classify "

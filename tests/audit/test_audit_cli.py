@@ -89,6 +89,9 @@ def test_audit_end_to_end(audited):
                                                         "real+duplicates+synthetic", "synthetic"]
     assert set(metrics["downstream"]["comparisons"]) == {"real+synthetic vs real+oversampled", "real+synthetic vs real",
                                                          "real+duplicates+synthetic vs real+oversampled"}
+    # the fixture's release has no images of class a: the half-synthetic protocol is named as not run, and why
+    assert "--per-class" in metrics["downstream"]["skipped"]["real+oversampled+synthetic"]
+    assert "Not run: `real+oversampled+synthetic` needs" in (out / "report.md").read_text()
     assert 0 <= metrics["likelihood_classifier"]["accuracy"] <= 1
     rec = metrics["recognition"]
     assert rec["synthetic"]["a"] is None and 0 <= rec["synthetic"]["c"] <= 1 and 0 <= rec["real_mean"] <= 1

@@ -7,6 +7,7 @@ from audit_helpers import blobs, write_blobs
 
 from augflow.audit import run_audit
 from augflow.audit.downstream import (
+    balanced_synthetic_rows,
     check_subjects_disjoint,
     downstream,
     minority_classes,
@@ -74,6 +75,10 @@ def test_protocol_metrics_have_stable_keys():
     assert out["comparisons"]["real+duplicates+synthetic vs real+oversampled"]["n"] == 1
     assert out["duplicate_share"] == 0.5
     assert out["topup_counts"] == {"a": 0, "b": 6, "c": 8}
+    # a top-up has no images of the largest class: no half-synthetic set can be formed from it
+    assert "real+oversampled+synthetic" not in out["protocols"]
+    assert "class 0 has 0" in out["skipped"]["real+oversampled+synthetic"]
+    assert "--per-class 12" in out["skipped"]["real+oversampled+synthetic"]
     summary = out["protocols"]["real"]["summary"]
     for key in ("accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro"):
         assert 0 <= summary[key]["mean"] <= 1 and summary[key]["std"] == 0
@@ -98,6 +103,25 @@ def test_the_steps_budget_gives_every_protocol_the_updates_of_the_real_set(monke
     assert budgets == [(22, None), (36, None), (36, None), (36, None), (14, None)]
     with pytest.raises(ConfigError, match="budget must be one of steps, epochs, but is: 'time'"):
         downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], budget="time")
+
+
+def test_a_per_class_release_makes_every_class_half_real_and_half_synthetic():
+    train = np.repeat([0, 1, 2], [5, 2, 3])
+    synthetic = np.repeat([2, 0, 1, 0], [6, 7, 5, 1])  # class 1 has 5 of the 5 needed, classes 0 and 2 more
+    rows, why = balanced_synthetic_rows(train, synthetic, 3)
+    assert why == "" and np.bincount(synthetic[rows]).tolist() == [5, 5, 5] and len(set(rows)) == 15
+    rows, why = balanced_synthetic_rows(train, np.repeat([2, 0, 1], [6, 8, 4]), 3)
+    assert rows is None and "class 1 has 4" in why
+    x, y = blobs([12, 6, 4], seed=0)
+    xs, ys = blobs([12, 13, 12], seed=1)
+    xt, yt = blobs([6, 6, 6], seed=2)
+    out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=1, batch_size=16,
+                     protocols=("real+oversampled", "real+synthetic", "real+oversampled+synthetic"))
+    assert out["skipped"] == {}
+    assert out["protocols"]["real+oversampled+synthetic"]["class_counts"] == {"a": 24, "b": 24, "c": 24}
+    assert out["comparisons"]["real+oversampled+synthetic vs real+oversampled"]["n"] == 1
+    assert "Adding it to the oversampled real images, every class half real and half synthetic, could not be told " \
+           "apart from oversampling" in usefulness_sentence(out)  # one seed: no interval
 
 
 def test_oversampling_duplicates_exactly_the_minority_rows():
