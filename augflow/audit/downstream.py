@@ -127,16 +127,17 @@ def mixed_rows(train_labels: np.ndarray, synthetic_labels: np.ndarray, topup: np
 
 
 def balanced_synthetic_rows(train_labels: np.ndarray, synthetic_labels: np.ndarray,
-                            num_classes: int) -> tuple[np.ndarray | None, str]:
+                            class_names: list[str]) -> tuple[np.ndarray | None, str]:
     """The first ``n`` synthetic rows of every class, ``n`` the largest real class's count, or ``None`` and why
     not when a class of the training data has fewer synthetic images."""
-    target = int(np.bincount(train_labels, minlength=num_classes).max())
+    target = int(np.bincount(train_labels, minlength=len(class_names)).max())
     rows = []
     for k in np.unique(train_labels):
         mine = np.flatnonzero(synthetic_labels == k)
         if len(mine) < target:
-            return None, (f"needs {target} synthetic images of every class (the largest real class), but class {k} "
-                          f"has {len(mine)}: sample the release with `augflow synthesize --per-class {target}`")
+            return None, (f"needs {target} synthetic images of every class (the largest real class), but class "
+                          f"{class_names[k]!r} has {len(mine)}: sample the release with `augflow synthesize "
+                          f"--per-class {target}`")
         rows.append(mine[:target])
     return np.concatenate(rows), ""
 
@@ -293,7 +294,7 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
                                       np.concatenate([train_labels, train_labels[dups], synthetic_labels[kept]])),
         "synthetic": (synthetic_images, synthetic_labels),
     }
-    balanced, why_not = balanced_synthetic_rows(train_labels, synthetic_labels, k)
+    balanced, why_not = balanced_synthetic_rows(train_labels, synthetic_labels, class_names)
     skipped = {}
     if balanced is None:
         skipped["real+oversampled+synthetic"] = why_not

@@ -77,7 +77,7 @@ def test_protocol_metrics_have_stable_keys():
     assert out["topup_counts"] == {"a": 0, "b": 6, "c": 8}
     # a top-up has no images of the largest class: no half-synthetic set can be formed from it
     assert "real+oversampled+synthetic" not in out["protocols"]
-    assert "class 0 has 0" in out["skipped"]["real+oversampled+synthetic"]
+    assert "class 'a' has 0" in out["skipped"]["real+oversampled+synthetic"]
     assert "--per-class 12" in out["skipped"]["real+oversampled+synthetic"]
     summary = out["protocols"]["real"]["summary"]
     for key in ("accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro"):
@@ -108,10 +108,10 @@ def test_the_steps_budget_gives_every_protocol_the_updates_of_the_real_set(monke
 def test_a_per_class_release_makes_every_class_half_real_and_half_synthetic():
     train = np.repeat([0, 1, 2], [5, 2, 3])
     synthetic = np.repeat([2, 0, 1, 0], [6, 7, 5, 1])  # class 1 has 5 of the 5 needed, classes 0 and 2 more
-    rows, why = balanced_synthetic_rows(train, synthetic, 3)
+    rows, why = balanced_synthetic_rows(train, synthetic, ["a", "b", "c"])
     assert why == "" and np.bincount(synthetic[rows]).tolist() == [5, 5, 5] and len(set(rows)) == 15
-    rows, why = balanced_synthetic_rows(train, np.repeat([2, 0, 1], [6, 8, 4]), 3)
-    assert rows is None and "class 1 has 4" in why
+    rows, why = balanced_synthetic_rows(train, np.repeat([2, 0, 1], [6, 8, 4]), ["a", "b", "c"])
+    assert rows is None and "class 'b' has 4" in why
     x, y = blobs([12, 6, 4], seed=0)
     xs, ys = blobs([12, 13, 12], seed=1)
     xt, yt = blobs([6, 6, 6], seed=2)
