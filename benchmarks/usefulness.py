@@ -39,6 +39,8 @@ larger share of synthetic images in the minority classes). The key
 ``bn=real`` keeps BatchNorm statistics of the real training images only (the test images are real). ``dup=F`` mixes
 the two ways of filling a class: the fraction F of each class's gap to the largest class is filled by duplicates of its
 real images (as ``oversampled`` does), the rest by the top-up (``dup=0``: the top-up; ``dup=1``: oversampling).
+``syn=F`` keeps the fraction F of each class's synthetic images (with ``half:``, ``syn=0.5`` makes every class a
+third synthetic).
 
     python benchmarks/usefulness.py --task scanner --size 32 --eval test --seeds 5 --threads 1 \\
         --arms real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0 --out reports/usefulness.md
@@ -88,7 +90,7 @@ TRAIN_SETTINGS = {
 BATCH = 64  # images per downstream CNN step
 # The keys that change the synthetic file.
 SAMPLING_KEYS = ("T", "select", "conf", "keep", "ratio", "denoise", "near", "from", "bg")
-ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre", "dup")
+ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre", "dup", "syn")
 MODES = ("only", "all", "pre", "half")  # prefixes of arms that use a balanced synthetic set instead of a top-up
 
 
@@ -152,9 +154,10 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
 
 
 def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path], seed: int, weight: float = 1.0,
-                 dup: float = 0.0):
+                 dup: float = 0.0, syn: float = 1.0):
     """Images, labels and per-image loss weights of an arm (``weight`` for each synthetic image of a top-up), and
-    how many of its first rows are real images (``dup``: the share of each class's top-up replaced by duplicates)."""
+    how many of its first rows are real images (``dup``: the share of each class's top-up replaced by duplicates;
+    ``syn``: the fraction of each class's synthetic images kept)."""
     if arm == "real":
         return x, y, None, len(y)
     if arm == "oversampled":
@@ -166,6 +169,9 @@ def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path],
     rows = np.arange(len(images)) if arm.startswith(("all:", "half:")) else topup_rows(y, info.labels,
                                                                                        len(info.class_names), seed)
     real = oversample_rows(y, int(y.max()) + 1, seed) if arm.startswith("half:") else np.arange(len(y))
+    if syn < 1:  # the same share of synthetic images in every class, fewer of them
+        rows = np.concatenate([r[:round(syn * len(r))] for r in (rows[info.labels[rows] == k]
+                                                                 for k in np.unique(info.labels[rows]))])
     if dup:
         rows, duplicates = mixed_rows(y, info.labels, rows, dup, seed)
         real = np.r_[real, duplicates]
@@ -186,7 +192,8 @@ def soft_targets(teacher, labels: np.ndarray, images: np.ndarray, n_real: int, n
 def train_arm(arm: str, spec: dict, x: np.ndarray, y: np.ndarray, files: dict[str, Path], seed: int,
               epochs: int, steps: int | None, num_classes: int, amp: bool, teacher=None):
     """The downstream CNN of one arm and seed, and the number of images it trained on."""
-    xa, ya, wa, n_real = training_set(arm, x, y, files, seed, float(spec.get("w", 1)), float(spec.get("dup", 0)))
+    xa, ya, wa, n_real = training_set(arm, x, y, files, seed, float(spec.get("w", 1)), float(spec.get("dup", 0)),
+                                   float(spec.get("syn", 1)))
     common = {"batch_size": BATCH, "seed": seed, "amp": amp}
     if spec.get("mode") != "pre":
         soft = None if "soft" not in spec else soft_targets(teacher, ya, xa, n_real, num_classes, float(spec["soft"]))
