@@ -166,8 +166,10 @@ def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path],
     info, images = read_info(files[arm]), read_images(files[arm])
     if arm.startswith(("only:", "pre:")):
         return images, info.labels, None, 0
-    rows = np.arange(len(images)) if arm.startswith(("all:", "half:")) else topup_rows(y, info.labels,
-                                                                                       len(info.class_names), seed)
+    if arm.startswith(("all:", "half:")):
+        rows = np.arange(len(images))
+    else:
+        rows = topup_rows(y, info.labels, len(info.class_names), seed)
     real = oversample_rows(y, int(y.max()) + 1, seed) if arm.startswith("half:") else np.arange(len(y))
     if syn < 1:  # the same share of synthetic images in every class, fewer of them
         rows = np.concatenate([r[:round(syn * len(r))] for r in (rows[info.labels[rows] == k]

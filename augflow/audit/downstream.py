@@ -199,20 +199,17 @@ def usefulness_sentence(result: dict) -> str:
     else:
         text = (f"The synthetic top-up could not be told apart from duplicating the real minority images "
                 f"({_change(c)}).")
-    mixed = result["comparisons"].get("real+duplicates+synthetic vs real+oversampled")
-    if mixed is not None:
-        share = result.get("duplicate_share", DUPLICATE_SHARE)
-        use = (f"Filling {1 - share:.0%} of each class's gap with it and {share:.0%} with duplicates of the real "
-               "images")
-        text += {"helped": f" {use} helped ({_change(mixed)}): train on it that way.",
-                 "hurt": f" {use} hurt ({_change(mixed)}).",
-                 }.get(mixed["verdict"], f" {use} could not be told apart from oversampling ({_change(mixed)}).")
-    half = result["comparisons"].get("real+oversampled+synthetic vs real+oversampled")
-    if half is not None:
-        use = "Adding it to the oversampled real images, every class half real and half synthetic,"
-        text += {"helped": f" {use} helped ({_change(half)}): train on it that way.",
-                 "hurt": f" {use} hurt ({_change(half)}).",
-                 }.get(half["verdict"], f" {use} could not be told apart from oversampling ({_change(half)}).")
+    share = result.get("duplicate_share", DUPLICATE_SHARE)
+    uses = {"real+duplicates+synthetic": f"Filling {1 - share:.0%} of each class's gap with it and {share:.0%} with "
+                                         "duplicates of the real images",
+            "real+oversampled+synthetic": "Adding it to the oversampled real images, every class half real and half "
+                                          "synthetic,"}
+    for arm, use in uses.items():
+        c = result["comparisons"].get(f"{arm} vs real+oversampled")
+        if c is not None:
+            text += {"helped": f" {use} helped ({_change(c)}): train on it that way.",
+                     "hurt": f" {use} hurt ({_change(c)}).",
+                     }.get(c["verdict"], f" {use} could not be told apart from oversampling ({_change(c)}).")
     verdict = best_verdict(result)
     if verdict == "hurt":
         text += " Do not release it for augmentation."
@@ -295,12 +292,10 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         "synthetic": (synthetic_images, synthetic_labels),
     }
     balanced, why_not = balanced_synthetic_rows(train_labels, synthetic_labels, class_names)
-    skipped = {}
-    if balanced is None:
-        skipped["real+oversampled+synthetic"] = why_not
-    else:
+    if balanced is not None:
         sets["real+oversampled+synthetic"] = (np.concatenate([train_images[over], synthetic_images[balanced]]),
                                               np.concatenate([train_labels[over], synthetic_labels[balanced]]))
+    skipped = {name: why_not for name in protocols if name not in sets}
     steps = epochs * steps_per_epoch(len(train_labels), batch_size) if budget == "steps" else None
     results = {}
     for name in protocols:
@@ -325,4 +320,4 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
             "minority_classes": minority_classes(train_labels, class_names),
             "topup_counts": dict(zip(class_names, np.bincount(synthetic_labels[topup], minlength=k).tolist(),
                                      strict=True)),
-            "duplicate_share": duplicates, "skipped": {name: why for name, why in skipped.items() if name in protocols}}
+            "duplicate_share": duplicates, "skipped": skipped}
