@@ -7,6 +7,7 @@ from audit_helpers import blobs, write_blobs
 
 from augflow.audit import run_audit
 from augflow.audit.downstream import (
+    PROTOCOLS,
     balanced_synthetic_rows,
     check_subjects_disjoint,
     downstream,
@@ -66,7 +67,9 @@ def test_protocol_metrics_have_stable_keys():
     x, y = blobs([12, 6, 4], seed=0)
     xs, ys = blobs([0, 6, 8], seed=1)
     xt, yt = blobs([6, 6, 6], seed=2)
-    out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=1, batch_size=16)
+    done = []
+    out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=1, batch_size=16, progress=done.append)
+    assert sum(done) == len(PROTOCOLS)  # a progress bar of every protocol's seeds ends full, the skipped one too
     assert list(out["protocols"]) == ["real", "real+oversampled", "real+synthetic", "real+duplicates+synthetic",
                                       "synthetic"]
     for name in ("real+synthetic", "real+oversampled", "real+duplicates+synthetic"):
