@@ -195,7 +195,7 @@ def train_arm(arm: str, spec: dict, x: np.ndarray, y: np.ndarray, files: dict[st
               epochs: int, steps: int | None, num_classes: int, amp: bool, teacher=None):
     """The downstream CNN of one arm and seed, and the number of images it trained on."""
     xa, ya, wa, n_real = training_set(arm, x, y, files, seed, float(spec.get("w", 1)), float(spec.get("dup", 0)),
-                                   float(spec.get("syn", 1)))
+                                          float(spec.get("syn", 1)))
     common = {"batch_size": BATCH, "seed": seed, "amp": amp}
     if spec.get("mode") != "pre":
         soft = None if "soft" not in spec else soft_targets(teacher, ya, xa, n_real, num_classes, float(spec["soft"]))

@@ -17,7 +17,9 @@ arXiv 1706.02633, "TSTR"): the same CNN (:func:`augflow.audit.baseline.train_cnn
   largest real class has: every class is half real, half synthetic, so that looking synthetic says nothing about
   the class (a top-up puts synthetic images in the minority classes only, and a CNN learns "looks synthetic ->
   minority class"). On the built-in scanner data at 32 px it tied with oversampling where the top-up hurt
-  (+0.009 [-0.017, +0.034] over 10 seeds, reports/usefulness.md Round 16). It needs a release with that many
+  (+0.009 [-0.017, +0.034] over 10 seeds, reports/usefulness.md Round 16); at 64 px it hurt (-0.046, Round 17)
+  unless the release kept only the samples a real-trained classifier recognises (``--select classifier``: +0.006
+  [-0.014, +0.025], a tie). It needs a release with that many
   images of every class (``augflow synthesize --per-class N``); with fewer (a top-up) it is skipped and
   ``skipped`` says why,
 - ``synthetic``: the synthetic images only,
