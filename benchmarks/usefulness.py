@@ -230,6 +230,9 @@ def main() -> None:
     parser.add_argument("--equal-steps", action="store_true",
                         help="Train every arm for the optimiser steps of --epochs passes over the real training set "
                              "(default: --epochs passes over each arm's own, larger, set).")
+    parser.add_argument("--control-epochs", type=int, default=None,
+                        help="Train the controls (real, oversampled) for this many epochs instead of --epochs: each "
+                             "arm at the budget chosen for it on val (a longer budget can overfit the duplicates).")
     parser.add_argument("--run", action="append", default=[],
                         help="LABEL=DIR: a trained generator; LABEL is a family (reused instead of trained) or a "
                              "name arms refer to (e.g. --run eps8=runs/eps8 --arms real,eps8:T=0.8).")
@@ -279,22 +282,23 @@ def main() -> None:
     cache = work / "cnn"
     cache.mkdir(exist_ok=True)
     results: dict[str, list[dict]] = {}
-    steps = args.epochs * steps_per_epoch(len(y), BATCH) if args.equal_steps else None
     amp = resolve_amp(True, torch.device("cpu"))  # bf16 where the CPU runs it natively
     # The audit's domain encoder (a ResNet-18 trained on train.h5, cached): recognition, and the teacher of soft labels.
     encoder = load_encoder(domain_encoder_path(train_file, EncoderRecipe()))
     for arm in [] if args.recognition_only else arms:
         results[arm] = []
+        epochs = arm_epochs(args, arm)
+        steps = epochs * steps_per_epoch(len(y), BATCH) if args.equal_steps else None
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             source = files.get(arm)
             # The real arm's steps are the same under both budgets (and so is its cache entry).
-            budget = args.epochs if steps is None or arm == "real" else f"{steps} steps"
+            budget = epochs if steps is None or arm == "real" else f"{steps} steps"
             tag = f"{arm}|{seed}|{budget}|{args.eval}|" + (hashlib.sha256(source.read_bytes()).hexdigest()
                                                                if source else "")
             path = cache / (hashlib.sha256(tag.encode()).hexdigest()[:20] + ".json")
             if not path.exists():
                 start = time.process_time()
-                model, n_train = train_arm(arm, specs.get(arm, {}), x, y, files, seed, args.epochs, steps,
+                model, n_train = train_arm(arm, specs.get(arm, {}), x, y, files, seed, epochs, steps,
                                            len(names), amp, encoder)
                 metrics = cnn_metrics(predict_proba(model, x_test, amp=amp), test.labels, names)
                 record = {"balanced_accuracy": metrics["balanced_accuracy"], "recall": metrics["per_class_recall"],
@@ -322,6 +326,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print(report)
+
+
+def arm_epochs(args, arm: str) -> int:
+    """The downstream budget of an arm in epochs: ``--control-epochs`` for the controls, else ``--epochs``."""
+    return args.control_epochs if arm in ("real", "oversampled") and args.control_epochs else args.epochs
 
 
 def check_setup(work: Path, setup: dict) -> None:
@@ -412,6 +421,8 @@ def downstream_tables(args, results: dict, names: list[str], minority: list[str]
     bal = {a: [r["balanced_accuracy"] for r in rs] for a, rs in results.items()}
     budget = (f"{args.epochs} epochs of the real training set's steps for every arm" if args.equal_steps else
               f"{args.epochs} epochs")
+    if args.control_epochs:
+        budget += f" ({args.control_epochs} for the controls real and real+oversampled, chosen on val)"
     precision = "bf16" if amp else "float32"
     seeds = f"{args.first_seed}..{args.first_seed + args.seeds - 1}"
     lines = [f"ResNet-18 from scratch, class-weighted loss, {budget}, {precision} on {cpu_model()}, seeds {seeds}; "
