@@ -31,7 +31,10 @@ not distinguishable). Budgets are steps or epochs, never wall-clock seconds, so 
 machine. By default (``budget="steps"``) every protocol gets the updates of ``epochs`` passes over the real
 training images, so that the protocols differ in their images, not in their compute; with ``budget="epochs"`` a
 larger set gets as many passes as the real one, hence more updates (on the built-in scanner data that alone cost
-oversampling 0.04 balanced accuracy: reports/usefulness.md).
+oversampling 0.04 balanced accuracy: reports/usefulness.md). The budget itself can decide a verdict: at 64 px on the
+built-in data, 30 epochs overfit the oversampled control's duplicated minority images (-0.05 against 10 epochs) and a
+selected half-synthetic release beats it, while at 10 epochs, oversampling's best budget on val, the two tie
+(reports/usefulness.md Round 19); audit at the budget you would train with.
 
 The test subjects must not occur in the training file (that would measure memory of a subject, not
 generalisation): the protocol refuses to run if they do. Synthetic images are generated from the training file
