@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from augflow.atomic import atomic_write_text
 from augflow.audit.baseline import predict_proba, steps_per_epoch, train_cnn
 from augflow.audit.detectability import detectability
 from augflow.audit.downstream import (
@@ -303,7 +304,7 @@ def main() -> None:
                 metrics = cnn_metrics(predict_proba(model, x_test, amp=amp), test.labels, names)
                 record = {"balanced_accuracy": metrics["balanced_accuracy"], "recall": metrics["per_class_recall"],
                           "n_train": n_train, "cpu_s": time.process_time() - start}
-                path.write_text(json.dumps(record))
+                atomic_write_text(json.dumps(record), path)
                 print(f"{arm} seed {seed}: {record['balanced_accuracy']:.3f} ({record['cpu_s']:.0f} CPU s)",
                       flush=True)
             results[arm].append(json.loads(path.read_text()))
@@ -339,7 +340,7 @@ def check_setup(work: Path, setup: dict) -> None:
     if path.exists() and json.loads(path.read_text()) != setup:
         raise SystemExit(f"--work {work}: made for {path.read_text()}, not for {json.dumps(setup)}; "
                          "give another --work")
-    path.write_text(json.dumps(setup))
+    atomic_write_text(json.dumps(setup), path)  # atomic: processes sharing --work read it meanwhile
 
 
 def parse_rare(spec: str) -> dict[str, int]:
@@ -422,7 +423,7 @@ def downstream_tables(args, results: dict, names: list[str], minority: list[str]
     budget = (f"{args.epochs} epochs of the real training set's steps for every arm" if args.equal_steps else
               f"{args.epochs} epochs")
     if args.control_epochs:
-        budget += f" ({args.control_epochs} for the controls real and real+oversampled, chosen on val)"
+        budget += f" ({args.control_epochs} for the controls real and real+oversampled)"
     precision = "bf16" if amp else "float32"
     seeds = f"{args.first_seed}..{args.first_seed + args.seeds - 1}"
     lines = [f"ResNet-18 from scratch, class-weighted loss, {budget}, {precision} on {cpu_model()}, seeds {seeds}; "
