@@ -244,6 +244,8 @@ def main() -> None:
                         help="Only the class recognition of the synthetic files (no downstream training): a cheap "
                              "screen of generators before their CNN runs.")
     args = parser.parse_args()
+    if args.control_epochs is not None and args.control_epochs < 1:
+        parser.error(f"--control-epochs must be at least 1, but is: {args.control_epochs}")
     torch.set_num_threads(args.threads)
     rare = parse_rare(args.rare)
     default_work = f"work/usefulness-{args.task}-{args.size}" + (f"-scale{args.scale:g}" if args.scale != 1 else "") \
@@ -331,7 +333,7 @@ def main() -> None:
 
 def arm_epochs(args, arm: str) -> int:
     """The downstream budget of an arm in epochs: ``--control-epochs`` for the controls, else ``--epochs``."""
-    return args.control_epochs if arm in ("real", "oversampled") and args.control_epochs else args.epochs
+    return args.control_epochs if arm in ("real", "oversampled") and args.control_epochs is not None else args.epochs
 
 
 def check_setup(work: Path, setup: dict) -> None:
@@ -422,7 +424,7 @@ def downstream_tables(args, results: dict, names: list[str], minority: list[str]
     bal = {a: [r["balanced_accuracy"] for r in rs] for a, rs in results.items()}
     budget = (f"{args.epochs} epochs of the real training set's steps for every arm" if args.equal_steps else
               f"{args.epochs} epochs")
-    if args.control_epochs:
+    if args.control_epochs is not None:
         budget += f" ({args.control_epochs} for the controls real and real+oversampled)"
     precision = "bf16" if amp else "float32"
     seeds = f"{args.first_seed}..{args.first_seed + args.seeds - 1}"
