@@ -255,6 +255,18 @@ def _parse_temperature(ctx, param, value: str | None) -> float | tuple[float, ..
     return values[0] if len(values) == 1 else values
 
 
+def _parse_epochs(ctx, param, value: str) -> tuple[int, ...]:
+    """``30`` -> (30,); ``10,30`` -> (10, 30): candidate budgets."""
+    try:
+        values = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{value!r} is out of range: a whole number of epochs >= 1, or a comma-separated "
+                                 "list of them (e.g. 10,30)")
+    return values
+
+
 def _device_option(fn):
     return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
 
@@ -571,8 +583,12 @@ def explain(model, data, rows, class_name, contrast, prior, out, overwrite, devi
               help="Gate: largest number of exact copies.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Downstream CNN trainings per protocol.")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
-              help="Epochs per downstream CNN training.")
+@click.option("--epochs", callback=_parse_epochs, default="30", show_default=True,
+              help="Epochs per downstream CNN training; several (e.g. 10,30) are candidate budgets, each protocol "
+                   "reported at the one with its best balanced accuracy on --val.")
+@click.option("--val", "val_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Real validation images (subjects in neither --train nor --real, e.g. the val.h5 of augflow "
+                   "split) that choose each downstream protocol's budget among --epochs.")
 @click.option("--budget", type=click.Choice(["steps", "epochs"]), default="steps", show_default=True,
               help="steps: every downstream set trains for the steps of --epochs passes over the real training "
                    "images (the sets differ in their images, not in their compute); epochs: --epochs passes over "
@@ -596,8 +612,8 @@ def explain(model, data, rows, class_name, contrast, prior, out, overwrite, devi
 @_threads_option
 @_error_boundary
 def audit(real, train_file, synthetic, model, out, features, inception_weights, gate, max_copy_fraction, max_mia_auc,
-          max_exact_copies, seeds, epochs, budget, duplicates, no_downstream, encoder_epochs, bootstraps, cache_dir,
-          seed, as_json, overwrite, amp, device):
+          max_exact_copies, seeds, epochs, val_file, budget, duplicates, no_downstream, encoder_epochs, bootstraps,
+          cache_dir, seed, as_json, overwrite, amp, device):
     """Audit a synthetic dataset: fidelity, diversity, memorization, privacy, downstream utility, release gate.
 
     Writes metrics.json, report.md and a self-contained report.html (with a data card) into --out.
@@ -606,6 +622,8 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
     Example:
         augflow audit --real data/test.h5 --train data/train.h5 --synthetic topup.h5 \\
             --model runs/scanner --out reports/audit-scanner --gate
+        # each downstream protocol at its best budget on the validation images:
+        augflow audit ... --val data/val.h5 --epochs 10,30
     """
     from augflow.audit import EncoderRecipe, GateThresholds, run_audit
     from augflow.runs import command_line
@@ -614,7 +632,8 @@ def audit(real, train_file, synthetic, model, out, features, inception_weights, 
                                 max_exact_copies=max_exact_copies)
     result = run_audit(real, train_file, synthetic, out, model=model, features=features,
                        inception_weights=inception_weights, gate=thresholds, seeds=seeds, downstream_epochs=epochs,
-                       downstream_budget=budget, downstream_duplicates=duplicates, run_downstream=not no_downstream,
+                       downstream_budget=budget, val=val_file, downstream_duplicates=duplicates,
+                       run_downstream=not no_downstream,
                        encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=cache_dir, bootstraps=bootstraps,
                        seed=seed, device=device, command=command_line(), amp=amp, overwrite=overwrite)
     verdict = result["gate"]

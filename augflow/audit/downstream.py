@@ -34,7 +34,10 @@ larger set gets as many passes as the real one, hence more updates (on the built
 oversampling 0.04 balanced accuracy: reports/usefulness.md). The budget itself can decide a verdict: at 64 px on the
 built-in data, 30 epochs overfit the oversampled control's duplicated minority images (-0.05 against 10 epochs) and a
 selected half-synthetic release beats it, while at 10 epochs, oversampling's best budget on val, the two tie
-(reports/usefulness.md Round 19); audit at the budget you would train with.
+(reports/usefulness.md Round 19). So, as a user tunes each approach, the protocol can choose each one's budget: given
+several budgets and a validation file of real images (subjects disjoint from the training and the test files),
+every protocol is trained at every budget and reported at the one with its best mean balanced accuracy on the
+validation images; the test images never choose anything.
 
 The test subjects must not occur in the training file (that would measure memory of a subject, not
 generalisation): the protocol refuses to run if they do. Synthetic images are generated from the training file
@@ -42,6 +45,8 @@ only, so they add no test information.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
@@ -242,12 +247,19 @@ def summarize(runs: list[dict], class_names: list[str]) -> dict:
     return out
 
 
+def choose_budget(val_scores: dict[int, list[float]]) -> int:
+    """The budget (epochs) with the best mean validation score over seeds; the smallest of equals."""
+    return max(sorted(val_scores), key=lambda e: (np.mean(val_scores[e]), -e))
+
+
 def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_images: np.ndarray,
                synthetic_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
                class_names: list[str], *, train_subjects=None, test_subjects=None, seeds: int = 3,
-               epochs: int = 30, batch_size: int = 64, lr: float = 1e-3,
+               epochs: int | Sequence[int] = 30, batch_size: int = 64, lr: float = 1e-3,
                protocols: tuple[str, ...] = PROTOCOLS, device: str = "cpu", progress=None,
-               amp: bool = False, budget: str = "steps", duplicates: float = DUPLICATE_SHARE) -> dict:
+               amp: bool = False, budget: str = "steps", duplicates: float = DUPLICATE_SHARE,
+               val_images: np.ndarray | None = None, val_labels: np.ndarray | None = None,
+               val_subjects=None) -> dict:
     """Train the baseline CNN per protocol and seed; evaluate on the real test images.
 
     Arguments:
@@ -257,7 +269,8 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         class_names: The K class names (shared by all three files).
         train_subjects, test_subjects: Subject ids; when given, checked to be disjoint.
         seeds: Trainings per protocol (seeds 0..seeds-1).
-        epochs, batch_size, lr: The CNN recipe.
+        epochs, batch_size, lr: The CNN recipe. Several values of ``epochs`` are candidate budgets: each protocol
+            is reported at the one with its best mean balanced accuracy on the validation images (needed then).
         protocols: Subset of ``PROTOCOLS`` to run.
         device: Training device.
         progress: Optional callable given the number of trainings done (e.g. a tqdm bar's ``update``): 1 after each,
@@ -266,17 +279,33 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         budget: ``"steps"``: every protocol trains for the steps of ``epochs`` passes over the real training images;
             ``"epochs"``: ``epochs`` passes over its own set.
         duplicates: The share of each class's gap that ``real+duplicates+synthetic`` fills with duplicates.
+        val_images, val_labels: Real validation images that choose each protocol's budget; their balanced accuracy
+            is reported too.
+        val_subjects: Their subject ids; when given, checked to be disjoint from the training and test subjects.
 
     Returns:
-        ``{"protocols": {name: {"summary": mean/std, "runs": [metrics per seed], "n_train", "class_counts"}},
-        "comparisons": {"real+synthetic vs real+oversampled": paired difference, ...}, "seeds", "test_n",
+        ``{"protocols": {name: {"summary": mean/std, "runs": [metrics per seed], "n_train", "class_counts",
+        "epochs": the budget reported, "val_balanced_accuracy": {epochs: mean} (with validation images)}},
+        "comparisons": {"real+synthetic vs real+oversampled": paired difference, ...}, "seeds", "test_n", "val_n",
         "recipe", "minority_classes", "topup_counts", "duplicate_share", "skipped": {protocol: why}}``.
 
     Raises:
-        DataError: if a test subject is in the training data, or a protocol has no training images.
+        DataError: if a test (or validation) subject is in the training data, a validation subject in the test
+            data, or a protocol has no training images. ConfigError: several budgets without validation images.
     """
+    budgets = sorted({int(e) for e in np.atleast_1d(epochs)})
+    if not budgets or budgets[0] < 1:
+        raise ConfigError(f"downstream epochs must be at least 1, but are: {budgets}")
+    if len(budgets) > 1 and val_images is None:
+        raise ConfigError(f"several downstream budgets ({', '.join(map(str, budgets))} epochs) need validation "
+                          "images to choose among them (audit --val FILE)")
     if train_subjects is not None and test_subjects is not None:
         check_subjects_disjoint(train_subjects, test_subjects)
+    if val_subjects is not None:
+        if train_subjects is not None:
+            check_subjects_disjoint(train_subjects, val_subjects, test_name="--val")
+        if test_subjects is not None:
+            check_subjects_disjoint(val_subjects, test_subjects, train_name="--val")
     if seeds < 1:
         raise DataError(f"seeds must be at least 1, but is: {seeds}")
     unknown = set(protocols) - set(PROTOCOLS)
@@ -302,29 +331,40 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         sets["real+oversampled+synthetic"] = (np.concatenate([train_images[over], synthetic_images[balanced]]),
                                               np.concatenate([train_labels[over], synthetic_labels[balanced]]))
     skipped = {name: why_not for name in protocols if name not in sets}
-    steps = epochs * steps_per_epoch(len(train_labels), batch_size) if budget == "steps" else None
+    steps = {e: e * steps_per_epoch(len(train_labels), batch_size) if budget == "steps" else None for e in budgets}
     results = {}
     for name in protocols:
         if name in skipped:
             if progress is not None:
-                progress(seeds)  # its trainings count as done, so a bar still ends full
+                progress(seeds * len(budgets))  # its trainings count as done, so a bar still ends full
             continue
         x, y = sets[name]
         if len(x) < 2:
             raise DataError(f"downstream protocol {name!r} has {len(x)} training images; it needs at least 2")
-        runs = []
-        for seed in range(seeds):
-            model = train_cnn(x, y, k, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                              device=device, amp=amp)
-            runs.append(cnn_metrics(predict_proba(model, test_images, device=device, amp=amp), test_labels,
-                                    class_names))
-            if progress is not None:
-                progress(1)
-        results[name] = {"summary": summarize(runs, class_names), "runs": runs, "n_train": int(len(x)),
-                         "class_counts": dict(zip(class_names, np.bincount(y, minlength=k).tolist(), strict=True))}
+        runs, val_scores = {}, {}
+        for e in budgets:
+            runs[e], val_scores[e] = [], []
+            for seed in range(seeds):
+                model = train_cnn(x, y, k, epochs=e, steps=steps[e], batch_size=batch_size, lr=lr, seed=seed,
+                                  device=device, amp=amp)
+                runs[e].append(cnn_metrics(predict_proba(model, test_images, device=device, amp=amp), test_labels,
+                                           class_names))
+                if val_images is not None:
+                    val = predict_proba(model, val_images, device=device, amp=amp)
+                    val_scores[e].append(cnn_metrics(val, val_labels, class_names)["balanced_accuracy"])
+                if progress is not None:
+                    progress(1)
+        chosen = choose_budget(val_scores) if len(budgets) > 1 else budgets[0]
+        results[name] = {"summary": summarize(runs[chosen], class_names), "runs": runs[chosen], "n_train": int(len(x)),
+                         "class_counts": dict(zip(class_names, np.bincount(y, minlength=k).tolist(), strict=True)),
+                         "epochs": chosen, "steps": steps[chosen]}
+        if val_images is not None:
+            results[name]["val_balanced_accuracy"] = {str(e): float(np.mean(v)) for e, v in val_scores.items()}
     return {"protocols": results, "comparisons": compare(results), "seeds": seeds, "test_n": int(len(test_labels)),
-            "recipe": {"model": "resnet18", "epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr,
-                       "amp": amp},
+            "val_n": None if val_labels is None else int(len(val_labels)),
+            "recipe": {"model": "resnet18", "epochs": budgets[0] if len(budgets) == 1 else budgets,
+                       "steps": steps[budgets[0]] if len(budgets) == 1 else [steps[e] for e in budgets],
+                       "budget": budget, "batch_size": batch_size, "lr": lr, "amp": amp},
             "minority_classes": minority_classes(train_labels, class_names),
             "topup_counts": dict(zip(class_names, np.bincount(synthetic_labels[topup], minlength=k).tolist(),
                                      strict=True)),

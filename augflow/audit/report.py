@@ -401,8 +401,15 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
         doc.h(2, "Downstream classification")
         r = ds["recipe"]
         seeds = ds["seeds"]
-        budget = (f"{r['epochs']} epochs" if r.get("steps") is None else
-                  f"{r['steps']} steps each, the steps of {r['epochs']} epochs over the real training images")
+        several = isinstance(r["epochs"], list)
+        if several:
+            budget = (f"each protocol trained for {' and '.join(map(str, r['epochs']))} epochs"
+                      + (" of the real training images' steps" if r.get("steps") is not None else "")
+                      + f" and reported at the budget with its best mean balanced accuracy on the {ds['val_n']} "
+                      "validation images of --val")
+        else:
+            budget = (f"{r['epochs']} epochs" if r.get("steps") is None else
+                      f"{r['steps']} steps each, the steps of {r['epochs']} epochs over the real training images")
         doc.p(f"ResNet-18 from scratch ({budget}, batch {r['batch_size']}, lr {r['lr']}, class-weighted loss), "
               + ("one seed" if seeds == 1 else f"mean ± std over {seeds} seeds")
               + f", tested on {ds['test_n']} held-out real images. Minority classes (marked *): "
@@ -418,6 +425,12 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
                  + [_pm(ds["protocols"][p]["summary"]["per_class_recall"][n], seeds) for p in protocols]
                  for n in names]
         rows.append(["training images"] + [str(ds["protocols"][p]["n_train"]) for p in protocols])
+        if several:
+            rows.append(["epochs (chosen on --val)"] + [str(ds["protocols"][p]["epochs"]) for p in protocols])
+        if ds.get("val_n"):
+            rows += [[f"val balanced accuracy, {e} epochs"]
+                     + [_fmt(ds["protocols"][p]["val_balanced_accuracy"][str(e)]) for p in protocols]
+                     for e in (r["epochs"] if several else [r["epochs"]])]
         doc.table(["metric", *protocols], rows)
         if ds.get("comparisons"):
             doc.table(["paired difference (balanced accuracy)", "mean", f"{CONFIDENCE:.0%} interval", "verdict"],

@@ -41,11 +41,13 @@ from augflow.train.privacy.ledger import Ledger
 DEFAULT_DELTA = 1e-5  # delta of the empirical epsilon bound when the model has no privacy ledger
 
 
-def _inputs(real, train, synthetic):
-    """Read and cross-check the three files; return their infos."""
+def _inputs(real, train, synthetic, val=None):
+    """Read and cross-check the three files (four with ``val``); return their infos."""
     infos = {"real": read_info(real), "train": read_info(train), "synthetic": read_info(synthetic)}
+    if val is not None:
+        infos["val"] = read_info(val)
     ref = infos["real"]
-    for role in ("train", "synthetic"):
+    for role in infos.keys() - {"real"}:
         info = infos[role]
         if info.class_names != ref.class_names:
             raise DataError(f"--{role} {info.path}: class names {info.class_names} differ from --real {ref.path}'s "
@@ -58,6 +60,11 @@ def _inputs(real, train, synthetic):
             raise DataError(f"--{role} {info.path}: has {len(info)} image(s); the audit needs at least 2")
     check_subjects_disjoint(infos["train"].subjects, ref.subjects, f"--train {infos['train'].path}",
                             f"--real {ref.path}")
+    if val is not None:  # the validation images choose budgets: they must be neither trained on nor tested
+        check_subjects_disjoint(infos["train"].subjects, infos["val"].subjects, f"--train {infos['train'].path}",
+                                f"--val {infos['val'].path}")
+        check_subjects_disjoint(infos["val"].subjects, ref.subjects, f"--val {infos['val'].path}",
+                                f"--real {ref.path}")
     return infos
 
 
@@ -110,8 +117,9 @@ def run_audit(
     inception_weights: str | os.PathLike | None = None,
     gate: GateThresholds | None = None,
     seeds: int = 3,
-    downstream_epochs: int = 30,
+    downstream_epochs: int | tuple[int, ...] = 30,
     downstream_budget: str = "steps",
+    val: str | os.PathLike | None = None,
     downstream_duplicates: float = DUPLICATE_SHARE,
     run_downstream: bool = True,
     encoder_recipe: EncoderRecipe | None = None,
@@ -138,9 +146,12 @@ def run_audit(
         inception_weights: Local Inception-v3 weights for ``features="inception"``.
         gate: Release-gate thresholds (default :class:`GateThresholds`).
         seeds: Downstream trainings per protocol.
-        downstream_epochs: Epochs per downstream training.
+        downstream_epochs: Epochs per downstream training; several are candidate budgets, chosen per protocol on
+            ``val`` (each protocol at the budget of its best mean validation balanced accuracy).
         downstream_budget: ``"steps"``: every downstream training set gets the steps of ``downstream_epochs``
             passes over the real training images; ``"epochs"``: that many passes over each set.
+        val: Real validation images (subjects in neither ``train`` nor ``real``) that choose the downstream budgets;
+            needed for several ``downstream_epochs``.
         downstream_duplicates: The share of each class's gap that the ``real+duplicates+synthetic`` protocol fills
             with duplicates of the real images (the rest with synthetic ones), in [0, 1].
         run_downstream: Run the downstream protocol (the slowest stage).
@@ -169,12 +180,16 @@ def run_audit(
         raise ConfigError(f"--duplicates must be a share in [0, 1], but is: {downstream_duplicates}")
     check_output_folder(out, overwrite)
     for name in REPORT_FILES:
-        check_output(os.path.join(out, name), True, [real, train, synthetic, model])
+        check_output(os.path.join(out, name), True, [real, train, synthetic, model, val])
     dev = resolve_device(device)
     device = str(dev)
     gate = gate or GateThresholds()
     encoder_recipe = encoder_recipe or EncoderRecipe()
-    infos = _inputs(real, train, synthetic)
+    budgets = sorted(set(np.atleast_1d(downstream_epochs).tolist()))
+    if len(budgets) > 1 and val is None and run_downstream:
+        raise ConfigError(f"--epochs {','.join(map(str, budgets))}: several downstream budgets need --val FILE (real "
+                          "validation images, e.g. the val.h5 of `augflow split`) to choose among them")
+    infos = _inputs(real, train, synthetic, val)
     names = infos["real"].class_names
     stages = ["features", "fidelity", "diversity", "memorization"] + (["membership"] if model else []) \
         + (["downstream"] if run_downstream else []) + ["report"]
@@ -189,8 +204,9 @@ def run_audit(
         bar.update(1)
 
     metrics: dict = {"schema": "augflow-audit/1", "command": command, "inputs": {
-        "class_names": names, **{role: _describe(info) for role, info in infos.items()}}}
+        "class_names": names, "val": None, **{role: _describe(info) for role, info in infos.items()}}}
     metrics["inputs"]["synthetic"]["provenance"] = infos["synthetic"].provenance
+    val_info = infos.pop("val", None)  # used by the downstream stage only
     ledger = infos["synthetic"].provenance.get("privacy")
 
     flow = meta = None
@@ -272,13 +288,15 @@ def run_audit(
     metrics["downstream"] = None
     if run_downstream:
         with stage("downstream"):
-            inner = tqdm(total=len(PROTOCOLS) * seeds, desc="downstream", unit="cnn", disable=not progress, leave=False,
-                         dynamic_ncols=True)
+            inner = tqdm(total=len(PROTOCOLS) * seeds * len(budgets), desc="downstream", unit="cnn",
+                         disable=not progress, leave=False, dynamic_ncols=True)
             metrics["downstream"] = downstream(
                 x["train"], y["train"], x["synthetic"], y["synthetic"], x["real"], y["real"], names,
                 train_subjects=infos["train"].subjects, test_subjects=infos["real"].subjects, seeds=seeds,
                 epochs=downstream_epochs, device=device, progress=inner.update, amp=amp, budget=downstream_budget,
-                duplicates=downstream_duplicates)
+                duplicates=downstream_duplicates, val_images=None if val_info is None else read_images(val_info.path),
+                val_labels=None if val_info is None else val_info.labels,
+                val_subjects=None if val_info is None else val_info.subjects)
             inner.close()
         figures["recall"] = figure_recall(metrics["downstream"], names)
 

@@ -214,3 +214,40 @@ def test_downstream_section_states_the_budget(audited):
         build_document(metrics, {}).markdown()
     metrics["downstream"]["recipe"]["steps"] = None  # --budget epochs
     assert "ResNet-18 from scratch (1 epochs," in build_document(metrics, {}).markdown()
+
+
+def test_several_budgets_need_a_validation_file_of_other_subjects(audited):
+    tmp, inputs = audited["tmp"], audited["inputs"]
+    base = ["audit", "--real", str(inputs["real"]), "--train", str(inputs["train"]), "--synthetic",
+            str(inputs["synthetic"]), "--out", str(tmp / "budgets")]
+    result = CliRunner().invoke(cli, [*base, "--epochs", "10,30"])
+    assert result.exit_code != 0 and "several downstream budgets need --val FILE" in result.output
+    result = CliRunner().invoke(cli, [*base, "--epochs", "10,x"])
+    assert result.exit_code == 2 and "'10,x' is out of range" in result.output
+    result = CliRunner().invoke(cli, [*base, "--epochs", "10,30", "--val", str(inputs["real"])])
+    assert result.exit_code != 0 and re.search(r"--real .*test.h5 and --val .*test.h5 share 12 subject",
+                                               result.output)
+    assert not (tmp / "budgets").exists()
+
+
+def test_downstream_budgets_chosen_on_val_reach_the_report(audited):
+    from augflow.audit.report import build_document
+
+    tmp = audited["tmp"]
+    val = write_blobs(tmp / "val.h5", [4, 4, 4], seed=3, prefix="val")
+    out = tmp / "report-val"
+    result = CliRunner().invoke(cli, ["audit", *audited["common"], "--synthetic", str(audited["inputs"]["synthetic"]),
+                                      "--out", str(out), "--seeds", "1", "--epochs", "2,1", "--val", str(val)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    ds = metrics["downstream"]
+    assert ds["recipe"]["epochs"] == [1, 2] and ds["val_n"] == 12
+    assert metrics["inputs"]["val"]["n"] == 12
+    for name, protocol in ds["protocols"].items():
+        scores = protocol["val_balanced_accuracy"]
+        assert set(scores) == {"1", "2"} and protocol["epochs"] == max((1, 2), key=lambda e: (scores[str(e)], -e)), name
+    text = build_document(metrics, {}).markdown()
+    assert "each protocol trained for 1 and 2 epochs of the real training images' steps and reported at the budget " \
+           "with its best mean balanced accuracy on the 12 validation images of --val" in text
+    assert "| epochs (chosen on --val) |" in text and "| val balanced accuracy, 2 epochs |" in text

@@ -191,3 +191,52 @@ def test_recognition_rates_count_each_class_own_argmax():
     probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0], [0.1, 0.1, 0.8]])
     rates = recognition_rates(probs, np.array([0, 1, 1, 1]), ["a", "b", "c"])
     assert rates == {"a": 1.0, "b": pytest.approx(1 / 3), "c": None}
+
+
+def test_each_protocol_is_reported_at_the_budget_its_validation_images_chose(monkeypatch):
+    from types import SimpleNamespace
+
+    from augflow.audit import downstream as module
+
+    x, y = blobs([12, 6, 4], seed=0)
+    xs, ys = blobs([12, 13, 12], seed=1)
+    xt, yt = blobs([6, 6, 6], seed=2)
+    xv, yv = blobs([3, 3, 3], seed=3)
+    trained = []
+    monkeypatch.setattr(module, "train_cnn", lambda x, y, k, **kw: trained.append(kw["steps"]) or
+                        SimpleNamespace(epochs=kw["epochs"], n=len(x)))
+
+    def predict(model, images, **_):
+        # Validation: right after 1 epoch for the 36-image sets, after 2 for the others; test: right only after 2
+        # epochs, so a budget chosen on the test images would show as 1.0 everywhere.
+        right = model.epochs == (1 if len(images) == len(xv) and model.n == 36 else 2)
+        labels = yv if len(images) == len(xv) else yt
+        return np.eye(3)[labels if right else np.zeros_like(labels)]
+
+    monkeypatch.setattr(module, "predict_proba", predict)
+    with pytest.raises(ConfigError, match=r"several downstream budgets \(1, 2 epochs\) need validation images"):
+        downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=2, epochs=(2, 1), batch_size=16)
+    done = []
+    out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=2, epochs=(2, 1), batch_size=16,
+                     val_images=xv, val_labels=yv, progress=done.append)
+    assert sum(done) == len(trained) == len(PROTOCOLS) * 2 * 2
+    assert sorted(set(trained)) == [2, 4]  # the steps of 1 and 2 epochs of the 22 real images (2 batches)
+    chosen = {name: p["epochs"] for name, p in out["protocols"].items()}
+    assert chosen == {"real": 2, "real+oversampled": 1, "real+synthetic": 1, "real+duplicates+synthetic": 1,
+                      "real+oversampled+synthetic": 2, "synthetic": 2}
+    test_accuracy = {name: p["summary"]["balanced_accuracy"]["mean"] for name, p in out["protocols"].items()}
+    assert test_accuracy == pytest.approx({"real": 1, "real+oversampled": 1 / 3, "real+synthetic": 1 / 3,
+                                           "real+duplicates+synthetic": 1 / 3, "real+oversampled+synthetic": 1,
+                                           "synthetic": 1})
+    assert out["protocols"]["real+oversampled"]["val_balanced_accuracy"] == pytest.approx({"1": 1, "2": 1 / 3})
+    assert out["protocols"]["real+oversampled"]["steps"] == 2 and out["protocols"]["real"]["steps"] == 4
+    assert out["recipe"]["epochs"] == [1, 2] and out["recipe"]["steps"] == [2, 4] and out["val_n"] == 9
+    assert out["comparisons"]["real+synthetic vs real"]["mean"] == pytest.approx(1 / 3 - 1)
+
+
+def test_choose_budget_takes_the_best_mean_and_the_smallest_of_equals():
+    from augflow.audit.downstream import choose_budget
+
+    assert choose_budget({10: [0.7, 0.9], 30: [0.75, 0.8]}) == 10
+    assert choose_budget({30: [0.8, 0.8], 10: [0.8, 0.8], 20: [0.7, 0.9]}) == 10
+    assert choose_budget({10: [0.5], 30: [0.6]}) == 30
