@@ -79,13 +79,14 @@ from augflow.data.store import read_images, read_info
 from augflow.precision import cpu_model, resolve_amp
 
 FAMILIES = {"magic": "", "symm": "-symmflow"}  # recipe suffix per family
-# Generator budgets in epochs (scanner training split at 32 px: MAGIC-Flow 30 epochs = 1,800 steps of 16 images,
+# Generator budgets in epochs (scanner training split: MAGIC-Flow 30 epochs = 1,800 steps of 16 images,
 # MedSymmFlow 60 epochs = 1,800 steps of 32).
 TRAIN_SETTINGS = {
     "magic": ["--set", "train.amp=true", "--set", "train.epochs=30"],
-    "symm": ["--set", "train.amp=true", "--set", "train.epochs=60", "--set", "model.channel_mult=[1,2,2]",
-             "--set", "model.attention_resolutions=[8]"],
+    "symm": ["--set", "train.amp=true", "--set", "train.epochs=60"],
 }
+# At 32 px MedSymmFlow's U-Net has one level fewer than the recipe's 64 px one (attention stays at 8 px).
+NARROW_SYMM = ["--set", "model.channel_mult=[1,2,2]", "--set", "model.attention_resolutions=[8]"]
 
 
 BATCH = 64  # images per downstream CNN step
@@ -275,7 +276,8 @@ def main() -> None:
         if resume or not (runs[family] / "model.pt").exists():
             run(["augflow", "train", "--data", str(train_file), "--val", str(split / "val.h5"), "--recipe",
                  args.task + FAMILIES[family], "--out", str(runs[family]), "--threads", str(args.threads),
-                 *(["--resume"] if resume else []), *TRAIN_SETTINGS[family]], log, work)
+                 *(["--resume"] if resume else []), *TRAIN_SETTINGS[family],
+                 *(NARROW_SYMM if family == "symm" and args.size < 64 else [])], log, work)
     files = {a: synthetic_file(s, work, runs, train_file, log, args.threads) for a, s in specs.items()}
 
     info, x = read_info(train_file), read_images(train_file)
