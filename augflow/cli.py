@@ -583,7 +583,7 @@ def explain(model, data, rows, class_name, contrast, prior, out, overwrite, devi
               help="Gate: largest number of exact copies.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Downstream CNN trainings per protocol.")
-@click.option("--epochs", callback=_parse_epochs, default="30", show_default=True,
+@click.option("--epochs", callback=_parse_epochs, default="30", show_default=True, metavar="E[,E...]",
               help="Epochs per downstream CNN training; several (e.g. 10,30) are candidate budgets, each protocol "
                    "reported at the one with its best balanced accuracy on --val.")
 @click.option("--val", "val_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
