@@ -247,6 +247,11 @@ def summarize(runs: list[dict], class_names: list[str]) -> dict:
     return out
 
 
+def candidate_budgets(epochs: int | Sequence[int]) -> list[int]:
+    """The distinct candidate budgets (epochs) of ``epochs``, ascending."""
+    return sorted({int(e) for e in np.atleast_1d(epochs)})
+
+
 def choose_budget(val_scores: dict[int, list[float]]) -> int:
     """The budget (epochs) with the best mean validation score over seeds; the smallest of equals."""
     return max(sorted(val_scores), key=lambda e: (np.mean(val_scores[e]), -e))
@@ -293,7 +298,7 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         DataError: if a test (or validation) subject is in the training data, a validation subject in the test
             data, or a protocol has no training images. ConfigError: several budgets without validation images.
     """
-    budgets = sorted({int(e) for e in np.atleast_1d(epochs)})
+    budgets = candidate_budgets(epochs)
     if not budgets or budgets[0] < 1:
         raise ConfigError(f"downstream epochs must be at least 1, but are: {budgets}")
     if len(budgets) > 1 and val_images is None:

@@ -13,7 +13,13 @@ from tqdm.auto import tqdm
 from augflow.atomic import check_output, check_output_folder
 from augflow.audit.detectability import detectability
 from augflow.audit.diversity import diversity
-from augflow.audit.downstream import DUPLICATE_SHARE, PROTOCOLS, check_subjects_disjoint, downstream
+from augflow.audit.downstream import (
+    DUPLICATE_SHARE,
+    PROTOCOLS,
+    candidate_budgets,
+    check_subjects_disjoint,
+    downstream,
+)
 from augflow.audit.features import EncoderRecipe, domain_encoder_path, feature_space, load_encoder
 from augflow.audit.fidelity import fidelity, torch_fidelity_metrics
 from augflow.audit.figures import (
@@ -185,7 +191,7 @@ def run_audit(
     device = str(dev)
     gate = gate or GateThresholds()
     encoder_recipe = encoder_recipe or EncoderRecipe()
-    budgets = sorted(set(np.atleast_1d(downstream_epochs).tolist()))
+    budgets = candidate_budgets(downstream_epochs)
     if len(budgets) > 1 and val is None and run_downstream:
         raise ConfigError(f"--epochs {','.join(map(str, budgets))}: several downstream budgets need --val FILE (real "
                           "validation images, e.g. the val.h5 of `augflow split`) to choose among them")
@@ -288,15 +294,15 @@ def run_audit(
     metrics["downstream"] = None
     if run_downstream:
         with stage("downstream"):
+            val_data = {} if val_info is None else {"val_images": read_images(val_info.path),
+                                                    "val_labels": val_info.labels, "val_subjects": val_info.subjects}
             inner = tqdm(total=len(PROTOCOLS) * seeds * len(budgets), desc="downstream", unit="cnn",
                          disable=not progress, leave=False, dynamic_ncols=True)
             metrics["downstream"] = downstream(
                 x["train"], y["train"], x["synthetic"], y["synthetic"], x["real"], y["real"], names,
                 train_subjects=infos["train"].subjects, test_subjects=infos["real"].subjects, seeds=seeds,
                 epochs=downstream_epochs, device=device, progress=inner.update, amp=amp, budget=downstream_budget,
-                duplicates=downstream_duplicates, val_images=None if val_info is None else read_images(val_info.path),
-                val_labels=None if val_info is None else val_info.labels,
-                val_subjects=None if val_info is None else val_info.subjects)
+                duplicates=downstream_duplicates, **val_data)
             inner.close()
         figures["recall"] = figure_recall(metrics["downstream"], names)
 
