@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         from classification_report import write_report
 
         write_report(args.work, REPORTS, " ".join(["python", "benchmarks/classification_cv.py", *sys.argv[1:]]),
-                     args.name)
+                     args.name, K_FOLDS)
 
 
 if __name__ == "__main__":

@@ -90,9 +90,9 @@ def _overrides(result: dict) -> str:
     return (" with " + ", ".join(f"`{o}`" for o in overrides)) if overrides else ""
 
 
-def write_report(work: Path, reports: Path, command: str, name: str = "classification") -> Path:
+def write_report(work: Path, reports: Path, command: str, name: str = "classification", k_folds: int = 5) -> Path:
     """``reports/NAME.md`` and its figures ``NAME-*.png``; the hand-written reading (``classification-notes.md``)
-    belongs to the main report only."""
+    belongs to the main report only. Folds that have not run yet are named as missing, not hidden."""
     results = [json.loads(p.read_text()) for p in sorted(work.glob("fold-*/result.json"))]
     if not results:
         raise SystemExit(f"no fold results in {work}; run the 'run' stage first")
@@ -114,7 +114,10 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
         "# Likelihood classification of the 7 scanners: MAGIC-Flow vs ResNet-18"
         + (" (and MedSymmFlow's read-out)" if "symmflow" in models else ""),
         "",
-        f"{len(results)}-fold subject-wise cross-validation (scikit-learn StratifiedGroupKFold, seed 0) on the "
+        f"{k_folds}-fold subject-wise cross-validation (scikit-learn StratifiedGroupKFold, seed 0"
+        + ("" if len(results) == k_folds else
+           f"; folds {', '.join(str(r['fold']) for r in results)} of {k_folds} have run, and every mean below is over "
+           "them only") + ") on the "
         f"built-in scanner data at {results[0]['image_size']} px (1352 slices, 338 subjects). Per fold the flow "
         f"(`recipes/scanner-classify.toml`{_overrides(results[0])}, {results[0]['flow_steps']} steps) trains on the "
         "training subjects, "
@@ -125,7 +128,7 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
         "training subjects for the same CPU time the flow's training took, on one thread each. Both are scored on "
         "the held-out subjects.",
         "",
-        "Commands (the folds ran as two processes, one thread each):",
+        "Commands (the folds ran as separate processes, one thread each):",
         "",
         "```",
         *sorted({r["command"] for r in results}),
