@@ -92,7 +92,7 @@ def _overrides(result: dict) -> str:
 
 def write_report(work: Path, reports: Path, command: str, name: str = "classification", k_folds: int = 5) -> Path:
     """``reports/NAME.md`` and its figures ``NAME-*.png``; the hand-written reading (``classification-notes.md``)
-    belongs to the main report only. Folds that have not run yet are named as missing, not hidden."""
+    belongs to the main report only. When fewer than ``k_folds`` folds have run, the report says which did."""
     results = [json.loads(p.read_text()) for p in sorted(work.glob("fold-*/result.json"))]
     if not results:
         raise SystemExit(f"no fold results in {work}; run the 'run' stage first")
