@@ -482,6 +482,14 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
 @click.option("--no-class-offsets", "no_class_offsets", is_flag=True,
               help="With --calibrate-on: fit the temperature only, no per-class decision offsets (the decisions "
                    "are the posterior's argmax; offsets favour balanced accuracy and the minority classes).")
+@click.option("--offsets-on", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
+              help="With --calibrate-on: fit the per-class offsets on these labelled files instead (repeatable; e.g. "
+                   "the training and validation files: more images of the rare classes); the temperature stays "
+                   "fitted on --calibrate-on.")
+@click.option("--shift-radius", type=int, default=None,
+              help="Average log p(x|y) over the whole-pixel shifts within this many pixels ((2R+1)^2 flow passes; "
+                   "1 is what reports/classification-32.md measured). Default: the radius the stored calibration "
+                   "was fitted with, else 0.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @_overwrite_option
@@ -489,12 +497,15 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
 @_device_option
 @_threads_option
 @_error_boundary
-def classify(model, data, out, prior, calibrate_on, no_class_offsets, batch_size, as_json, overwrite, amp, device):
+def classify(model, data, out, prior, calibrate_on, no_class_offsets, offsets_on, shift_radius, batch_size, as_json,
+             overwrite, amp, device):
     """Classify images with the flow's exact likelihood: argmax_y log p(x|y) + log p(y).
 
     \b
     Example:
         augflow classify --model runs/scanner --data data/test.h5 --calibrate-on data/val.h5 --json
+        augflow classify --model runs/scanner --data data/test.h5 --calibrate-on data/val.h5 \\
+            --offsets-on data/train.h5 --offsets-on data/val.h5 --shift-radius 1
     """
     from augflow.atomic import check_output
     from augflow.classify import classify_file, write_predictions
@@ -504,8 +515,12 @@ def classify(model, data, out, prior, calibrate_on, no_class_offsets, batch_size
         check_output(out, overwrite, [model_file(model), data, calibrate_on])
     if no_class_offsets and calibrate_on is None:
         raise click.UsageError("--no-class-offsets applies to a calibration being fitted: give --calibrate-on FILE too")
+    if offsets_on and (calibrate_on is None or no_class_offsets):
+        raise click.UsageError("--offsets-on fits the per-class offsets of a calibration being fitted: give "
+                               "--calibrate-on FILE too, and leave out --no-class-offsets")
     result = classify_file(model, data, prior=prior, calibrate_on=calibrate_on, batch_size=batch_size,
-                           device=device, amp=amp, class_offsets=not no_class_offsets)
+                           device=device, amp=amp, class_offsets=not no_class_offsets, shift_radius=shift_radius,
+                           offsets_on=offsets_on)
     metrics = result["metrics"]
     if out is not None:
         write_predictions(result, out)

@@ -334,8 +334,9 @@ class _Selector:
             temperature = calibration.temperature  # the calibrated Bayes posterior (offsets set decisions only)
             log_pi = torch.tensor(log_prior(meta["class_counts"]), dtype=torch.float32, device=device)
             k = len(meta["class_names"])
-            self._probs = lambda x: torch.softmax((class_log_likelihoods(flow, x, k).float() + log_pi) / temperature,
-                                                  dim=1)
+            radius = calibration.shift_radius
+            self._probs = lambda x: torch.softmax((class_log_likelihoods(flow, x, k, radius).float() + log_pi)
+                                                  / temperature, dim=1)
             self.details = {"prior": "train", "calibration_temperature": temperature, "calibration": source}
         elif self.method in ("classifier", "realism"):
             from augflow.audit.baseline import penultimate

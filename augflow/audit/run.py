@@ -283,10 +283,11 @@ def run_audit(
             metrics["membership_inference"] = mia
             figures["roc"] = figure_roc(mia["_roc"], mia["auc"])
             if flow.has_likelihood:  # the likelihood classifier on the same test images
-                test_ll = dataset_log_likelihoods(flow, real, device=device, amp=amp)
-                counts = meta.get("class_counts") or np.bincount(y["train"], minlength=len(names)).tolist()
                 # The calibration fitted on a validation split (`augflow classify --calibrate-on`), never on --real.
                 calibration = stored_calibration(model, "train", names) or Calibration()
+                test_ll = dataset_log_likelihoods(flow, real, device=device, amp=amp,
+                                                  shift_radius=calibration.shift_radius)
+                counts = meta.get("class_counts") or np.bincount(y["train"], minlength=len(names)).tolist()
                 preds = calibration.predict(test_ll, log_prior(counts))
                 metrics["likelihood_classifier"] = classification_metrics(y["real"], preds, names)
                 metrics["likelihood_classifier"]["calibrated"] = calibration.biases is not None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,34 +74,48 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, log_pi: np.ndarray, 
 
 
 def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.PathLike,
-              class_names: list[str], biases: bool = True) -> dict:
+              class_names: list[str], biases: bool = True, offsets_on: Sequence[str | os.PathLike] = ()) -> dict:
     """Fit the calibration of a classifier on a labelled file and store it beside the model.
 
     Arguments:
         model: The model's run folder or file (where the record is stored).
-        scorer: The model's classifier.
+        scorer: The model's classifier (its ``shift_radius``, if any, is recorded: the fit holds for it only).
         calibrate_on: The labelled file (the validation split).
         class_names: The model's classes.
         biases: Fit per-class offsets as well as the temperature.
+        offsets_on: Labelled files to fit the offsets on instead of ``calibrate_on`` (for example the training
+            and validation files together: more images of the rare classes, whose few validation images make the
+            offsets vary; the temperature stays fitted on ``calibrate_on``, which the model never trained on).
 
     Returns:
         The stored record: ``{"calibration_temperature", "class_biases" (by class name, or None), "prior",
-        "fitted_on", "fitted_on_sha256", "n", "ece_before", "ece_after", "balanced_accuracy_before",
-        "balanced_accuracy_after"}`` (before / after: on the file it was fitted on).
+        "shift_radius", "fitted_on", "fitted_on_sha256", "offsets_fitted_on", "n", "ece_before", "ece_after",
+        "balanced_accuracy_before", "balanced_accuracy_after"}`` (before / after: on ``calibrate_on``).
 
     Raises:
-        DataError: If the file's classes differ from the model's.
+        DataError: If a file's classes differ from the model's.
     """
     val = read_info(calibrate_on).require_images("--calibrate-on")
     check_classes(val.class_names, class_names, f"--calibrate-on {calibrate_on}")
     scores = scorer.score(calibrate_on)
-    fitted = fit_calibration(scores.values, val.labels, scores.log_prior, biases)
+    radius = getattr(scorer, "shift_radius", 0)
+    fitted = fit_calibration(scores.values, val.labels, scores.log_prior, biases and not offsets_on)
+    if biases and offsets_on:
+        infos = [read_info(f).require_images("--offsets-on") for f in offsets_on]
+        for f, info in zip(offsets_on, infos, strict=True):
+            check_classes(info.class_names, class_names, f"--offsets-on {f}")
+        offsets = fit_calibration(np.concatenate([scorer.score(f).values for f in offsets_on]),
+                                  np.concatenate([info.labels for info in infos]), scores.log_prior).biases
+        fitted = Calibration(fitted.temperature, offsets)
+    fitted = Calibration(fitted.temperature, fitted.biases, radius)
     before, after = scores.predictions(), scores.predictions(fitted)
     record = {
         "calibration_temperature": fitted.temperature,
         "class_biases": None if fitted.biases is None else dict(zip(class_names, fitted.biases, strict=True)),
-        "prior": scorer.prior, "fitted_on": str(Path(calibrate_on).resolve()),
-        "fitted_on_sha256": sha256_file(calibrate_on), "n": len(val),
+        "prior": scorer.prior, "shift_radius": radius, "fitted_on": str(Path(calibrate_on).resolve()),
+        "fitted_on_sha256": sha256_file(calibrate_on),
+        "offsets_fitted_on": [str(Path(f).resolve()) for f in offsets_on] if biases and offsets_on else None,
+        "n": len(val),
         "ece_before": expected_calibration_error(before.probs, val.labels),
         "ece_after": expected_calibration_error(after.probs, val.labels),
         "balanced_accuracy_before": balanced_accuracy(val.labels, before.predicted),
@@ -129,4 +144,5 @@ def stored_calibration(model: str | os.PathLike, prior: str, class_names: list[s
     if biases is not None:
         check_classes(sorted(biases), sorted(class_names), str(path))
         biases = tuple(float(biases[name]) for name in class_names)
-    return Calibration(record.get("calibration_temperature", record.get("temperature")), biases)
+    return Calibration(record.get("calibration_temperature", record.get("temperature")), biases,
+                       record.get("shift_radius", 0))

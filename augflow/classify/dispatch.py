@@ -8,6 +8,7 @@ metrics (:mod:`augflow.classify.metrics`) at the calibration temperature (:mod:`
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from augflow.atomic import atomic_write_text
 from augflow.classify.calibration import calibrate, stored_calibration
@@ -15,6 +16,7 @@ from augflow.classify.likelihood import LikelihoodScorer
 from augflow.classify.metrics import Calibration, Scorer, balanced_accuracy, expected_calibration_error
 from augflow.classify.readout import ReadoutScorer
 from augflow.data.store import read_info
+from augflow.errors import ConfigError
 from augflow.models import load_model
 from augflow.runs import check_classes, stored_amp
 
@@ -22,7 +24,8 @@ from augflow.runs import check_classes, stored_amp
 def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str = "train",
                   calibrate_on: str | os.PathLike | None = None, batch_size: int = 32, device: str = "auto",
                   passes: int = 1, seed: int = 0, rank_by: str = "distance", progress: bool = False,
-                  amp: bool | None = None, class_offsets: bool = True) -> dict:
+                  amp: bool | None = None, class_offsets: bool = True, shift_radius: int | None = None,
+                  offsets_on: Sequence[str | os.PathLike] = ()) -> dict:
     """Classify every image of a labelled dataset file with a trained model; its metrics.
 
     Arguments:
@@ -41,12 +44,17 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
         amp: Run the networks in bf16 (:mod:`augflow.precision`); default: as the model was trained.
         class_offsets: Likelihood classifier: fit per-class offsets with the temperature (False: the temperature
             only, which keeps the decisions of the Bayes posterior and calibrates best).
+        shift_radius: Likelihood classifier: average the class scores over the whole-pixel shifts within this many
+            pixels (:mod:`augflow.classify.likelihood`). None: the radius the stored calibration was fitted with (0
+            without one). A calibration holds for its radius only: another radius needs ``calibrate_on``.
+        offsets_on: With ``calibrate_on``: labelled files to fit the per-class offsets on instead
+            (:func:`augflow.classify.calibration.calibrate`).
 
     Returns:
         ``{"class_names", "predictions": Predictions, "labels", "metrics", "score_column"}``; ``metrics`` holds
         the calibration ``temperature``, the ``class_biases`` (None: none), their ``calibration_source``,
-        ``ece_uncalibrated``, ``balanced_accuracy_uncalibrated`` and the ``prior`` ("none": the read-out uses no
-        class prior).
+        ``ece_uncalibrated``, ``balanced_accuracy_uncalibrated``, the ``prior`` ("none": the read-out uses no
+        class prior) and the ``shift_radius`` of the scores.
 
     Raises:
         DataError: If a file's classes differ from the model's. ConfigError: For invalid options.
@@ -58,11 +66,22 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
     amp = stored_amp(meta) if amp is None else amp
     scorer: Scorer
     if loaded.has_likelihood:
-        scorer = LikelihoodScorer(loaded, meta["class_counts"], prior, batch_size, device, amp)
+        stored = stored_calibration(model, prior, names)
+        radius = stored.shift_radius if stored is not None and calibrate_on is None else 0
+        if calibrate_on is None and shift_radius is not None and shift_radius != radius:
+            raise ConfigError(f"--shift-radius {shift_radius}: the calibration stored with {model} was fitted with "
+                              f"shift radius {radius} and holds for it only; give --calibrate-on FILE to fit one for "
+                              f"radius {shift_radius}, or leave --shift-radius out")
+        radius = radius if shift_radius is None else shift_radius
+        scorer = LikelihoodScorer(loaded, meta["class_counts"], prior, batch_size, device, amp, radius)
     else:  # MedSymmFlow: the integrated class mask's nearest palette colour
+        if shift_radius:
+            raise ConfigError(f"--shift-radius averages exact likelihoods; {model} is a {loaded.family!r} model "
+                              f"without one: leave --shift-radius out")
         scorer = ReadoutScorer(loaded, passes, batch_size, seed, device, rank_by, progress, amp)
     if calibrate_on is not None:
-        calibrate(model, scorer, calibrate_on, names, biases=loaded.has_likelihood and class_offsets)
+        calibrate(model, scorer, calibrate_on, names, biases=loaded.has_likelihood and class_offsets,
+                  offsets_on=offsets_on)
         source = f"fitted on {calibrate_on}"
     calibration = stored_calibration(model, scorer.prior, names)
     if calibrate_on is None:
@@ -78,6 +97,7 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
                                                                               strict=True))
     metrics["calibration_source"] = source
     metrics["prior"] = scorer.prior
+    metrics["shift_radius"] = getattr(scorer, "shift_radius", 0)
     return {"class_names": names, "predictions": scores.predictions(calibration), "labels": info.labels,
             "metrics": metrics, "score_column": scorer.score_column}
 

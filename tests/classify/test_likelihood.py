@@ -205,6 +205,64 @@ def test_stored_offsets_are_read_back_by_class_name_not_by_position(tmp_path):
         stored_calibration(tmp_path / "run", "train", ["zeta", "alpha", "other"])
 
 
+def test_offsets_fitted_on_other_files_and_the_temperature_on_the_calibration_file(tmp_path):
+    names = ["a", "b", "c"]
+    rng = np.random.default_rng(1)
+    files, scores = [], {}
+    for name, n in (("val", 30), ("train", 90), ("more", 60)):
+        labels = np.arange(n) % 3
+        values = 15 * rng.normal(size=(n, 3)) + np.array([0.0, 25.0, -30.0])
+        values[np.arange(n), labels] += 30.0
+        path = write_dataset(tmp_path / f"{name}.h5", np.zeros((n, 1, 8, 8), np.float32), labels,
+                             [f"{name}{i}" for i in range(n)], np.zeros(n), names)
+        files.append(path)
+        scores[str(path)] = (values, labels)
+
+    class ByFile:
+        prior = "train"
+        shift_radius = 1
+
+        def score(self, path):
+            return Scores(scores[str(path)][0], log_prior([1, 1, 1]))
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").touch()
+    record = calibrate(tmp_path / "run", ByFile(), files[0], names, offsets_on=files[1:])
+    pooled = fit_calibration(np.r_[scores[str(files[1])][0], scores[str(files[2])][0]],
+                             np.r_[scores[str(files[1])][1], scores[str(files[2])][1]], log_prior([1, 1, 1]))
+    alone = fit_calibration(*scores[str(files[0])], log_prior([1, 1, 1]), biases=False)
+    assert list(record["class_biases"].values()) == list(pooled.biases)
+    assert record["calibration_temperature"] == alone.temperature
+    assert record["offsets_fitted_on"] == [str(f.resolve()) for f in files[1:]] and record["shift_radius"] == 1
+    stored = stored_calibration(tmp_path / "run", "train", names)
+    assert stored.shift_radius == 1 and stored.biases == pooled.biases
+
+
+def _shift_by_hand(image, dy, dx):
+    out = np.zeros_like(image)
+    h, w = image.shape[-2:]
+    for i in range(h):
+        for j in range(w):
+            if 0 <= i - dy < h and 0 <= j - dx < w:
+                out[..., i, j] = image[..., i - dy, j - dx]
+    return out
+
+
+def test_shift_averaged_scores_are_the_mean_over_shifted_copies():
+    torch.manual_seed(0)
+    config = MagicFlowConfig(image_shape=(1, 8, 8), num_classes=3, full_res_steps=("application",),
+                             channel_steps=1, checker_steps=(1,), hidden_channels=(4, 4), embed_dim=4)
+    model = MagicFlow(config).double().eval()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(class_log_likelihoods(model, x, 3, 0), model.class_log_probs(x))
+    by_hand = np.mean([model.class_log_probs(torch.from_numpy(_shift_by_hand(x.numpy(), dy, dx))).detach().numpy()
+                       for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+    np.testing.assert_allclose(class_log_likelihoods(model, x, 3, 1).numpy(), by_hand, rtol=1e-12)
+    for bad in (-1, 2, True, 0.5):  # 8 px images allow radius 0 or 1
+        with pytest.raises(ConfigError, match="--shift-radius must be a whole number of pixels from 0 to 1"):
+            class_log_likelihoods(model, x, 3, bad)
+
+
 def _noise_dataset(path, n_per_class, seed):
     """Two classes that differ only in noise level around the same smooth image."""
     rng = np.random.default_rng(seed)
@@ -245,6 +303,24 @@ def test_noise_level_toy_is_classified_and_cli_reports_metrics(tmp_path):
     refused = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
                                        "--no-class-offsets"])
     assert refused.exit_code == 2 and "--calibrate-on" in refused.output
+    refused = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
+                                       "--offsets-on", str(train_file)])
+    assert refused.exit_code == 2 and "--calibrate-on" in refused.output
+
+    # Shift-averaged scores, offsets on the training and validation files: the radius is stored with the
+    # calibration and used by later calls; another radius without a new calibration is refused.
+    shifted = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
+                                       "--calibrate-on", str(val_file), "--offsets-on", str(train_file),
+                                       "--offsets-on", str(val_file), "--shift-radius", "1", "--json"])
+    assert shifted.exit_code == 0, shifted.output
+    assert json.loads(shifted.output)["shift_radius"] == 1 and json.loads(shifted.output)["accuracy"] > 0.9
+    record = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert record["shift_radius"] == 1 and len(record["offsets_fitted_on"]) == 2
+    later = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file), "--json"])
+    assert json.loads(later.output)["shift_radius"] == 1
+    refused = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
+                                       "--shift-radius", "0"])
+    assert refused.exit_code == 1 and "fitted with shift radius 1" in refused.output
 
     # Attribution maps: the contrast map sums to the log-likelihood ratio of the two classes.
     explanation = explain_file(tmp_path / "run", test_file, [0, 25], contrast="quiet")
