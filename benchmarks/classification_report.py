@@ -20,7 +20,10 @@ from augflow.explain import explain_file, plot_explanation  # noqa: E402
 
 MODELS = {"flow": "MAGIC-Flow (Bayes, training prior, temperature; offset decisions)",
           "flow_temperature_only": "MAGIC-Flow (Bayes, training prior, temperature; argmax decisions)",
-          "flow_uniform_prior": "MAGIC-Flow (uniform prior)", "cnn": "ResNet-18 (class-weighted)",
+          "flow_uniform_prior": "MAGIC-Flow (uniform prior)",
+          "flow_shift": "MAGIC-Flow (scores averaged over the 9 shifts within 1 px; offsets on training + validation "
+                        "parts)",
+          "cnn": "ResNet-18 (class-weighted)",
           "symmflow": "MedSymmFlow (mask read-out, temperature; offset decisions)",
           "symmflow_nearest_colour": "MedSymmFlow (nearest colour: the paper's read-out)"}
 METRICS = ["accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro", "ece"]
@@ -103,7 +106,7 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
             r.update(symmflow=run.pop("symmflow"), symmflow_nearest_colour=run.pop("symmflow_nearest_colour"),
                      symmflow_run=run)
     models = [key for key in MODELS if key in results[0]]
-    main = [key for key in ("flow", "cnn", "symmflow") if key in models]  # the calibrated classifiers
+    main = [key for key in ("flow", "flow_shift", "cnn", "symmflow") if key in models]  # the calibrated classifiers
     names = results[0]["class_names"]
     reports.mkdir(parents=True, exist_ok=True)
     _confusion_figure(results, main, reports / f"{name}-confusion.png")
@@ -166,6 +169,18 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
         lines.append(f"| {MODELS[key]} | "
                      + " | ".join(f"{np.mean([r[key]['per_class_recall'][c] for r in results]):.2f}" for c in names)
                      + " |")
+    if "decision_levers" in results[0]:
+        lines += ["", "What the flow's decision levers give (test balanced accuracy, mean ± std over folds; the "
+                  "scores averaged over the (2R + 1)^2 whole-pixel shifts within R pixels, `augflow classify "
+                  "--shift-radius R`; the per-class offsets fitted on the validation part, or on the training and "
+                  "validation parts together, `--offsets-on`; the temperature on the validation part in every row):",
+                  "", "| shift radius R | offsets on the validation part | offsets on training + validation |",
+                  "|---|---|---|"]
+        levers = results[0]["decision_levers"]
+        for radius in sorted({key.split(",")[0] for key in levers}):
+            lines.append(f"| {radius.removeprefix('shift radius ')} | " + " | ".join(
+                _mean_std([r["decision_levers"][f"{radius}, offsets on {part}"] for r in results])
+                for part in ("val", "train+val")) + " |")
     lines += ["", "Calibration of the flow (expected calibration error, 15 bins, on the test folds): "
               f"{_mean_std([r['flow']['ece_uncalibrated'] for r in results])} with the raw posterior; "
               f"{_mean_std([r['flow']['ece'] for r in results])} with the temperature (fitted by the ordinary "
