@@ -139,7 +139,7 @@ def test_posterior_selection_keeps_only_confident_samples_and_records_the_accept
 
     # A known scorer: class 2's log-likelihood grows with the image mean, the others are flat, so p(2 | x) is a
     # logistic function of the mean and a threshold keeps the brighter samples only.
-    def scores(model, x, k):
+    def scores(model, x, k, shift_radius=0):
         mean = x.flatten(1).mean(1, keepdim=True)
         return torch.cat([torch.zeros(len(x), 2), 200 * (mean - 0.5)], dim=1)
 

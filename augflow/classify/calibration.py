@@ -15,7 +15,11 @@ decisions only. The probabilities keep the Bayes posterior of the training prior
 ordinary negative log-likelihood (Guo et al.): a confidence is a frequency among the images as they come, majority
 classes included, which is what the expected calibration error measures. Offsets in the probabilities as well would
 make them the posterior of a balanced world, miscalibrated for the data a user has (5-fold test ECE 0.097 against
-0.060 for the Bayes posterior, same decisions; reports/classification-notes.md). The offsets are optional. The
+0.060 for the Bayes posterior, same decisions; reports/classification-notes.md). The offsets are optional, and may be
+fitted on other labelled files than the temperature (``offsets_on``): a validation split holds a handful of images of
+a rare class, and offsets fitted on them vary from split to split; the training file holds several times as many.
+Offsets are a K-parameter decision rule, not a confidence, so the training images bias them little, whereas the
+temperature is fitted on images the model never trained on (reports/classification-32.md). The
 fitted record is stored beside the model (``calibration.json``, :mod:`augflow.runs`) and used by later calls that fit
 none. This calibration temperature is not the sampling temperature stored with the model (``meta["temperature"]``).
 """
