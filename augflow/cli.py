@@ -488,7 +488,7 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
                    "fitted on --calibrate-on.")
 @click.option("--shift-radius", type=int, default=None,
               help="Average log p(x|y) over the whole-pixel shifts within this many pixels ((2R+1)^2 flow passes; "
-                   "1 is what reports/classification-32.md measured). Default: the radius the stored calibration "
+                   "reports/classification-32-shift.md measured 1 and 2). Default: the radius the stored calibration "
                    "was fitted with, else 0.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")

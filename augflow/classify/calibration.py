@@ -19,7 +19,7 @@ make them the posterior of a balanced world, miscalibrated for the data a user h
 fitted on other labelled files than the temperature (``offsets_on``): a validation split holds a handful of images of
 a rare class, and offsets fitted on them vary from split to split; the training file holds several times as many.
 Offsets are a K-parameter decision rule, not a confidence, so the training images bias them little, whereas the
-temperature is fitted on images the model never trained on (reports/classification-32.md). The
+temperature is fitted on images the model never trained on (reports/classification-32-shift.md). The
 fitted record is stored beside the model (``calibration.json``, :mod:`augflow.runs`) and used by later calls that fit
 none. This calibration temperature is not the sampling temperature stored with the model (``meta["temperature"]``).
 """
