@@ -104,14 +104,14 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
     scores = scorer.score(calibrate_on)
     radius = getattr(scorer, "shift_radius", 0)
     fitted = fit_calibration(scores.values, val.labels, scores.log_prior, biases and not offsets_on)
+    offsets = fitted.biases
     if biases and offsets_on:
         infos = [read_info(f).require_images("--offsets-on") for f in offsets_on]
         for f, info in zip(offsets_on, infos, strict=True):
             check_classes(info.class_names, class_names, f"--offsets-on {f}")
         offsets = fit_calibration(np.concatenate([scorer.score(f).values for f in offsets_on]),
                                   np.concatenate([info.labels for info in infos]), scores.log_prior).biases
-        fitted = Calibration(fitted.temperature, offsets)
-    fitted = Calibration(fitted.temperature, fitted.biases, radius)
+    fitted = Calibration(fitted.temperature, offsets, radius)
     before, after = scores.predictions(), scores.predictions(fitted)
     record = {
         "calibration_temperature": fitted.temperature,
