@@ -196,8 +196,9 @@ def flow_rows(fold_dir: Path, weights: str = "released") -> dict:
     labels = {"train": train_info.labels, "val": val_info.labels}
     levers = {}
     for radius in SHIFT_RADII:
-        ll = {part: dataset_log_likelihoods(model, fold_dir / f"{part}.h5", device="cpu", shift_radius=radius)
-              for part in ("train", "val", "test")}
+        ll = {"val": val_ll, "test": test_ll} if radius == 0 else {}  # scored above
+        for part in {"train", "val", "test"} - set(ll):
+            ll[part] = dataset_log_likelihoods(model, fold_dir / f"{part}.h5", device="cpu", shift_radius=radius)
         temperature = fit_calibration(ll["val"], val_info.labels, log_pi, biases=False).temperature
         for offsets_on in ("val", "train+val"):
             parts = offsets_on.split("+")

@@ -109,7 +109,9 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
         infos = [read_info(f).require_images("--offsets-on") for f in offsets_on]
         for f, info in zip(offsets_on, infos, strict=True):
             check_classes(info.class_names, class_names, f"--offsets-on {f}")
-        offsets = fit_calibration(np.concatenate([scorer.score(f).values for f in offsets_on]),
+        same = Path(calibrate_on).resolve()  # its scores are computed above
+        offsets = fit_calibration(np.concatenate([scores.values if Path(f).resolve() == same else scorer.score(f).values
+                                                  for f in offsets_on]),
                                   np.concatenate([info.labels for info in infos]), scores.log_prior).biases
     fitted = Calibration(fitted.temperature, offsets, radius)
     before, after = scores.predictions(), scores.predictions(fitted)
