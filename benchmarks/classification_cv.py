@@ -42,7 +42,7 @@ import torch
 
 from augflow.audit.baseline import predict_proba, train_cnn
 from augflow.classify.calibration import fit_calibration
-from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
+from augflow.classify.likelihood import dataset_log_likelihoods, log_prior, shifted
 from augflow.classify.metrics import (
     Calibration,
     Predictions,
@@ -107,9 +107,14 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
     started = time.process_time()
     cnn = train_cnn(images, labels, k, epochs=cnn_epochs, seed=seed)
     cnn_seconds = time.process_time() - started
-    probs = predict_proba(cnn, read_images(paths["test"])).astype(np.float64)
-    cnn_preds = Predictions(np.log(np.maximum(probs, 1e-300)), probs, probs.argmax(1), entropy(probs))
-    cnn_metrics = classification_metrics(test_info.labels, cnn_preds, names)
+    torch.save(cnn.state_dict(), fold_dir / "cnn.pt")
+    test_images = read_images(paths["test"])
+    probs = predict_proba(cnn, test_images).astype(np.float64)
+    cnn_metrics = classification_metrics(test_info.labels, cnn_predictions(probs), names)
+    # Like for like with the flow's shift lever: the CNN's softmax averaged over the same 9 shifts.
+    shift_probs = np.mean([predict_proba(cnn, shifted(torch.from_numpy(test_images), dy, dx).numpy())
+                           for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0).astype(np.float64)
+    cnn_shift_metrics = classification_metrics(test_info.labels, cnn_predictions(shift_probs), names)
 
     summary = {
         "fold": fold, "command": command, "image_size": test_info.image_shape[-1], "class_names": names,
@@ -117,12 +122,17 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
         "test_images": len(test_info), "flow_steps": flow["steps"], "flow_train_seconds": flow_seconds,
         "cnn_train_seconds": cnn_seconds, "cnn_epochs": cnn_epochs, "threads": torch.get_num_threads(),
         "best_val_bpd": flow["best_val_bpd"], "recipe_overrides": list(overrides), "cnn": cnn_metrics,
+        "cnn_shift": cnn_shift_metrics,
         **flow_rows(fold_dir),
     }
-    np.savez(fold_dir / "predictions.npz", labels=test_info.labels, cnn_probs=probs)
+    np.savez(fold_dir / "predictions.npz", labels=test_info.labels, cnn_probs=probs, cnn_shift_probs=shift_probs)
     (fold_dir / "result.json").write_text(json.dumps(summary, indent=2))
     print(f"fold {fold}: flow bacc {summary['flow']['balanced_accuracy']:.3f} ({flow_seconds:.0f} s), "
           f"cnn bacc {cnn_metrics['balanced_accuracy']:.3f} ({cnn_seconds:.0f} s)", flush=True)
+
+
+def cnn_predictions(probs: np.ndarray) -> Predictions:
+    return Predictions(np.log(np.maximum(probs, 1e-300)), probs, probs.argmax(1), entropy(probs))
 
 
 def cpu_seconds(work) -> float:

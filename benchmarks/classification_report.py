@@ -24,6 +24,7 @@ MODELS = {"flow": "MAGIC-Flow (Bayes, training prior, temperature; offset decisi
           "flow_shift": "MAGIC-Flow (scores averaged over the 9 shifts within 1 px; offsets on training + validation "
                         "parts)",
           "cnn": "ResNet-18 (class-weighted)",
+          "cnn_shift": "ResNet-18 (softmax averaged over the same 9 shifts)",
           "symmflow": "MedSymmFlow (mask read-out, temperature; offset decisions)",
           "symmflow_nearest_colour": "MedSymmFlow (nearest colour: the paper's read-out)"}
 METRICS = ["accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro", "ece"]
@@ -106,7 +107,7 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
             r.update(symmflow=run.pop("symmflow"), symmflow_nearest_colour=run.pop("symmflow_nearest_colour"),
                      symmflow_run=run)
     models = [key for key in MODELS if key in results[0]]
-    main = [key for key in ("flow", "flow_shift", "cnn", "symmflow") if key in models]  # the calibrated classifiers
+    main = [key for key in ("flow", "flow_shift", "cnn", "cnn_shift", "symmflow") if key in models]  # the calibrated classifiers
     names = results[0]["class_names"]
     reports.mkdir(parents=True, exist_ok=True)
     _confusion_figure(results, main, reports / f"{name}-confusion.png")
