@@ -106,9 +106,8 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
             run = json.loads(p.read_text())
             r.update(symmflow=run.pop("symmflow"), symmflow_nearest_colour=run.pop("symmflow_nearest_colour"),
                      symmflow_run=run)
-    models = [key for key in MODELS if key in results[0]]
-    calibrated = ("flow", "flow_shift", "cnn", "cnn_shift", "symmflow")
-    main = [key for key in calibrated if key in models]
+    models = [key for key in MODELS if all(key in r for r in results)]  # rows every fold has
+    main = [key for key in ("flow", "flow_shift", "cnn", "cnn_shift", "symmflow") if key in models]  # figure rows
     names = results[0]["class_names"]
     reports.mkdir(parents=True, exist_ok=True)
     _confusion_figure(results, main, reports / f"{name}-confusion.png")
