@@ -131,9 +131,11 @@ def demo_data(task, out, size, seed, scale, overwrite):
 @click.option("--axis", type=click.Choice(["sagittal", "coronal", "axial"]), default="coronal",
               show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Skip unusable rows (reported) instead of stopping.")
+@click.option("--nan-as-background", is_flag=True,
+              help="Set NaN voxels to 0 (the outside of masked volumes) instead of rejecting the volume.")
 @_overwrite_option
 @_error_boundary
-def prepare(manifest, out, size, slices_per_volume, axis, skip_bad, overwrite):
+def prepare(manifest, out, size, slices_per_volume, axis, skip_bad, nan_as_background, overwrite):
     """Turn NIfTI volumes listed in a manifest into a 2D slice dataset (HDF5).
 
     \b
@@ -144,7 +146,7 @@ def prepare(manifest, out, size, slices_per_volume, axis, skip_bad, overwrite):
     from augflow.data.store import read_info
 
     result = prepare_dataset(manifest, out, size=size, slices_per_volume=slices_per_volume, axis=axis,
-                             skip_bad=skip_bad, overwrite=overwrite)
+                             skip_bad=skip_bad, overwrite=overwrite, nan_as_background=nan_as_background)
     for skipped in result.skipped:
         click.echo(f"skipped row {skipped['row']} ({skipped['path']}): {skipped['reason']}", err=True)
     _print_summary(read_info(result.out, check_values=False).summary())

@@ -14,7 +14,9 @@ Pipeline, one volume at a time (memory stays flat whatever the number of volumes
 2. **Load** with nibabel, applying the header scaling (``scl_slope``/``scl_inter``) in float32. A 4D
    image with exactly one volume is squeezed to 3D. A ``.nii.gz`` is first decompressed to its
    end so its CRC is checked (nibabel alone stops before the trailer and would decode some
-   damaged streams into wrong values). Reject NaN/Inf voxels and constant volumes.
+   damaged streams into wrong values). Reject Inf voxels and constant volumes, and NaN voxels unless
+   ``nan_as_background``: masked volumes (SPM, some PET pipelines) mark the outside of the mask with NaN,
+   which then becomes 0, the background of step 4; their count goes into the provenance.
 3. **Reorient** to the closest canonical RAS+ orientation (:func:`nibabel.as_closest_canonical`):
    array axis 0 runs left to right, 1 posterior to anterior, 2 inferior to superior. Voxel sizes
    are read from the canonical affine.
@@ -157,6 +159,7 @@ def prepare_dataset(
     skip_bad: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    nan_as_background: bool = False,
 ) -> PrepareResult:
     """Extract normalised, square 2D slices from the NIfTI volumes of a manifest into a dataset.
 
@@ -171,6 +174,8 @@ def prepare_dataset(
         skip_bad: Skip bad rows (reported in the result and the provenance) instead of stopping.
         progress: Show a progress bar over volumes.
         overwrite: Replace ``out`` if it exists (never the manifest or one of its volumes).
+        nan_as_background: Set NaN voxels to 0 (the background of masked volumes) instead of rejecting the
+            volume; Inf voxels are still rejected.
 
     Returns:
         A :class:`PrepareResult` with the output path, counts, class names and skipped rows.
@@ -222,6 +227,8 @@ def prepare_dataset(
         "n_volumes": 0,
         "skipped": skipped,
     }
+    if nan_as_background:
+        provenance["nan_voxels_set_to_background"] = 0
 
     # Stage 2: stream the volumes; an exception inside the writer removes its temporary file.
     n_volumes = n_slices = 0
@@ -229,13 +236,15 @@ def prepare_dataset(
     with DatasetWriter(out, (1, size, size), class_names, "real", provenance) as writer:
         for row in tqdm(rows, desc="prepare", unit="volume", disable=not progress):
             try:
-                volume, zooms = load_volume(row.path)
+                volume, zooms, nan_voxels = load_volume(row.path, nan_as_background)
             except _VolumeError as e:
                 reject(_record(row.line, e.path, e.reason))
                 continue
             images, offsets = extract_slices(
                 normalise_volume(volume), zooms, axis, slices_per_volume, size
             )
+            if nan_as_background:
+                provenance["nan_voxels_set_to_background"] += nan_voxels
             del volume
             n = len(images)
             writer.append(images, [index[row.label]] * n, [row.subject] * n, offsets)
@@ -306,19 +315,20 @@ def check_header(path: str | os.PathLike, axis: str, slices_per_volume: int) -> 
     return tuple(canonical)
 
 
-def load_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def load_volume(path: str | os.PathLike, nan_as_background: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """Load one NIfTI volume as scaled float32 data in canonical RAS orientation.
 
     Arguments:
         path: A ``.nii`` or ``.nii.gz`` file holding one 3D volume (4D with one volume is accepted).
+        nan_as_background: Set NaN voxels (the outside of a masked volume) to 0 instead of rejecting them.
 
     Returns:
-        ``(data, zooms)``: float32 (X, Y, Z) with the header scaling applied, and the voxel sizes
-        in mm along the three canonical axes (from the canonical affine).
+        ``(data, zooms, nan_voxels)``: float32 (X, Y, Z) with the header scaling applied, the voxel sizes
+        in mm along the three canonical axes (from the canonical affine), and how many NaN voxels were set to 0.
 
     Raises:
         ManifestError: the file is unreadable, truncated or corrupt, not one 3D volume, holds
-            NaN/Inf, or is constant.
+            Inf (or NaN, without ``nan_as_background``), or is constant.
     """
     img = _load_image(path)
     _check_shape(path, tuple(int(s) for s in img.shape))
@@ -332,17 +342,24 @@ def load_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         reason = f"unreadable, truncated or corrupt NIfTI data ({_name(e)})"
         raise _VolumeError(path, reason) from None
     data = data.reshape(data.shape[:3])
-    finite = np.isfinite(data)
-    if not finite.all():
-        raise _VolumeError(path, f"contains {int(finite.size - finite.sum())} NaN/Inf voxels")
-    del finite
+    nan = np.isnan(data)
+    nan_voxels = int(nan.sum())
+    if nan_voxels and nan_as_background:
+        data[nan] = 0.0
+    elif nan_voxels:
+        raise _VolumeError(path, f"contains {nan_voxels} NaN voxels (if they mark the outside of a mask, "
+                                 f"--nan-as-background sets them to 0)")
+    del nan
+    infinite = int(np.isinf(data).sum())
+    if infinite:
+        raise _VolumeError(path, f"contains {infinite} Inf voxels")
     lo, hi = float(data.min()), float(data.max())
     if lo == hi:
         raise _VolumeError(path, f"constant volume (every voxel is {lo:g})")
     zooms = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
     if not (np.isfinite(zooms).all() and (zooms > 0).all()):
         raise _VolumeError(path, f"invalid voxel sizes {tuple(zooms.round(4))} in the affine")
-    return data, zooms
+    return data, zooms, nan_voxels
 
 
 def normalise_volume(data: np.ndarray) -> np.ndarray:

@@ -251,10 +251,27 @@ def test_anisotropic_voxels_keep_the_physical_aspect(tmp_path):
 def test_load_volume_returns_canonical_data_and_zooms(tmp_path):
     affine = np.diag([-0.8, 1.2, 3.0, 1.0])
     save(tmp_path / "v.nii", blob(), affine)
-    data, zooms = load_volume(tmp_path / "v.nii")
-    assert data.dtype == np.float32 and data.shape == SHAPE
+    data, zooms, nan_voxels = load_volume(tmp_path / "v.nii")
+    assert nan_voxels == 0 and data.dtype == np.float32 and data.shape == SHAPE
     np.testing.assert_allclose(zooms, [0.8, 1.2, 3.0], rtol=1e-6)
     np.testing.assert_array_equal(data, blob()[::-1])
+
+
+def test_nan_as_background_zeroes_a_masked_volume_and_counts_it(tmp_path):
+    """A masked volume (NaN outside the mask) gives the images of the same volume with 0 there."""
+    masked = np.where(blob() > 700, blob(), np.nan).astype(np.float32)
+    zeroed = np.nan_to_num(masked, nan=0.0)
+    save(tmp_path / "masked.nii.gz", masked)
+    save(tmp_path / "zeroed.nii.gz", zeroed)
+    manifest = write_manifest(tmp_path / "m.csv", ["masked.nii.gz,x"], "path,label")
+    with pytest.raises(ManifestError, match="--nan-as-background"):
+        prepare(manifest, tmp_path / "refused.h5")
+    assert not (tmp_path / "refused.h5").exists()
+    out = prepare(manifest, tmp_path / "out.h5", nan_as_background=True).out
+    reference = prepare(write_manifest(tmp_path / "z.csv", ["zeroed.nii.gz,x"], "path,label"), tmp_path / "z.h5").out
+    np.testing.assert_array_equal(read_images(out), read_images(reference))
+    assert read_info(out).provenance["nan_voxels_set_to_background"] == int(np.isnan(masked).sum()) > 0
+    assert "nan_voxels_set_to_background" not in read_info(reference).provenance
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -285,13 +302,13 @@ BAD_ROWS = {
         "nan.nii.gz",
         lambda p: save(p, np.where(blob() > 700, np.nan, blob()).astype(np.float32)),
         "x",
-        "NaN/Inf",
+        "NaN voxels (if they mark the outside of a mask, --nan-as-background",
     ),
     "inf volume": (
         "inf.nii",
         lambda p: save(p, np.where(blob() > 700, np.inf, blob()).astype(np.float32)),
         "x",
-        "NaN/Inf",
+        "Inf voxels",
     ),
     "2d image": ("flat.nii.gz", lambda p: save(p, blob()[:, :, 0]), "x", "2D image"),
     "4d series": (
@@ -449,7 +466,7 @@ def test_skip_bad_skips_and_reports(tmp_path):
     ]
     reasons = {s["row"]: s["reason"] for s in result.skipped}
     assert reasons[4] == "file not found" and "duplicate" in reasons[8]
-    assert "2D image" in reasons[5] and "truncated" in reasons[3] and "NaN/Inf" in reasons[7]
+    assert "2D image" in reasons[5] and "truncated" in reasons[3] and "NaN voxels" in reasons[7]
     info = read_info(out)
     assert info.provenance["skipped"] == result.skipped
     assert info.provenance["n_volumes"] == 2
