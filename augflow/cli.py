@@ -532,6 +532,9 @@ def classify(model, data, out, prior, calibrate_on, no_class_offsets, offsets_on
     click.echo(f"{metrics['n']} images: accuracy {metrics['accuracy']:.3f}, balanced accuracy "
                f"{metrics['balanced_accuracy']:.3f}, macro AUC {metrics['auc_macro']:.3f}, macro F1 "
                f"{metrics['f1_macro']:.3f}")
+    if metrics["classes_without_images"]:
+        click.echo(f"no image of {', '.join(metrics['classes_without_images'])} in {data}: its recall is not measured "
+                   f"and the macro averages are over the other classes")
     offsets = "" if metrics["class_biases"] is None else " and per-class offsets"
     click.echo(f"calibration: temperature {metrics['temperature']:.3g}{offsets} ({metrics['calibration_source']}): "
                f"balanced accuracy {metrics['balanced_accuracy_uncalibrated']:.3f} -> "

@@ -291,8 +291,9 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
     Returns:
         ``{"protocols": {name: {"summary": mean/std, "runs": [metrics per seed], "n_train", "class_counts",
         "epochs": the budget reported, "val_balanced_accuracy": {epochs: mean} (with validation images)}},
-        "comparisons": {"real+synthetic vs real+oversampled": paired difference, ...}, "seeds", "test_n", "val_n",
-        "recipe", "minority_classes", "topup_counts", "duplicate_share", "skipped": {protocol: why}}``.
+        "comparisons": {"real+synthetic vs real+oversampled": paired difference, ...}, "seeds", "test_n",
+        "classes_without_test_images", "val_n", "recipe", "minority_classes", "topup_counts", "duplicate_share",
+        "skipped": {protocol: why}}``.
 
     Raises:
         DataError: if a test (or validation) subject is in the training data, a validation subject in the test
@@ -366,6 +367,7 @@ def downstream(train_images: np.ndarray, train_labels: np.ndarray, synthetic_ima
         if val_images is not None:
             results[name]["val_balanced_accuracy"] = {str(e): float(np.mean(v)) for e, v in val_scores.items()}
     return {"protocols": results, "comparisons": compare(results), "seeds": seeds, "test_n": int(len(test_labels)),
+            "classes_without_test_images": [n for i, n in enumerate(class_names) if not np.any(test_labels == i)],
             "val_n": None if val_labels is None else int(len(val_labels)),
             "recipe": {"model": "resnet18", "epochs": budgets[0] if len(budgets) == 1 else budgets,
                        "steps": steps[budgets[0]] if len(budgets) == 1 else [steps[e] for e in budgets],

@@ -113,6 +113,8 @@ def _ci(ci) -> str:
 
 
 def _pm(stat: dict, seeds: int) -> str:
+    if stat["mean"] is None or math.isnan(stat["mean"]):
+        return "n/a"
     return f"{stat['mean']:.3f}" if seeds == 1 else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
@@ -413,7 +415,11 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
         doc.p(f"ResNet-18 from scratch ({budget}, batch {r['batch_size']}, lr {r['lr']}, class-weighted loss), "
               + ("one seed" if seeds == 1 else f"mean ± std over {seeds} seeds")
               + f", tested on {ds['test_n']} held-out real images. Minority classes (marked *): "
-              + (", ".join(ds["minority_classes"]) or "none") + ". " + usefulness_sentence(ds))
+              + (", ".join(ds["minority_classes"]) or "none") + ". "
+              + (f"No held-out image of {', '.join(ds['classes_without_test_images'])}: its recall is not measured "
+                 "(n/a) and balanced accuracy averages the other classes. "
+                 if ds.get("classes_without_test_images") else "")
+              + usefulness_sentence(ds))
         if "recall" in figures:
             doc.figure("recall", figures["recall"], "Per-class recall on the held-out real images by training set "
                        "(minority classes starred and shaded)")

@@ -36,6 +36,7 @@ from scipy.optimize import minimize
 
 from augflow.classify.metrics import Calibration, Scorer, balanced_accuracy, expected_calibration_error
 from augflow.data.store import read_info, sha256_file
+from augflow.errors import DataError
 from augflow.runs import calibration_file, check_classes, write_json
 
 BIAS_L2 = 1e-4  # per squared logit: negligible against the likelihood term, finite offsets on separable data
@@ -97,10 +98,12 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
         "balanced_accuracy_before", "balanced_accuracy_after"}`` (before / after: on ``calibrate_on``).
 
     Raises:
-        DataError: If a file's classes differ from the model's.
+        DataError: If a file's classes differ from the model's, or the offsets' files lack images of a class.
     """
     val = read_info(calibrate_on).require_images("--calibrate-on")
     check_classes(val.class_names, class_names, f"--calibrate-on {calibrate_on}")
+    if biases:
+        _check_every_class(offsets_on or [calibrate_on], class_names)
     scores = scorer.score(calibrate_on)
     radius = getattr(scorer, "shift_radius", 0)
     fitted = fit_calibration(scores.values, val.labels, scores.log_prior, biases and not offsets_on)
@@ -129,6 +132,18 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
     }
     write_json(record, calibration_file(model))
     return record
+
+
+def _check_every_class(files: Sequence[str | os.PathLike], class_names: list[str]) -> None:
+    """The per-class offsets need images of every class: the offset of a class without any would be pushed down until
+    the class is never predicted."""
+    labels = np.concatenate([read_info(f).labels for f in files])
+    missing = [name for i, name in enumerate(class_names) if not np.any(labels == i)]
+    if missing:
+        raise DataError(f"{', '.join(map(str, files))}: no images of class(es) {missing}, so their decision offsets "
+                        f"cannot be fitted (the class would never be predicted); fit the offsets on files that have "
+                        f"every class (--offsets-on train.h5 --offsets-on val.h5), or the temperature only "
+                        f"(--no-class-offsets)")
 
 
 def stored_calibration(model: str | os.PathLike, prior: str, class_names: list[str]) -> Calibration | None:

@@ -82,7 +82,8 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
     if calibrate_on is not None:
         calibrate(model, scorer, calibrate_on, names, biases=loaded.has_likelihood and class_offsets,
                   offsets_on=offsets_on)
-        source = f"fitted on {calibrate_on}"
+        source = f"fitted on {calibrate_on}" + (f", the offsets on {', '.join(map(str, offsets_on))}"
+                                                 if offsets_on and loaded.has_likelihood and class_offsets else "")
     calibration = stored_calibration(model, scorer.prior, names)
     if calibrate_on is None:
         source = "stored with the model" if calibration is not None else "none (temperature 1, no offsets)"

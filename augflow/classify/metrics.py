@@ -11,6 +11,7 @@ reports the accuracy on the images kept when the most uncertain ones are rejecte
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -123,8 +124,13 @@ def predict(log_likelihoods: np.ndarray, log_pi: np.ndarray, temperature: float 
 
 
 def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in ``labels`` (scikit-learn's definition)."""
-    return float(skm.balanced_accuracy_score(labels, predicted))
+    """Mean per-class recall over the classes present in ``labels`` (scikit-learn's definition).
+
+    A class without images has no recall; the metrics name such classes (``classes_without_images``) instead of
+    scikit-learn's warning that the predictions hold a class the labels do not."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(skm.balanced_accuracy_score(labels, predicted))
 
 
 def macro_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -148,13 +154,16 @@ def classification_metrics(labels: np.ndarray, preds: Predictions, class_names: 
     """
     k = len(class_names)
     y, yhat = np.asarray(labels), preds.predicted
+    present = np.isin(np.arange(k), y)  # macro means over these, as balanced accuracy: an absent class has no recall
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
-        y, yhat, labels=np.arange(k), average="macro", zero_division=0)
+        y, yhat, labels=np.flatnonzero(present), average="macro", zero_division=0)
     per_class_recall = skm.recall_score(y, yhat, labels=np.arange(k), average=None, zero_division=0)
+    per_class_recall[~present] = np.nan
     return {
         "n": int(len(y)),
+        "classes_without_images": [name for name, p in zip(class_names, present, strict=True) if not p],
         "accuracy": float(skm.accuracy_score(y, yhat)),
-        "balanced_accuracy": float(skm.balanced_accuracy_score(y, yhat)),
+        "balanced_accuracy": balanced_accuracy(y, yhat),
         "auc_macro": macro_auc(y, preds.probs if scores is None else scores),
         "precision_macro": float(precision),
         "recall_macro": float(recall),

@@ -88,6 +88,19 @@ def test_protocol_metrics_have_stable_keys():
     assert set(summary["per_class_recall"]) == {"a", "b", "c"}
 
 
+def test_a_class_without_test_images_is_named_and_has_no_recall():
+    from augflow.audit.report import _pm
+
+    x, y = blobs([12, 6, 4], seed=0)
+    xs, ys = blobs([0, 6, 8], seed=1)
+    xt, yt = blobs([6, 6, 0], seed=2)
+    out = downstream(x, y, xs, ys, xt, yt, ["a", "b", "c"], seeds=1, epochs=1, batch_size=16)
+    assert out["classes_without_test_images"] == ["c"]
+    recall = out["protocols"]["real"]["summary"]["per_class_recall"]
+    assert np.isnan(recall["c"]["mean"]) and not np.isnan(recall["a"]["mean"])
+    assert _pm(recall["c"], 1) == "n/a" and _pm(recall["a"], 1) != "n/a"
+
+
 def test_the_steps_budget_gives_every_protocol_the_updates_of_the_real_set(monkeypatch):
     from augflow.audit import downstream as module
 

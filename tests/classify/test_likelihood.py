@@ -362,3 +362,39 @@ def test_metrics_agree_with_scikit_learn():
     assert other["auc_macro"] != pytest.approx(m["auc_macro"])
     assert other["selective_prediction"] == selective_prediction(preds.predicted == labels, uncertainty)
     assert other["accuracy"] == m["accuracy"]
+
+
+def test_a_class_without_images_has_no_recall_and_leaves_the_macro_averages():
+    import warnings
+
+    from augflow.classify.metrics import classification_metrics, predict
+
+    labels = np.array([0, 0, 1, 1, 1])  # no image of "c"; one "a" image is predicted as "c"
+    log_lik = np.full((5, 3), -5.0)
+    log_lik[np.arange(5), [0, 2, 1, 1, 0]] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the absent class is named in the metrics, not warned about
+        m = classification_metrics(labels, predict(log_lik, log_prior([1, 1, 1])), ["a", "b", "c"])
+    assert m["classes_without_images"] == ["c"] and np.isnan(m["per_class_recall"]["c"])
+    assert (m["per_class_recall"]["a"], m["per_class_recall"]["b"]) == (0.5, pytest.approx(2 / 3))
+    assert m["recall_macro"] == pytest.approx(m["balanced_accuracy"]) == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_offsets_are_refused_when_their_files_lack_a_class(tmp_path):
+    names = ["a", "b", "c"]
+    val = write_dataset(tmp_path / "val.h5", np.zeros((4, 1, 8, 8), np.float32), np.array([0, 1, 0, 1]),
+                        ["s0", "s1", "s2", "s3"], np.zeros(4), names)
+
+    class Fixed:
+        prior = "train"
+
+        def score(self, path):
+            return Scores(np.zeros((4, 3)), log_prior([1, 1, 1]))
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").touch()
+    with pytest.raises(DataError, match=r"no images of class\(es\) \['c'\].*--offsets-on.*--no-class-offsets"):
+        calibrate(tmp_path / "run", Fixed(), val, names)
+    assert stored_calibration(tmp_path / "run", "train", names) is None
+    record = calibrate(tmp_path / "run", Fixed(), val, names, biases=False)  # the temperature alone is fine
+    assert record["class_biases"] is None
