@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ import click
 from augflow.atomic import unwind_on_sigterm
 from augflow.errors import AugflowError
 from augflow.version import __version__
+
+_FORMAT_WARNING = warnings.formatwarning
 
 if TYPE_CHECKING:
     from augflow.train.privacy.ledger import Ledger
@@ -96,6 +99,9 @@ def cli():
         augflow split scanner.h5 --out-dir data/
         augflow info data/train.h5
     """
+    # A warning is a message to the user, not a source line: "warning: ..." (the library's own warnings only).
+    warnings.formatwarning = lambda message, category, *args, **kwargs: (
+        f"warning: {message}\n" if category is UserWarning else _FORMAT_WARNING(message, category, *args, **kwargs))
 
 
 @cli.command("demo-data")

@@ -8,6 +8,7 @@ the class proportions of every part close to the whole file's.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,12 @@ def split_file(path, out_dir, val: float = 0.1, test: float = 0.2, seed: int = 0
     for name in PARTS:
         check_output(out_dir / f"{name}.h5", overwrite, [path], option="--out-dir")
     parts = subject_split(info.labels, info.subjects, val=val, test=test, seed=seed)
+    for name, fraction in (("val", val), ("test", test)):
+        missing = [c for i, c in enumerate(info.class_names) if not np.any(info.labels[parts[name]] == i)]
+        if missing and fraction > 0:
+            warnings.warn(f"{out_dir / f'{name}.h5'}: no image of class(es) {missing} (too few subjects for "
+                          f"--{name} {fraction}): their recall cannot be measured on it, nor per-class offsets fitted",
+                          stacklevel=2)
     digest = sha256_file(path)
     written = {}
     for name, rows in parts.items():

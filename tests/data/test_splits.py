@@ -1,5 +1,7 @@
 """Subject-wise splits: no subject in two parts, class stratification, determinism."""
 
+import warnings
+
 import numpy as np
 import pytest
 from conftest import make_dataset
@@ -67,3 +69,13 @@ def test_split_file_writes_three_parts(tmp_path):
     assert sum(len(s) for s in subject_sets) == len(set().union(*subject_sets)) == 30
     assert infos["test"].provenance["split"] == "test"
     assert infos["train"].provenance["parent_provenance"] == {"test": True}
+
+
+def test_split_file_warns_when_a_part_has_no_image_of_a_class(tmp_path):
+    # 3 subjects per class: 10% of them rounds to no validation subject, 34% to one test subject.
+    src = make_dataset(tmp_path / "d.h5", n_subjects=9, slices=2)
+    with pytest.warns(UserWarning, match=r"val\.h5: no image of class\(es\) \['class0', 'class1', 'class2'\]"):
+        split_file(src, tmp_path / "out", val=0.1, test=0.34, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every part has every class: silent
+        split_file(src, tmp_path / "ok", val=0.34, test=0.34, seed=0)
