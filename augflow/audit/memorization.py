@@ -136,18 +136,24 @@ def _counts(members: np.ndarray, nonmembers: np.ndarray, thresholds: np.ndarray)
 
 
 def membership_inference(member_scores: np.ndarray, nonmember_scores: np.ndarray, delta: float = 1e-5,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, member_subjects: np.ndarray | None = None,
+                         nonmember_subjects: np.ndarray | None = None, bootstraps: int = 200) -> dict:
     """Loss-threshold membership inference: higher score (log-likelihood) means "member".
 
     Arguments:
         member_scores: Scores of training images (N_m,).
         nonmember_scores: Scores of held-out images (N_o,).
         delta: The delta of the (epsilon, delta) bound.
-        seed: Seeds the split into threshold-selection and evaluation halves.
+        seed: Seeds the split into threshold-selection and evaluation halves, and the bootstrap.
+        member_subjects, nonmember_subjects: Subject of each image. With both, the AUC gets a 95% interval from a
+            bootstrap over subjects: the slices of one subject are not independent, and with few held-out subjects
+            the AUC measures how those subjects differ as much as membership.
+        bootstraps: Bootstrap resamples of the interval.
 
     Returns:
-        ``{"auc", "tpr_at_fpr": {"0.01", "0.001"}, "fpr_resolvable": {...}, "epsilon_lower_bound", "delta",
-        "confidence", "threshold", "n_members", "n_nonmembers"}``; ``fpr_resolvable`` is False where fewer
+        ``{"auc", "auc_interval" ([low, high] or None), "tpr_at_fpr": {"0.01", "0.001"}, "fpr_resolvable": {...},
+        "epsilon_lower_bound", "delta", "confidence", "threshold", "n_members", "n_nonmembers", "n_member_subjects",
+        "n_nonmember_subjects"}`` (subject counts None without subjects); ``fpr_resolvable`` is False where fewer
         than 1/FPR non-members make that FPR unmeasurable (the TPR is then the one at FPR 0).
     """
     members = np.asarray(member_scores, dtype=np.float64)
@@ -164,10 +170,27 @@ def membership_inference(member_scores: np.ndarray, nonmember_scores: np.ndarray
     eps_sel = epsilon_lower_bound(*_counts(m_sel, o_sel, candidates), delta)
     threshold = float(candidates[int(np.argmax(eps_sel))]) if len(candidates) else float("nan")
     eps = float(epsilon_lower_bound(*_counts(m_eval, o_eval, np.array([threshold])), delta)[0])
+    interval = n_subjects = None
+    if member_subjects is not None and nonmember_subjects is not None:
+        groups = [_rows_by_subject(member_subjects), _rows_by_subject(nonmember_subjects)]
+        n_subjects = [len(g) for g in groups]
+        aucs = []
+        for _ in range(bootstraps):
+            m, o = (np.concatenate([g[i] for i in rng.integers(0, len(g), len(g))]) for g in groups)
+            aucs.append(roc_auc_score(np.r_[np.ones(len(m)), np.zeros(len(o))], np.r_[members[m], nonmembers[o]]))
+        interval = [float(v) for v in np.percentile(aucs, [2.5, 97.5])]
     return {
-        "auc": float(roc_auc_score(y, scores)), "tpr_at_fpr": tpr_at,
+        "auc": float(roc_auc_score(y, scores)), "auc_interval": interval, "tpr_at_fpr": tpr_at,
         "fpr_resolvable": {str(t): bool(len(nonmembers) >= 1 / t) for t in FPR_TARGETS},
         "epsilon_lower_bound": eps, "delta": delta, "confidence": 0.95, "threshold": threshold,
         "n_members": int(len(members)), "n_nonmembers": int(len(nonmembers)),
+        "n_member_subjects": None if n_subjects is None else n_subjects[0],
+        "n_nonmember_subjects": None if n_subjects is None else n_subjects[1],
         "_roc": {"fpr": fpr, "tpr": tpr},
     }
+
+
+def _rows_by_subject(subjects: np.ndarray) -> list[np.ndarray]:
+    """The row indices of each subject."""
+    _, inverse = np.unique(np.asarray(subjects).astype(str), return_inverse=True)
+    return [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]

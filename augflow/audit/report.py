@@ -82,7 +82,10 @@ def release_gate(metrics: dict, thresholds: GateThresholds | None = None) -> dic
         "copy_fraction": (mem["copy_fraction"], t.max_copy_fraction, "fraction of synthetic images closer to a "
                           "training image than the closest 1% of held-out images"),
         "exact_copies": (mem["exact_copies"], t.max_exact_copies, "synthetic images identical to a training image"),
-        "mia_auc": (None if mia is None else mia["auc"], t.max_mia_auc, "membership-inference ROC AUC"),
+        "mia_auc": (None if mia is None else mia["auc"], t.max_mia_auc, "membership-inference ROC AUC"
+                    + ("" if mia is None or not mia.get("auc_interval") else
+                       f"; 95% interval {_fmt(mia['auc_interval'][0])}-{_fmt(mia['auc_interval'][1])} over "
+                       f"{mia['n_nonmember_subjects']} held-out subjects")),
     }
     checks, failed, reasons = {}, [], []
     for name, (value, limit, what) in values.items():
@@ -523,9 +526,13 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
         doc.h(3, "Membership inference")
         if "roc" in figures:
             doc.figure("roc", figures["roc"], "Membership-inference ROC (log FPR)")
-        doc.table(["members", "non-members", "AUC", "TPR @ FPR 1%", "TPR @ FPR 0.1%", "epsilon lower bound"],
-                  [[mia["n_members"], mia["n_nonmembers"], mia["auc"], mia["tpr_at_fpr"]["0.01"],
-                    mia["tpr_at_fpr"]["0.001"], mia["epsilon_lower_bound"]]])
+        interval = mia.get("auc_interval")
+        doc.table(["members (subjects)", "non-members (subjects)", "AUC", "AUC 95% interval (bootstrap over subjects)",
+                   "TPR @ FPR 1%", "TPR @ FPR 0.1%", "epsilon lower bound"],
+                  [[f"{mia['n_members']} ({mia.get('n_member_subjects') or 'n/a'})",
+                    f"{mia['n_nonmembers']} ({mia.get('n_nonmember_subjects') or 'n/a'})", mia["auc"],
+                    "n/a" if not interval else f"{_fmt(interval[0])}-{_fmt(interval[1])}",
+                    mia["tpr_at_fpr"]["0.01"], mia["tpr_at_fpr"]["0.001"], mia["epsilon_lower_bound"]]])
         if not all(mia["fpr_resolvable"].values()):
             doc.p("Fewer non-members than 1/FPR: at that FPR the TPR shown is the one at zero false positives.")
 

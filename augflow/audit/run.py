@@ -279,7 +279,9 @@ def run_audit(
             members = membership_scores(flow, x["train"], y["train"], device=device, amp=amp)
             nonmembers = membership_scores(flow, x["real"], y["real"], device=device, amp=amp)
             delta = metrics["privacy"]["delta"] or DEFAULT_DELTA
-            mia = membership_inference(members, nonmembers, delta=delta, seed=seed)
+            mia = membership_inference(members, nonmembers, delta=delta, seed=seed,
+                                       member_subjects=infos["train"].subjects,
+                                       nonmember_subjects=infos["real"].subjects)
             metrics["membership_inference"] = mia
             figures["roc"] = figure_roc(mia["_roc"], mia["auc"])
             if flow.has_likelihood:  # the likelihood classifier on the same test images

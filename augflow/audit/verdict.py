@@ -59,8 +59,11 @@ def privacy_line(m: dict) -> dict:
     if mia is None:
         parts.append("membership inference not evaluated (needs --model)")
     else:
-        parts.append(f"membership-inference AUC {_num(mia['auc'])} (0.5 = no leakage; gate ≤ "
-                     f"{_num(checks['mia_auc']['threshold'])})")
+        interval = mia.get("auc_interval")
+        parts.append(f"membership-inference AUC {_num(mia['auc'])}"
+                     + (f" (95% interval {_num(interval[0])}-{_num(interval[1])} over "
+                        f"{mia['n_nonmember_subjects']} held-out subjects)" if interval else "")
+                     + f" (0.5 = no leakage; gate ≤ {_num(checks['mia_auc']['threshold'])})")
     failed = {"copy_fraction", "exact_copies", "mia_auc"} & set(gate["failed"])
     status = "bad" if failed else "good" if p.get("differentially_private") else "warn"
     return _line("Privacy", status, word, "; ".join(parts) + ".")

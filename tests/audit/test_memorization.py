@@ -63,6 +63,28 @@ def test_separable_members_give_a_large_auc_and_a_positive_bound():
     assert out["auc"] > 0.99 and out["tpr_at_fpr"]["0.01"] > 0.8 and out["epsilon_lower_bound"] > 2
 
 
+def test_the_auc_interval_over_subjects_is_wide_when_few_held_out_subjects_differ():
+    """Slices of one subject share its likelihood level: with 3 held-out subjects an AUC far from 0.5 can be how those
+    subjects differ, not membership, and the bootstrap over subjects says so; with 60 subjects it is narrow."""
+    rng = np.random.default_rng(0)
+
+    def subjects(n_subjects, slices=5):
+        level = rng.normal(0, 1, n_subjects)  # a subject effect, the same for members and non-members
+        return np.repeat(level, slices) + rng.normal(0, 0.2, n_subjects * slices), np.repeat(
+            np.arange(n_subjects), slices)
+
+    members, member_ids = subjects(60)
+    few, few_ids = subjects(3)
+    many, many_ids = subjects(60)
+    narrow = membership_inference(members, many, member_subjects=member_ids, nonmember_subjects=many_ids)
+    wide = membership_inference(members, few, member_subjects=member_ids, nonmember_subjects=few_ids)
+    assert narrow["auc_interval"][0] < 0.5 < narrow["auc_interval"][1]
+    assert np.ptp(narrow["auc_interval"]) < 0.25 < np.ptp(wide["auc_interval"])
+    assert wide["auc_interval"][0] <= wide["auc"] <= wide["auc_interval"][1]
+    assert (wide["n_member_subjects"], wide["n_nonmember_subjects"]) == (60, 3)
+    assert membership_inference(members, many)["auc_interval"] is None  # no subjects: no interval
+
+
 def test_epsilon_bound_by_hand():
     # A perfect test on 1000 + 1000 examples; each Clopper-Pearson bound at 97.5% (Bonferroni over the pair).
     n, delta = 1000, 1e-5
