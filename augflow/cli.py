@@ -614,7 +614,8 @@ def explain(model, data, rows, class_name, contrast, prior, out, overwrite, devi
                    "reported at the one with its best balanced accuracy on --val.")
 @click.option("--val", "val_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Real validation images (subjects in neither --train nor --real, e.g. the val.h5 of augflow "
-                   "split) that choose each downstream protocol's budget among --epochs.")
+                   "split) that choose each downstream protocol's budget among --epochs and calibrate the model's "
+                   "likelihood classifier when no `augflow classify --calibrate-on` calibration is stored.")
 @click.option("--budget", type=click.Choice(["steps", "epochs"]), default="steps", show_default=True,
               help="steps: every downstream set trains for the steps of --epochs passes over the real training "
                    "images (the sets differ in their images, not in their compute); epochs: --epochs passes over "

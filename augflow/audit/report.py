@@ -450,11 +450,8 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
             doc.p(f"Not run: `{name}` {why}.")
     lk = m.get("likelihood_classifier")
     if lk is not None:
-        calibrated = ("with the per-class offsets and temperature fitted on a validation file (`augflow classify "
-                      "--calibrate-on`)" if lk.get("calibrated") else "uncalibrated (no `augflow classify "
-                      "--calibrate-on` was run for this model)")
-        doc.p(f"The model's own likelihood classifier on the same test images, {calibrated}: accuracy "
-              f"{lk['accuracy']:.3f}, "
+        doc.p(f"The model's own likelihood classifier on the same test images, calibration {lk['calibration']}: "
+              f"accuracy {lk['accuracy']:.3f}, "
               f"balanced accuracy {lk['balanced_accuracy']:.3f}, macro AUC {_fmt(lk['auc_macro'])}.")
 
     doc.h(2, "Fidelity")

@@ -34,7 +34,7 @@ from augflow.audit.memorization import membership_inference, memorization
 from augflow.audit.recognition import class_recognition
 from augflow.audit.report import REPORT_FILES, GateThresholds, public, release_gate, write_report
 from augflow.audit.verdict import verdict
-from augflow.classify.calibration import stored_calibration
+from augflow.classify.calibration import fit_calibration, stored_calibration
 from augflow.classify.likelihood import dataset_log_likelihoods, log_prior
 from augflow.classify.metrics import Calibration, classification_metrics
 from augflow.data.store import read_images, read_info, sha256_file
@@ -212,7 +212,7 @@ def run_audit(
     metrics: dict = {"schema": "augflow-audit/1", "command": command, "inputs": {
         "class_names": names, "val": None, **{role: _describe(info) for role, info in infos.items()}}}
     metrics["inputs"]["synthetic"]["provenance"] = infos["synthetic"].provenance
-    val_info = infos.pop("val", None)  # used by the downstream stage only
+    val_info = infos.pop("val", None)  # chooses the downstream budgets and calibrates the likelihood classifier
     ledger = infos["synthetic"].provenance.get("privacy")
 
     flow = meta = None
@@ -285,14 +285,26 @@ def run_audit(
             metrics["membership_inference"] = mia
             figures["roc"] = figure_roc(mia["_roc"], mia["auc"])
             if flow.has_likelihood:  # the likelihood classifier on the same test images
-                # The calibration fitted on a validation split (`augflow classify --calibrate-on`), never on --real.
-                calibration = stored_calibration(model, "train", names) or Calibration()
+                # Calibrated on a validation split, never on --real: the one stored with the model (`augflow
+                # classify --calibrate-on`), else one fitted on --val (offsets only when it has every class).
+                counts = meta.get("class_counts") or np.bincount(y["train"], minlength=len(names)).tolist()
+                calibration = stored_calibration(model, "train", names)
+                source = "stored with the model (`augflow classify --calibrate-on`)"
+                if calibration is None and val_info is not None:
+                    every_class = bool(np.isin(np.arange(len(names)), val_info.labels).all())
+                    calibration = fit_calibration(
+                        dataset_log_likelihoods(flow, val_info.path, device=device, amp=amp), val_info.labels,
+                        log_prior(counts), biases=every_class)
+                    source = (f"fitted on the {len(val_info)} images of --val"
+                              + ("" if every_class else " (temperature only: --val lacks a class)"))
+                if calibration is None:
+                    calibration, source = Calibration(), "none (no `augflow classify --calibrate-on`, no --val)"
                 test_ll = dataset_log_likelihoods(flow, real, device=device, amp=amp,
                                                   shift_radius=calibration.shift_radius)
-                counts = meta.get("class_counts") or np.bincount(y["train"], minlength=len(names)).tolist()
                 preds = calibration.predict(test_ll, log_prior(counts))
                 metrics["likelihood_classifier"] = classification_metrics(y["real"], preds, names)
                 metrics["likelihood_classifier"]["calibrated"] = calibration.biases is not None
+                metrics["likelihood_classifier"]["calibration"] = source
 
     metrics["downstream"] = None
     if run_downstream:

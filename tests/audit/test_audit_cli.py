@@ -93,6 +93,7 @@ def test_audit_end_to_end(audited):
     assert "--per-class" in metrics["downstream"]["skipped"]["real+oversampled+synthetic"]
     assert "Not run: `real+oversampled+synthetic` needs" in (out / "report.md").read_text()
     assert 0 <= metrics["likelihood_classifier"]["accuracy"] <= 1
+    assert metrics["likelihood_classifier"]["calibration"].startswith("none")
     rec = metrics["recognition"]
     assert rec["synthetic"]["a"] is None and 0 <= rec["synthetic"]["c"] <= 1 and 0 <= rec["real_mean"] <= 1
     det = metrics["detectability"]
@@ -251,3 +252,7 @@ def test_downstream_budgets_chosen_on_val_reach_the_report(audited):
     assert "each protocol trained for 1 and 2 epochs of the real training images' steps and reported at the budget " \
            "with its best mean balanced accuracy on the 12 validation images of --val" in text
     assert "| epochs (chosen on --val) |" in text and "| val balanced accuracy, 2 epochs |" in text
+    # without a stored calibration, --val calibrates the likelihood classifier (offsets too: it has every class)
+    assert metrics["likelihood_classifier"]["calibration"] == "fitted on the 12 images of --val"
+    assert metrics["likelihood_classifier"]["calibrated"] is True
+    assert "likelihood classifier on the same test images, calibration fitted on the 12 images of --val" in text
