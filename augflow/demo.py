@@ -91,7 +91,7 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
 
     echo(f"[5/{steps}] auditing the synthetic images against the held-out test split")
     report = run_audit(parts["test"], parts["train"], synthetic.out, out_dir / "audit", model=result.model_path,
-                       seeds=audit_seeds, downstream_epochs=audit_epochs, bootstraps=bootstraps,
+                       val=parts["val"], seeds=audit_seeds, downstream_epochs=audit_epochs, bootstraps=bootstraps,
                        encoder_recipe=EncoderRecipe(epochs=encoder_epochs), cache_dir=out_dir / "cache", seed=seed,
                        command="augflow demo", progress=progress, overwrite=overwrite)
     fid = report["fidelity"]["overall"]

@@ -63,6 +63,7 @@ def test_demo_end_to_end(tmp_path):
     real_only = metrics["downstream"]["protocols"]["real"]["summary"]["balanced_accuracy"]["mean"]
     assert real_only > 1 / 7  # above chance
     assert isinstance(metrics["gate"]["passed"], bool)
+    assert metrics["likelihood_classifier"]["calibration"].startswith("fitted on the 134 images of --val")
     html = (audit / "report.html").read_text()
     assert "Data card" in html and "not differentially private" in html and "data:image/png;base64," in html
     # The verdict first, with the usefulness word; no path of this machine (the demo's files are absolute here).

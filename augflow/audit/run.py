@@ -156,8 +156,9 @@ def run_audit(
             ``val`` (each protocol at the budget of its best mean validation balanced accuracy).
         downstream_budget: ``"steps"``: every downstream training set gets the steps of ``downstream_epochs``
             passes over the real training images; ``"epochs"``: that many passes over each set.
-        val: Real validation images (subjects in neither ``train`` nor ``real``) that choose the downstream budgets;
-            needed for several ``downstream_epochs``.
+        val: Real validation images (subjects in neither ``train`` nor ``real``) that choose the downstream budgets
+            (needed for several ``downstream_epochs``) and calibrate the model's likelihood classifier when no
+            calibration is stored with it.
         downstream_duplicates: The share of each class's gap that the ``real+duplicates+synthetic`` protocol fills
             with duplicates of the real images (the rest with synthetic ones), in [0, 1].
         run_downstream: Run the downstream protocol (the slowest stage).
