@@ -516,6 +516,7 @@ def classify(model, data, out, prior, calibrate_on, no_class_offsets, offsets_on
             --offsets-on data/train.h5 --offsets-on data/val.h5 --shift-radius 1
     """
     from augflow.atomic import check_output
+    from augflow.audit.report import public
     from augflow.classify import classify_file, write_predictions
     from augflow.runs import model_file
 
@@ -532,8 +533,8 @@ def classify(model, data, out, prior, calibrate_on, no_class_offsets, offsets_on
     metrics = result["metrics"]
     if out is not None:
         write_predictions(result, out)
-    if as_json:
-        click.echo(json.dumps(metrics, indent=2))
+    if as_json:  # strict JSON: an undefined value (the recall of a class without images) is null, not NaN
+        click.echo(json.dumps(public(metrics), indent=2, allow_nan=False))
         return
     click.echo(f"{metrics['n']} images: accuracy {metrics['accuracy']:.3f}, balanced accuracy "
                f"{metrics['balanced_accuracy']:.3f}, macro AUC {metrics['auc_macro']:.3f}, macro F1 "

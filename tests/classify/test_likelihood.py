@@ -19,7 +19,8 @@ from augflow.classify.metrics import (
     selective_prediction,
 )
 from augflow.cli import cli
-from augflow.data.store import write_dataset
+from augflow.data.splits import write_subset
+from augflow.data.store import read_info, write_dataset
 from augflow.errors import ConfigError, DataError
 from augflow.explain import explain_file
 from augflow.flows import MagicFlow, MagicFlowConfig
@@ -321,6 +322,13 @@ def test_noise_level_toy_is_classified_and_cli_reports_metrics(tmp_path):
     refused = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
                                        "--shift-radius", "0"])
     assert refused.exit_code == 1 and "fitted with shift radius 1" in refused.output
+
+    # A file without images of a class: its recall is null in strict JSON (no NaN), and the class is named.
+    noisy = write_subset(test_file, np.flatnonzero(read_info(test_file).labels == 1), tmp_path / "noisy.h5")
+    one = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(noisy), "--json"])
+    strict = json.loads(one.output, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert strict["per_class_recall"]["quiet"] is None and strict["classes_without_images"] == ["quiet"]
+    assert strict["recall_macro"] == strict["balanced_accuracy"] == strict["per_class_recall"]["noisy"]
 
     # Attribution maps: the contrast map sums to the log-likelihood ratio of the two classes.
     explanation = explain_file(tmp_path / "run", test_file, [0, 25], contrast="quiet")
