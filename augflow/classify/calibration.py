@@ -102,16 +102,16 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
     """
     val = read_info(calibrate_on).require_images("--calibrate-on")
     check_classes(val.class_names, class_names, f"--calibrate-on {calibrate_on}")
+    infos = [read_info(f).require_images("--offsets-on") for f in offsets_on] if biases else []
+    for info in infos:
+        check_classes(info.class_names, class_names, f"--offsets-on {info.path}")
     if biases:
-        _check_every_class(offsets_on or [calibrate_on], class_names)
+        _check_every_class(offsets_on or [calibrate_on], infos or [val], class_names)
     scores = scorer.score(calibrate_on)
     radius = getattr(scorer, "shift_radius", 0)
     fitted = fit_calibration(scores.values, val.labels, scores.log_prior, biases and not offsets_on)
     offsets = fitted.biases
-    if biases and offsets_on:
-        infos = [read_info(f).require_images("--offsets-on") for f in offsets_on]
-        for f, info in zip(offsets_on, infos, strict=True):
-            check_classes(info.class_names, class_names, f"--offsets-on {f}")
+    if infos:
         same = Path(calibrate_on).resolve()  # its scores are computed above
         offsets = fit_calibration(np.concatenate([scores.values if Path(f).resolve() == same else scorer.score(f).values
                                                   for f in offsets_on]),
@@ -134,10 +134,10 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
     return record
 
 
-def _check_every_class(files: Sequence[str | os.PathLike], class_names: list[str]) -> None:
+def _check_every_class(files: Sequence[str | os.PathLike], infos: list, class_names: list[str]) -> None:
     """The per-class offsets need images of every class: the offset of a class without any would be pushed down until
     the class is never predicted."""
-    labels = np.concatenate([read_info(f).labels for f in files])
+    labels = np.concatenate([info.labels for info in infos])
     missing = [name for i, name in enumerate(class_names) if not np.any(labels == i)]
     if missing:
         raise DataError(f"{', '.join(map(str, files))}: no images of class(es) {missing}, so their decision offsets "

@@ -342,17 +342,20 @@ def load_volume(path: str | os.PathLike, nan_as_background: bool = False) -> tup
         reason = f"unreadable, truncated or corrupt NIfTI data ({_name(e)})"
         raise _VolumeError(path, reason) from None
     data = data.reshape(data.shape[:3])
-    nan = np.isnan(data)
-    nan_voxels = int(nan.sum())
-    if nan_voxels and nan_as_background:
+    nan_voxels = 0
+    finite = np.isfinite(data)
+    if not finite.all():  # the usual, finite volume costs one pass
+        nan = np.isnan(data)
+        nan_voxels = int(nan.sum())
+        infinite = int(finite.size - finite.sum()) - nan_voxels
+        if infinite:
+            raise _VolumeError(path, f"contains {infinite} Inf voxels")
+        if not nan_as_background:
+            raise _VolumeError(path, f"contains {nan_voxels} NaN voxels (if they mark the outside of a mask, "
+                                     f"--nan-as-background sets them to 0)")
         data[nan] = 0.0
-    elif nan_voxels:
-        raise _VolumeError(path, f"contains {nan_voxels} NaN voxels (if they mark the outside of a mask, "
-                                 f"--nan-as-background sets them to 0)")
-    del nan
-    infinite = int(np.isinf(data).sum())
-    if infinite:
-        raise _VolumeError(path, f"contains {infinite} Inf voxels")
+        del nan
+    del finite
     lo, hi = float(data.min()), float(data.max())
     if lo == hi:
         raise _VolumeError(path, f"constant volume (every voxel is {lo:g})")
