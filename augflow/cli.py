@@ -405,6 +405,10 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @click.option("--temperature", default=None, callback=_parse_temperature,
               help="Latent temperature (default: the model's, 0.8); for MAGIC-Flow also one per latent part, finest "
                    "first (e.g. 1.2,0.3,0.3,0: the fine texture at 1.2, the coarse anatomy near its mode).")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="Classifier-free guidance weight w in [0, 10]: each coupling's scale and shift become "
+                   "null + w * (class - null), more of what sets the class apart (1 = none; needs a MAGIC-Flow model "
+                   "trained with --set model.label_dropout=0.1).")
 @click.option("--denoise", is_flag=True,
               help="Remove the training input noise (augment.noise_std) from each sample with one score step.")
 @click.option("--near", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -427,8 +431,8 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @_threads_option
 @_error_boundary
 def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real, per_class, select, min_confidence,
-               keep_fraction, temperature, denoise, near, strength, anchor_classes, zero_background, seed, batch_size,
-               overwrite, amp, device):
+               keep_fraction, temperature, guidance, denoise, near, strength, anchor_classes, zero_background, seed,
+               batch_size, overwrite, amp, device):
     """Write synthetic images of a trained model to a dataset file.
 
     \b
@@ -468,7 +472,8 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
                            device=device, amp=amp, selection=selection, counts_source=source, denoise=denoise,
                            near=near and Anchors(near, Anchors.strength if strength is None else strength,
                                                  anchor_classes or Anchors.classes),
-                           background_from=real if zero_background else None, overwrite=overwrite)
+                           background_from=real if zero_background else None, overwrite=overwrite,
+                           guidance=guidance)
     made = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
     click.echo(f"wrote {sum(result.counts.values())} synthetic images to {result.out} ({made}); "
                f"rejected non-finite: {result.rejected_nonfinite}")

@@ -139,6 +139,10 @@ class FamilyModel(SavedModule):
     def initialize(self, x: Tensor, y: Tensor) -> None:
         """Data-dependent initialisation before training; none by default."""
 
+    def training_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The labels a training step uses; ``y`` itself by default (MAGIC-Flow drops some for guidance)."""
+        return y
+
     def parameter_groups(self) -> dict[str, list[str]]:
         """Named groups of parameters for fine-tuning (``privacy.trainable``), as parameter-name glob patterns;
         none by default."""

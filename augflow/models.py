@@ -58,6 +58,9 @@ class ModelFamily(Protocol):
     def initialize(self, x: Tensor, y: Tensor) -> None:
         """Data-dependent initialisation before training (a no-op where there is none)."""
 
+    def training_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The labels a training step uses: ``y``, or (label dropout) some replaced by a null label."""
+
     def parameter_groups(self) -> dict[str, list[str]]:
         """Named parameter groups a DP fine-tune may train alone (``"conditioning"``, ``"top"``), as parameter-name
         glob patterns; empty where the family defines none."""

@@ -155,6 +155,7 @@ def synthesize(
     near: Anchors | None = None,
     background_from: str | Path | None = None,
     overwrite: bool = False,
+    guidance: float = 1.0,
 ) -> SynthesisResult:
     """Sample ``counts[class] `` images per class from a trained model into a synthetic dataset file.
 
@@ -177,6 +178,8 @@ def synthesize(
         background_from: A real file whose exact-zero background the samples get (:func:`zero_background`): values
             below its threshold are set to 0.
         overwrite: Replace ``out`` if it exists (never the model or ``selection.real``).
+        guidance: Classifier-free guidance weight (1 = none; :meth:`MagicFlow.guided`: a MAGIC-Flow model trained
+            with ``model.label_dropout > 0``).
 
     Raises:
         ConfigError: For invalid arguments, an existing ``out`` without ``overwrite``, ``out`` naming an input, or a
@@ -198,6 +201,7 @@ def synthesize(
                                        if temperature is None else temperature)
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, but is: {batch_size}")
+    _check_guidance(flow, guidance)
     sigma = _training_noise(flow, meta, path) if denoise else 0.0
     dev = resolve_device(device)
     amp = resolve_amp(stored_amp(meta) if amp is None else amp, dev)
@@ -213,7 +217,7 @@ def synthesize(
     provenance = {
         "generator": "augflow synthesize", "model": str(path.resolve()), "model_sha256": sha256_file(path),
         "recipe": meta.get("recipe"), "training_fingerprint": meta.get("fingerprint"),
-        "temperature": temperature, "denoise_sigma": sigma, "seed": seed, "amp": amp,
+        "temperature": temperature, "guidance": guidance, "denoise_sigma": sigma, "seed": seed, "amp": amp,
         "counts": dict(zip(class_names, per_class, strict=True)),
         "augflow_version": __version__, "privacy": _ledger(meta.get("privacy")),
         "counts_source": counts_source, "selection": selector.describe(),
@@ -234,7 +238,8 @@ def synthesize(
                 nonlocal drawn, rejected
                 with autocast(dev, amp):
                     start = anchors.batch(order, drawn, b, dev) if anchors else None
-                    x = _finite_batch(flow, k, b, temperature, generator, dev, start, near.strength if near else 1.0)
+                    x = _finite_batch(flow, k, b, temperature, generator, dev, start, near.strength if near else 1.0,
+                                     guidance)
                     images = _denoised(flow, x.images, k, sigma) if sigma else x.images
                     images = images.clamp(0, 1)
                     if background and background["threshold"]:
@@ -608,26 +613,39 @@ def _checked_temperature(flow: ModelFamily, temperature: float | Sequence[float]
     return temperatures
 
 
+def _check_guidance(flow: ModelFamily, guidance: float) -> None:
+    """A guidance weight in [0, 10], other than 1 only for a model with a null label (:meth:`MagicFlow.guided`)."""
+    if not (isinstance(guidance, int | float) and 0 <= guidance <= 10):
+        raise ConfigError(f"--guidance must be in range [0, 10] (1 = no guidance), but is: {guidance}")
+    if guidance != 1 and not hasattr(flow, "guided"):
+        raise ConfigError(f"--guidance {guidance:g}: classifier-free guidance is for MAGIC-Flow models trained with "
+                          f"model.label_dropout > 0; this is a {flow.family} model: use --guidance 1")
+    if guidance != 1:
+        flow.guided(torch.zeros(1, dtype=torch.long), guidance)  # raises for a model without a null label
+
+
 def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float | Sequence[float], generator, device,
-                  start: tuple[Tensor, Tensor] | None = None, strength: float = 1.0) -> _Batch:
+                  start: tuple[Tensor, Tensor] | None = None, strength: float = 1.0, guidance: float = 1.0) -> _Batch:
     """Draw b samples of class k (anchored to the real images and classes ``start``, if given), redrawing
     non-finite ones."""
     y = torch.full((b,), k, dtype=torch.long, device=device)
-    images = _draw(flow, y, temperature, generator, start, strength)
+    images = _draw(flow, y, temperature, generator, start, strength, guidance)
     rejected = 0
     for _ in range(_MAX_REDRAWS):
         bad = ~torch.isfinite(images).flatten(1).all(1)
         if not bad.any():
             return _Batch(images, rejected)
         rejected += int(bad.sum())
-        images[bad] = _draw(flow, y[bad], temperature, generator, start and (start[0][bad], start[1][bad]), strength)
+        images[bad] = _draw(flow, y[bad], temperature, generator, start and (start[0][bad], start[1][bad]), strength,
+                            guidance)
     raise FloatingPointError(f"class {k}: samples stayed non-finite after {_MAX_REDRAWS} redraws; "
                              "the model is unusable (retrain it or lower --temperature)")
 
 
 def _draw(flow: ModelFamily, y: Tensor, temperature: float | Sequence[float], generator,
-          start: tuple[Tensor, Tensor] | None, strength: float) -> Tensor:
+          start: tuple[Tensor, Tensor] | None, strength: float, guidance: float = 1.0) -> Tensor:
     """Samples of classes ``y``: ordinary ones, or anchored to the real images and classes ``start``."""
+    guided = {"guidance": guidance} if guidance != 1 else {}  # only MAGIC-Flow takes it (checked before)
     if start is None:
-        return flow.sample(y, temperature=temperature, generator=generator)
-    return flow.sample_near(*start, y, strength, temperature, generator)
+        return flow.sample(y, temperature=temperature, generator=generator, **guided)
+    return flow.sample_near(*start, y, strength, temperature, generator, **guided)

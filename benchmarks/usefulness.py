@@ -19,7 +19,8 @@ minority classes marked, CPU time per training, and every command.
 
 Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAMILY[:key=value...]`` with FAMILY
 ``magic`` or ``symm`` and keys ``T`` (sampling temperature; for MAGIC-Flow one per latent part, finest first,
-separated by ``/``: ``T=1.0/0.3/0.3/0``), ``select`` (none | posterior | classifier | realism),
+separated by ``/``: ``T=1.0/0.3/0.3/0``), ``g`` (``--guidance``: classifier-free guidance),
+``select`` (none | posterior | classifier | realism),
 ``conf`` (the selection's minimum confidence), ``keep`` (``realism``: the fraction kept), ``ratio``
 (``--max-ratio``), ``denoise`` (``1``: ``--denoise``), ``near``
 (``--near train.h5 --strength S``: each image derived from a real training image), ``from`` (with ``near``: the
@@ -91,7 +92,7 @@ NARROW_SYMM = ["--set", "model.channel_mult=[1,2,2]", "--set", "model.attention_
 
 BATCH = 64  # images per downstream CNN step
 # The keys that change the synthetic file.
-SAMPLING_KEYS = ("T", "select", "conf", "keep", "ratio", "denoise", "near", "from", "bg")
+SAMPLING_KEYS = ("T", "g", "select", "conf", "keep", "ratio", "denoise", "near", "from", "bg")
 ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre", "dup", "syn")
 MODES = ("only", "all", "pre", "half")  # prefixes of arms that use a balanced synthetic set instead of a top-up
 
@@ -139,6 +140,8 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
         command += ["--balance"]
     if "T" in arm:
         command += ["--temperature", arm["T"].replace("/", ",")]
+    if "g" in arm:
+        command += ["--guidance", arm["g"]]
     if arm.get("select", "none") == "realism":
         command += ["--select", "realism", "--keep-fraction", arm.get("keep", "0.25")]
     elif arm.get("select", "none") != "none":

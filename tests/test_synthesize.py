@@ -536,3 +536,17 @@ def test_zero_background_needs_the_real_file(run, tmp_path):
                                       "--out", str(out)])
     assert result.exit_code != 0 and "--zero-background needs --real FILE" in result.output, result.output
     assert not out.exists()
+
+
+def test_guidance_is_used_recorded_and_refused_for_a_model_without_a_null_label(run, tmp_path):
+    guided = train(make_dataset(tmp_path / "d.h5", n_subjects=12, slices=2, num_classes=4), tmp_path / "guided",
+                   load_recipe(None, [*TINY, "train.max_steps=2", "model.label_dropout=0.2"]), progress=False).run_dir
+    plain = synthesize(guided, tmp_path / "g1.h5", {"class1": 4}, seed=1, progress=False).out
+    strong = synthesize(guided, tmp_path / "g3.h5", {"class1": 4}, seed=1, progress=False, guidance=3.0).out
+    assert read_info(strong).provenance["guidance"] == 3.0 and read_info(plain).provenance["guidance"] == 1.0
+    assert not np.array_equal(read_images(plain), read_images(strong))
+    with pytest.raises(ConfigError, match="guidance 2 needs a model trained with label dropout"):
+        synthesize(run, tmp_path / "x.h5", {"class1": 2}, progress=False, guidance=2.0)
+    with pytest.raises(ConfigError, match=r"--guidance must be in range \[0, 10\]"):
+        synthesize(guided, tmp_path / "x.h5", {"class1": 2}, progress=False, guidance=-1.0)
+    assert not (tmp_path / "x.h5").exists()

@@ -15,9 +15,12 @@ References:
     Caldera, Bottacini & Cavinato, "MAGIC-Flow", 2025, arXiv:2510.22070.
     Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", 2017, arXiv:1605.08803.
     Kingma & Dhariwal, "Glow", 2018, arXiv:1807.03039.
+    Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022, arXiv:2207.12598 (:class:`Guided`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +30,33 @@ from augflow.flows.layers import InvertibleLayer
 from augflow.flows.nets import ClassificationNet, GenerationNet
 
 COUPLING_KINDS = ("generation", "classification")
+
+
+@dataclass(frozen=True)
+class Guided:
+    """Labels with classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598; for flows, TarFlow, Zhai et al.
+    2024, arXiv:2412.06329): each coupling network runs under the label and under the null label, and its raw
+    log-scale and shift become ``null + weight * (label - null)``. The guided couplings stay affine in the half they
+    transform and computed from the other half, so the guided model is a normalizing flow too (exact inverse and
+    log-det); ``weight = 1`` is the conditional model, ``0`` the unconditional one.
+
+    Arguments:
+        labels: Class labels ``(B,)``.
+        null: The null label the model was trained with (label dropout).
+        weight: Guidance weight ``w``.
+    """
+
+    labels: Tensor
+    null: int
+    weight: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.labels.shape
+
+    def mix(self, conditional: Tensor, unconditional: Tensor) -> Tensor:
+        """``unconditional + weight * (conditional - unconditional)``."""
+        return unconditional + self.weight * (conditional - unconditional)
 
 
 class AffineCoupling(InvertibleLayer):
@@ -52,14 +82,18 @@ class AffineCoupling(InvertibleLayer):
         self.log_scale_bound = log_scale_bound
 
     def _scale_shift(
-        self, net: nn.Module, inputs: Tensor, y: Tensor, part: Tensor
+        self, net: nn.Module, inputs: Tensor, y: Tensor | Guided, part: Tensor
     ) -> tuple[Tensor, Tensor]:
-        raw_scale, shift = net(inputs, y)  # bf16 under amp (torch.autocast): the transform itself stays exact
-        raw_scale, shift = raw_scale.to(inputs.dtype), shift.to(inputs.dtype)
+        if isinstance(y, Guided):  # one network call on the batch twice: under the labels, then the null label
+            both = net(torch.cat([inputs, inputs]), torch.cat([y.labels, torch.full_like(y.labels, y.null)]))
+            raw_scale, shift = (y.mix(*out.to(inputs.dtype).chunk(2)) for out in both)
+        else:
+            raw_scale, shift = net(inputs, y)  # bf16 under amp (torch.autocast): the transform itself stays exact
+            raw_scale, shift = raw_scale.to(inputs.dtype), shift.to(inputs.dtype)
         return part * self.log_scale_bound * torch.tanh(raw_scale), part * shift
 
     def forward(
-        self, x: Tensor, y: Tensor | None = None, elementwise: bool = False
+        self, x: Tensor, y: Tensor | Guided | None = None, elementwise: bool = False
     ) -> tuple[Tensor, Tensor]:
         mask = self.mask
         rest = 1 - mask
@@ -71,7 +105,7 @@ class AffineCoupling(InvertibleLayer):
         logdet_map = s1 + s2  # (B, C, H, W)
         return z, logdet_map if elementwise else logdet_map.sum(dim=(1, 2, 3))
 
-    def _inverse(self, z: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _inverse(self, z: Tensor, y: Tensor | Guided | None) -> tuple[Tensor, Tensor]:
         mask = self.mask
         rest = 1 - mask
         u_b = rest * z

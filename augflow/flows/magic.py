@@ -13,8 +13,10 @@ The prior is factorised (never a dense D x D covariance): the paper's standard n
 ``sigma_y = 1``, ``prior = "standard"``), a learned mean per class and latent element (``prior =
 "class_gaussian"``, as in IB-INN and FlowGMM), or a learned mean and standard deviation per class and latent
 element (``prior = "class_diagonal"``: classes that differ in spread, such as scanners in their noise level, are
-told apart by their variances too). With ``conditional_couplings = False`` the coupling networks do not see the label:
-``f`` and its log-det are the same for every class and only the base tells classes apart, so
+told apart by their variances too). With ``label_dropout > 0`` the model learns a null label ``K`` beside the K
+classes (a random share of the training labels is replaced by it) and samples with classifier-free guidance
+(:class:`~augflow.flows.coupling.Guided`). With ``conditional_couplings = False`` the coupling networks do not see
+the label: ``f`` and its log-det are the same for every class and only the base tells classes apart, so
 :meth:`MagicFlow.class_log_probs` scores all K classes from one flow pass, and the hybrid objective's
 cross-entropy costs one pass instead of K.
 
@@ -31,6 +33,7 @@ References:
     for Competitive Generative Classification" (IB-INN), 2020, arXiv:2001.06448.
     Izmailov, Kirichenko, Finzi & Wilson, "Semi-Supervised Learning with Normalizing Flows" (FlowGMM),
     2020, arXiv:1912.13025.
+    Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022, arXiv:2207.12598 (label dropout, guidance).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from augflow.errors import ConfigError
-from augflow.flows.coupling import COUPLING_KINDS, AffineCoupling, make_coupling_net
+from augflow.flows.coupling import COUPLING_KINDS, AffineCoupling, Guided, make_coupling_net
 from augflow.flows.layers import FlowStep, Split, Squeeze, unsqueeze2d
 from augflow.flows.masks import MASK_KINDS, as_app_mask, ellipse_mask, make_mask
 from augflow.model_base import FamilyModel, ModelConfig, is_int
@@ -79,6 +82,9 @@ class MagicFlowConfig(ModelConfig):
         conditional_couplings: Whether the coupling networks see the label. ``False``: the flow is the
             same for every class and only a class prior tells them apart, so the K class scores
             cost one flow pass.
+        label_dropout: Share of the training labels replaced by the null label ``K`` (classifier-free guidance;
+            Ho & Salimans use 0.1-0.2); ``> 0`` adds that label to the coupling networks and the class prior, and
+            needs conditional couplings. 0: no null label, no guidance.
     """
 
     image_shape: tuple[int, int, int] = (1, 64, 64)
@@ -94,6 +100,7 @@ class MagicFlowConfig(ModelConfig):
     log_scale_bound: float = 0.5
     prior: str = "standard"
     conditional_couplings: bool = True
+    label_dropout: float = 0.0
 
     def validate(self) -> MagicFlowConfig:
         """Check every field; return ``self``.
@@ -143,7 +150,17 @@ class MagicFlowConfig(ModelConfig):
             raise ConfigError(
                 f"conditional_couplings must be true or false, got {self.conditional_couplings!r}"
             )
+        if not (isinstance(self.label_dropout, int | float) and 0 <= self.label_dropout < 1):
+            raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
+        if self.label_dropout and not self.conditional_couplings:
+            raise ConfigError("label_dropout > 0 (classifier-free guidance) needs conditional_couplings = true: "
+                              "unconditional couplings have no label to drop")
         return self
+
+    @property
+    def num_labels(self) -> int:
+        """Labels the model is trained with: the K classes, and the null label ``K`` when ``label_dropout > 0``."""
+        return self.num_classes + (self.label_dropout > 0)
 
     @property
     def uses_app_mask(self) -> bool:
@@ -230,11 +247,11 @@ class MagicFlow(FamilyModel):
             # element std 0.1: two classes start about 0.01 * D nats apart (41 nats at 64x64), while the offset
             # costs each class only 0.005 nats per element against the N(0, I) the flow is initialised for.
             self.class_means = nn.ParameterList(
-                nn.Parameter(0.1 * torch.randn(config.num_classes, *s)) for s in self.latent_shapes
+                nn.Parameter(0.1 * torch.randn(config.num_labels, *s)) for s in self.latent_shapes
             )
         if config.prior == "class_diagonal":  # starts at sigma_y = 1, the scale the flow is initialised for
             self.class_log_scales = nn.ParameterList(
-                nn.Parameter(torch.zeros(config.num_classes, *s)) for s in self.latent_shapes
+                nn.Parameter(torch.zeros(config.num_labels, *s)) for s in self.latent_shapes
             )
 
     def _add_step(self, kind: str, shape: tuple[int, int, int], hidden: int) -> None:
@@ -248,7 +265,7 @@ class MagicFlow(FamilyModel):
             make_coupling_net(
                 cfg.coupling,
                 in_channels=shape[0],
-                num_classes=cfg.num_classes if cfg.conditional_couplings else 1,
+                num_classes=cfg.num_labels if cfg.conditional_couplings else 1,
                 hidden=hidden,
                 size=shape[1:],
                 embed_dim=cfg.embed_dim,
@@ -271,9 +288,30 @@ class MagicFlow(FamilyModel):
         if y.shape != x.shape[:1]:
             raise ConfigError(f"y must have shape (B,) = ({x.shape[0]},), got {tuple(y.shape)}")
 
-    def _coupling_labels(self, y: Tensor) -> Tensor:
+    def _coupling_labels(self, y: Tensor | Guided) -> Tensor | Guided:
         """The labels the coupling networks see: ``y``, or label 0 (their only one) when unconditional."""
         return y if self.config.conditional_couplings else torch.zeros_like(y)
+
+    def guided(self, y: Tensor, guidance: float) -> Tensor | Guided:
+        """Labels ``y`` under classifier-free guidance of weight ``guidance`` (1: ``y`` itself, no guidance).
+
+        Raises:
+            ConfigError: For a guidance other than 1 when the model was trained without a null label.
+        """
+        if guidance == 1:
+            return y
+        if not self.config.label_dropout:
+            raise ConfigError(f"guidance {guidance:g} needs a model trained with label dropout (model.label_dropout "
+                              f"> 0, e.g. --set model.label_dropout=0.1); this model has none: use guidance 1")
+        return Guided(y, self.config.num_classes, float(guidance))
+
+    def training_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The labels a training step uses: ``y`` with the share ``label_dropout`` replaced by the null label
+        (classifier-free guidance, Ho & Salimans 2022, arXiv:2207.12598)."""
+        if not self.config.label_dropout:
+            return y
+        drop = torch.rand(y.shape, generator=generator, device=y.device) < self.config.label_dropout
+        return torch.where(drop, self.config.num_classes, y)
 
     def _flow(
         self, h: Tensor, y: Tensor, elementwise: bool = False
@@ -331,11 +369,14 @@ class MagicFlow(FamilyModel):
                 h = layer.inverse(h, y)
         return (h + 1) / 2
 
-    def prior(self, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def prior(self, y: Tensor | Guided) -> tuple[list[Tensor], list[Tensor]]:
         """The prior's ``(means, log_scales)``: ``mu_y`` and ``log sigma_y`` of every latent part, ``(B,
         *latent_shape)`` each. Learned class means for a class prior (IB-INN, arXiv:2001.06448; FlowGMM,
         arXiv:1912.13025), else zeros; learned class log standard deviations for ``"class_diagonal"``, else
-        zeros."""
+        zeros. Under guidance both are guided as the couplings are (:class:`Guided`)."""
+        if isinstance(y, Guided):
+            labelled, null = self.prior(y.labels), self.prior(torch.full_like(y.labels, y.null))
+            return tuple([y.mix(c, u) for c, u in zip(*pair, strict=True)] for pair in zip(labelled, null, strict=True))
         zeros = [self.app_mask.new_zeros((*y.shape, *s)) for s in self.latent_shapes]
         means = zeros if self.config.prior == "standard" else [m[y] for m in self.class_means]
         log_scales = [s[y] for s in self.class_log_scales] if self.config.prior == "class_diagonal" else zeros
@@ -443,7 +484,8 @@ class MagicFlow(FamilyModel):
 
     @torch.no_grad()
     def sample(
-        self, y: Tensor, temperature: float | Sequence[float] = 1.0, generator: torch.Generator | None = None
+        self, y: Tensor, temperature: float | Sequence[float] = 1.0, generator: torch.Generator | None = None,
+        guidance: float = 1.0,
     ) -> Tensor:
         """Draw ``x ~ p(x | y)``: decode ``z = mu_y + T sigma_y eps`` (without gradients; call ``eval()`` first).
 
@@ -453,30 +495,33 @@ class MagicFlow(FamilyModel):
                 deviation (1 = the model's distribution); or one ``T`` per latent part, finest first
                 (:meth:`level_temperatures`).
             generator: Optional RNG on the model's device.
+            guidance: Classifier-free guidance weight (:meth:`guided`; 1 = none).
 
         Returns:
             ``(B, C, H, W)`` in data space (nominally ``[0, 1]``, not clamped).
         """
-        y = y.to(self.app_mask.device)
+        y = self.guided(y.to(self.app_mask.device), guidance)
         means, log_scales = self.prior(y)
         return self.decode([m + t * s.exp() * torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
                             for m, s, t in zip(means, log_scales, self.level_temperatures(temperature), strict=True)],
                            y)
 
     def sample_near(self, x: Tensor, c: Tensor, y: Tensor, strength: float,
-                    temperature: float | Sequence[float] = 1.0, generator: torch.Generator | None = None) -> Tensor:
+                    temperature: float | Sequence[float] = 1.0, generator: torch.Generator | None = None,
+                    guidance: float = 1.0) -> Tensor:
         """Samples of classes ``y`` anchored to real images ``x`` of classes ``c``.
 
         Each image is encoded under its own class, its latent standardised by that class's prior,
         ``u = (z - mu_c) / sigma_c``, mixed with fresh noise and decoded under ``y``:
         ``z' = mu_y + sigma_y (sqrt(1 - s^2) u + s T eps)``. With ``c = y``, ``s -> 0`` returns ``x`` and ``s = 1``
         is :meth:`sample` with the same generator; with ``c != y`` and small ``s``, the cINN's counterfactual
-        translation of ``x`` into class ``y`` (Ardizzone et al. 2019, arXiv 1907.02392).
+        translation of ``x`` into class ``y`` (Ardizzone et al. 2019, arXiv 1907.02392). ``guidance``: of the
+        decoding under ``y`` (:meth:`guided`).
 
         Returns:
             ``(B, C, H, W)`` in data space (nominally ``[0, 1]``, not clamped).
         """
-        y = y.to(self.app_mask.device)
+        y = self.guided(y.to(self.app_mask.device), guidance)
         zs, _ = self.encode(x, c)
         keep = math.sqrt(1 - strength ** 2)
         mixed = []

@@ -141,6 +141,7 @@ def train(
         if len(x):
             # Noise is drawn for the whole batch on every process, so a run is the same at any world size.
             x = dequantize(augment(x, recipe.augment, generator), generator=generator)
+            y = model.training_labels(y, generator)
         stats = session.step(x, y, step)
         scheduler.step()
         if ema is not None:

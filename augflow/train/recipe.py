@@ -244,6 +244,9 @@ def recipe_from_dict(data: dict, name: str = "custom", source: str = "recipe") -
     if train.label_smoothing and not train.ce_weight:
         raise ConfigError(f"{source}: train.label_smoothing smooths the hybrid objective's cross-entropy and needs "
                           f"train.ce_weight > 0, but train.ce_weight is 0")
+    if train.ce_weight and isinstance(model_table, dict) and model_table.get("label_dropout"):
+        raise ConfigError(f"{source}: model.label_dropout trains a null label that the hybrid objective's "
+                          f"cross-entropy cannot score: set model.label_dropout = 0 or train.ce_weight = 0")
     check_values("augment", augment, source)
     if not isinstance(privacy.enabled, bool):
         raise ConfigError(f"{source}: privacy.enabled must be true or false, but is: {privacy.enabled!r}")

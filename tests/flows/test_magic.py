@@ -7,6 +7,7 @@ References:
     Ardizzone et al., "Training Normalizing Flows with the Information Bottleneck for Competitive
     Generative Classification" (IB-INN), 2020, arXiv:2001.06448.
     Izmailov et al., "Semi-Supervised Learning with Normalizing Flows" (FlowGMM), 2020, arXiv:1912.13025.
+    Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022, arXiv:2207.12598.
 """
 
 from __future__ import annotations
@@ -269,6 +270,8 @@ def test_brain_mask_from_images_and_files(tmp_path: Path) -> None:
         ({"prior": "gmm"}, r"prior must be one of \('standard', 'class_gaussian', 'class_diagonal'\), got 'gmm'"),
         ({"conditional_couplings": 0}, "conditional_couplings must be true or false, got 0"),
         ({"conditional_couplings": "false"}, "conditional_couplings must be true or false, got 'false'"),
+        ({"label_dropout": 1.0}, r"label_dropout must be in \[0, 1\), got 1.0"),
+        ({"label_dropout": 0.1, "conditional_couplings": False}, "label_dropout > 0 .* needs conditional_couplings"),
     ],
 )
 def test_bad_configs_raise_config_error(overrides: dict, message: str) -> None:
@@ -472,3 +475,63 @@ def test_per_level_temperatures_need_one_value_per_latent_part() -> None:
     flow = prior_model("standard")
     with pytest.raises(ConfigError, match=rf"{len(flow.latent_shapes)} for shapes .*got 2"):
         flow.sample(torch.tensor([0]), [1.0, 0.5])
+
+
+# ------------------------------------------------------------- classifier-free guidance (Ho & Salimans 2022)
+
+
+def guided_model(prior: str = "standard", coupling: str = "generation") -> MagicFlow:
+    torch.manual_seed(0)
+    return perturbed(MagicFlow(tiny_config(coupling, prior=prior, label_dropout=0.2)).double().eval())
+
+
+@pytest.mark.parametrize("coupling", ["generation", "classification"])
+@pytest.mark.parametrize("prior", ["standard", "class_diagonal"])
+def test_the_guided_model_is_a_flow_with_an_exact_inverse_and_log_det(coupling: str, prior: str) -> None:
+    flow = guided_model(prior, coupling)
+    x = torch.rand(1, 1, 8, 8, dtype=torch.float64)
+    labels = flow.guided(torch.tensor([1]), 2.5)
+
+    def flat_latent(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([z.flatten() for z in flow.encode(v, labels)[0]])
+
+    zs, _ = flow.encode(x, labels)
+    torch.testing.assert_close(flow.decode(zs, labels), x)
+    jac = torch.autograd.functional.jacobian(flat_latent, x, vectorize=True).reshape(64, 64)
+    means, log_scales = flow.prior(labels)
+    mean, log_scale = (torch.cat([p.flatten() for p in part]) for part in (means, log_scales))
+    u = (flat_latent(x) - mean) * torch.exp(-log_scale)
+    expected = (-0.5 * (u**2).sum() - 32 * math.log(2 * math.pi) - log_scale.sum()
+                + torch.linalg.slogdet(jac)[1])
+    torch.testing.assert_close(flow.log_prob(x, labels)[0], expected.detach())
+
+
+def test_guidance_one_is_the_conditional_model_and_zero_the_null_label() -> None:
+    flow = guided_model("class_gaussian")
+    x, y = torch.rand(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
+    null = torch.full_like(y, 3)
+    from augflow.flows.coupling import Guided
+
+    torch.testing.assert_close(flow.log_prob(x, Guided(y, 3, 1.0)), flow.log_prob(x, y))
+    torch.testing.assert_close(flow.log_prob(x, Guided(y, 3, 0.0)), flow.log_prob(x, null))
+    assert (flow.log_prob(x, Guided(y, 3, 2.0)) - flow.log_prob(x, y)).abs().min() > 1e-6
+    draw = lambda g: flow.sample(y, 0.7, torch.Generator().manual_seed(1), guidance=g)  # noqa: E731
+    assert torch.equal(draw(1.0), flow.sample(y, 0.7, torch.Generator().manual_seed(1)))
+    assert (draw(3.0) - draw(1.0)).abs().max() > 1e-6
+    assert flow.class_log_probs(x).shape == (3, 3)  # the null label is never a class
+
+
+def test_label_dropout_replaces_that_share_of_the_labels_by_the_null_label() -> None:
+    flow = guided_model()
+    y = torch.arange(3).repeat(2000)
+    dropped = flow.training_labels(y, torch.Generator().manual_seed(0))
+    is_null = dropped == 3
+    assert abs(is_null.float().mean().item() - 0.2) < 0.02  # 6,000 draws: std 0.005
+    assert torch.equal(dropped[~is_null], y[~is_null])
+    plain = prior_model("standard")
+    assert plain.training_labels(y) is y
+
+
+def test_guidance_needs_a_model_trained_with_label_dropout() -> None:
+    with pytest.raises(ConfigError, match=r"guidance 2 needs a model trained with label dropout \(model.label_dropout"):
+        prior_model("standard").sample(torch.tensor([0]), guidance=2.0)

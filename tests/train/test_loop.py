@@ -218,6 +218,7 @@ def test_ce_prior_train_gives_the_objective_the_stored_class_frequencies(tmp_pat
     (["train.select_on=accuracy"], "train.select_on must be one of loss, balanced_accuracy, but is: 'accuracy'"),
     (["train.label_smoothing=0.1"], "train.label_smoothing .* needs train.ce_weight > 0, but train.ce_weight is 0"),
     (["train.ce_weight=1", "train.label_smoothing=1.0"], r"train.label_smoothing must be a number in \[0, 1\)"),
+    (["train.ce_weight=1", "model.label_dropout=0.1"], "model.label_dropout trains a null label that the hybrid"),
 ])
 def test_select_on_refusals_write_nothing(tmp_path, settings, message):
     data = make_dataset(tmp_path / "d.h5")
