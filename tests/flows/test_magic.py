@@ -535,3 +535,17 @@ def test_label_dropout_replaces_that_share_of_the_labels_by_the_null_label() -> 
 def test_guidance_needs_a_model_trained_with_label_dropout() -> None:
     with pytest.raises(ConfigError, match=r"guidance 2 needs a model trained with label dropout \(model.label_dropout"):
         prior_model("standard").sample(torch.tensor([0]), guidance=2.0)
+
+
+def test_per_sample_gradients_of_dropped_labels_equal_one_backward_per_sample() -> None:
+    """DP-SGD with label dropout: a sample trained under the null label gets its own exact gradient."""
+    flow = guided_model("class_gaussian")
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1])  # the second under the null label
+    grads, _ = PerSampleGradients(Objective(flow, ce_weight=0.0))(x, y)
+    for i in range(3):
+        flow.zero_grad()
+        flow.training_loss(x[i : i + 1], y[i : i + 1]).sum().backward()
+        for name, p in flow.named_parameters():
+            torch.testing.assert_close(grads[f"model.{name}"][i], p.grad, msg=name)
+    assert grads["model.class_means.0"][1][3].abs().sum() > 0  # the null label's own prior mean is trained
