@@ -339,6 +339,7 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
          _file(model["path"], model["sha256"]) if model else "unknown"],
         ["recipe", "unknown" if recipe is None else f"{recipe.get('name', 'unnamed')} (every setting under Settings)"],
         ["temperature", prov.get("temperature", "unknown")],
+        *([["classifier-free guidance", prov["guidance"]]] if prov.get("guidance", 1) != 1 else []),
         ["seed", prov.get("seed", "unknown")],
         ["augflow version", str(prov.get("augflow_version", syn.get("augflow_version", "unknown")))],
         ["created", str(syn.get("created_at", "unknown"))],

@@ -204,6 +204,9 @@ def test_data_card_says_when_the_images_derive_from_real_ones(audited):
     assert "they show no real subject" not in near
     assert "each was derived from a real image of train.h5 (its latent mixed with noise of strength 0.3)" in near
     assert "not for sharing" in near
+    assert "classifier-free guidance" not in plain  # guidance 1 (none): no row
+    metrics["inputs"]["synthetic"]["provenance"]["guidance"] = 3.0
+    assert "| classifier-free guidance | 3.0 |" in build_document(metrics, {}).markdown()
 
 
 def test_downstream_section_states_the_budget(audited):
