@@ -235,6 +235,9 @@ def info(data, as_json):
             return
         click.echo(f"{summary['path']}: {summary['family']} model of {summary['image_shape']} images, "
                    f"{len(summary['class_names'])} classes, trained {summary['step']} steps")
+        if summary["config"].get("label_dropout"):
+            click.echo(f"classifier-free guidance: trained with label dropout {summary['config']['label_dropout']:g} "
+                       f"(augflow synthesize --guidance W)")
         _print_ledger(summary["privacy"])
         return
     summary = read_info(data).summary()

@@ -152,7 +152,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", with_
 
 def model_summary(path: str | Path) -> dict:
     """What ``augflow info`` shows of a trained model (a run folder or a model file): family, image shape, classes,
-    training step and the privacy ledger (``meta["privacy"]``; None for models from before the ledger existed).
+    training step, the architecture (``config``) and the privacy ledger (``meta["privacy"]``; None for models from
+    before the ledger existed).
 
     Raises:
         ConfigError: If there is no model at ``path``. DataError: If it cannot be loaded.
@@ -160,4 +161,5 @@ def model_summary(path: str | Path) -> dict:
     model, meta = load_model(path, with_meta=True, option="info")
     return {"path": str(model_file(path)), "family": model.family, "image_shape": list(model.config.image_shape),
             "class_names": meta.get("class_names"), "class_counts": meta.get("class_counts"),
-            "step": meta.get("step"), "loss_name": meta.get("loss_name"), "privacy": meta.get("privacy")}
+            "step": meta.get("step"), "loss_name": meta.get("loss_name"), "config": model.config.to_dict(),
+            "privacy": meta.get("privacy")}

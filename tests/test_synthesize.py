@@ -544,6 +544,13 @@ def test_guidance_is_used_recorded_and_refused_for_a_model_without_a_null_label(
     plain = synthesize(guided, tmp_path / "g1.h5", {"class1": 4}, seed=1, progress=False).out
     strong = synthesize(guided, tmp_path / "g3.h5", {"class1": 4}, seed=1, progress=False, guidance=3.0).out
     assert read_info(strong).provenance["guidance"] == 3.0 and read_info(plain).provenance["guidance"] == 1.0
+    from click.testing import CliRunner
+
+    from augflow.cli import cli
+
+    shown = CliRunner().invoke(cli, ["info", str(guided)]).output
+    assert "classifier-free guidance: trained with label dropout 0.2 (augflow synthesize --guidance W)" in shown
+    assert "guidance" not in CliRunner().invoke(cli, ["info", str(run)]).output
     assert not np.array_equal(read_images(plain), read_images(strong))
     with pytest.raises(ConfigError, match="guidance 2 needs a model trained with label dropout"):
         synthesize(run, tmp_path / "x.h5", {"class1": 2}, progress=False, guidance=2.0)
