@@ -617,11 +617,12 @@ def _check_guidance(flow: ModelFamily, guidance: float) -> None:
     """A guidance weight in [0, 10], other than 1 only for a model with a null label (:meth:`MagicFlow.guided`)."""
     if not (isinstance(guidance, int | float) and 0 <= guidance <= 10):
         raise ConfigError(f"--guidance must be in range [0, 10] (1 = no guidance), but is: {guidance}")
-    if guidance != 1 and not hasattr(flow, "guided"):
+    if guidance == 1:
+        return
+    if not hasattr(flow, "guided"):
         raise ConfigError(f"--guidance {guidance:g}: classifier-free guidance is for MAGIC-Flow models trained with "
                           f"model.label_dropout > 0; this is a {flow.family} model: use --guidance 1")
-    if guidance != 1:
-        flow.guided(torch.zeros(1, dtype=torch.long), guidance)  # raises for a model without a null label
+    flow.guided(torch.zeros(1, dtype=torch.long), guidance)  # raises for a model without a null label
 
 
 def _finite_batch(flow: ModelFamily, k: int, b: int, temperature: float | Sequence[float], generator, device,
