@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import TINY, make_dataset
 
+from augflow.cli import cli
 from augflow.data.store import read_images, read_info, sha256_file
 from augflow.errors import ConfigError
 from augflow.synthesize import Selection, balance_counts, synthesize, training_counts
@@ -44,10 +46,6 @@ def test_same_seed_same_images(run, tmp_path):
 
 
 def test_cli_per_class_equals_the_api(run, tmp_path):
-    from click.testing import CliRunner
-
-    from augflow.cli import cli
-
     result = CliRunner().invoke(cli, ["synthesize", "--model", str(run), "--per-class", "2", "--seed", "3", "--out",
                                       str(tmp_path / "cli.h5")])
     assert result.exit_code == 0, result.output
@@ -263,10 +261,6 @@ def test_realism_selection_needs_a_real_image_of_the_class(imbalanced, tmp_path,
     (["--balance", "--real", "{other}"], "--real"),
 ])
 def test_bad_selection_and_balance_options_are_named_and_write_nothing(imbalanced, tmp_path, args, message):
-    from click.testing import CliRunner
-
-    from augflow.cli import cli
-
     _, run = imbalanced
     other = make_dataset(tmp_path / "other.h5", num_classes=2)  # classes differ from the model's
     out = tmp_path / "out.h5"
@@ -421,10 +415,6 @@ def test_anchor_classes_choose_the_rows_that_anchor_each_class(imbalanced):
     (["--near", "{other}"], "--near"),
 ])
 def test_bad_near_options_are_named_and_write_nothing(imbalanced, tmp_path, args, message):
-    from click.testing import CliRunner
-
-    from augflow.cli import cli
-
     data, run = imbalanced
     other = make_dataset(tmp_path / "other.h5", num_classes=2)  # classes differ from the model's
     out = tmp_path / "out.h5"
@@ -453,9 +443,6 @@ def test_options_that_read_real_images_are_refused_for_a_dp_model(imbalanced, tm
 
 
 def test_per_level_temperatures_from_the_cli_are_used_and_recorded(run, tmp_path):
-    from click.testing import CliRunner
-
-    from augflow.cli import cli
     from augflow.models import load_model
 
     levels = len(load_model(run / "model.pt").latent_shapes)
@@ -477,9 +464,6 @@ def test_per_level_temperatures_from_the_cli_are_used_and_recorded(run, tmp_path
     ("3", "--temperature must be in range (0, 2]"),
 ])
 def test_bad_temperatures_are_named_and_write_nothing(run, tmp_path, value, message):
-    from click.testing import CliRunner
-
-    from augflow.cli import cli
     from augflow.models import load_model
 
     value = value.format(zeros=",".join(["0"] * len(load_model(run / "model.pt").latent_shapes)))
@@ -527,10 +511,6 @@ def test_zero_background_is_learned_from_the_real_file_and_given_to_the_samples(
 
 
 def test_zero_background_needs_the_real_file(run, tmp_path):
-    from click.testing import CliRunner
-
-    from augflow.cli import cli
-
     out = tmp_path / "out.h5"
     result = CliRunner().invoke(cli, ["synthesize", "--model", str(run), "--per-class", "2", "--zero-background",
                                       "--out", str(out)])
@@ -544,10 +524,6 @@ def test_guidance_is_used_recorded_and_refused_for_a_model_without_a_null_label(
     plain = synthesize(guided, tmp_path / "g1.h5", {"class1": 4}, seed=1, progress=False).out
     strong = synthesize(guided, tmp_path / "g3.h5", {"class1": 4}, seed=1, progress=False, guidance=3.0).out
     assert read_info(strong).provenance["guidance"] == 3.0 and read_info(plain).provenance["guidance"] == 1.0
-    from click.testing import CliRunner
-
-    from augflow.cli import cli
-
     shown = CliRunner().invoke(cli, ["info", str(guided)]).output
     assert "classifier-free guidance: trained with label dropout 0.2 (augflow synthesize --guidance W)" in shown
     assert "guidance" not in CliRunner().invoke(cli, ["info", str(run)]).output
