@@ -33,7 +33,7 @@ TRAIN_EPOCHS = 20
 
 def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Callable = print,
              progress: bool = True, audit: bool = True, audit_seeds: int = 3, audit_epochs: int = 2,
-             encoder_epochs: int = 2, bootstraps: int = 30, train_epochs: int = TRAIN_EPOCHS,
+             encoder_epochs: int = 2, bootstraps: int = 30, train_epochs: int = TRAIN_EPOCHS, scale: float = 1.0,
              overwrite: bool = False) -> dict:
     """Run generate → split → train → synthesize → audit in ``out_dir``; return the paths written, by name.
 
@@ -50,6 +50,7 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
         encoder_epochs: Epochs of the audit's domain encoder (the audit's default is 10).
         bootstraps: FID bootstrap resamples (the audit's default is 100).
         train_epochs: Epochs of the generator's training (the quick recipe's own default is 3).
+        scale: Multiplier of the built-in data's class counts (the tests run a half-size demo).
         overwrite: Run in a non-empty ``out_dir``, replacing what a previous demo wrote there.
 
     Raises:
@@ -58,8 +59,8 @@ def run_demo(out_dir: str | Path, task: str = "scanner", seed: int = 0, echo: Ca
     out_dir = check_output_folder(out_dir, overwrite, "--out-dir")
     steps = 5 if audit else 4
     echo(f"[1/{steps}] generating the built-in {task} data at {DEMO_SIZE} px (MNI152 template, seed {seed})")
-    full = generate_demo_data(task, out_dir / f"{task}.h5", size=DEMO_SIZE, seed=seed, progress=progress,
-                              overwrite=overwrite)
+    full = generate_demo_data(task, out_dir / f"{task}.h5", size=DEMO_SIZE, seed=seed, scale=scale,
+                              progress=progress, overwrite=overwrite)
     echo(f"[2/{steps}] splitting by subject (train 70% / val 10% / test 20%)")
     parts = split_file(full, out_dir / "data", seed=seed, overwrite=overwrite)
     for name, path in parts.items():

@@ -1,12 +1,15 @@
 """Shared fixtures: small dataset files written through the real HDF5 writer."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from augflow.data.store import write_dataset
 
-torch.set_num_threads(2)
+# Under pytest-xdist each worker gets one of the cores: two 2-thread workers oversubscribe them.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # A tiny MAGIC-Flow recipe (``load_recipe(None, TINY)``): two epochs of a 3-level flow on 8 px images.
 TINY = [
@@ -15,6 +18,11 @@ TINY = [
     "train.epochs=2", "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=3", "train.val_fraction=0.25",
     "train.ema_decay=0.9",
 ]
+
+
+def pytest_collection_modifyitems(items):
+    """Start the ``slow`` tests first: under pytest-xdist the other worker runs the rest meanwhile."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="module")
