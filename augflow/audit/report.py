@@ -478,7 +478,10 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
     if rec is not None:
         doc.p("Class recognition: the fraction of each class's images that a ResNet-18 trained on the real training "
               "images assigns to that class. A synthetic image filed under another class teaches a downstream "
-              "classifier the wrong boundary; the real test images give the reachable value.")
+              "classifier the wrong boundary; the real test images give the reachable value."
+              + (f" These synthetic images were kept by `augflow synthesize --select {rec['selected_by']}`, which "
+                 "keeps the samples a classifier assigns to their class: their recognition is high by construction "
+                 "and is not counted in the fidelity verdict." if rec.get("selected_by") else ""))
         doc.table(["class", "synthetic", "real test"],
                   [["mean over classes", rec["synthetic_mean"], rec["real_mean"]],
                    *[[n, "n/a" if rec["synthetic"][n] is None else rec["synthetic"][n],

@@ -258,6 +258,9 @@ def run_audit(
         encoder = load_encoder(domain_encoder_path(train, encoder_recipe, cache_dir, device, progress))
         metrics["recognition"] = class_recognition(encoder, x["synthetic"], y["synthetic"], x["real"], y["real"],
                                                    names, device=device)
+        # Samples kept by a classifier of their class score high here by construction: say so, do not count it.
+        selection = (infos["synthetic"].provenance.get("selection") or {}).get("method", "none")
+        metrics["recognition"]["selected_by"] = None if selection == "none" else selection
         metrics["detectability"] = detectability({"features": f, "pixels": x}, y,
                                                  {role: np.asarray(info.subjects) for role, info in infos.items()},
                                                  seed)

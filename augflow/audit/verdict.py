@@ -101,8 +101,12 @@ def fidelity_line(m: dict) -> dict:
         if syn is None or ref is None:
             continue
         if name == "class recognition":
+            selected = rec.get("selected_by")
             parts.append(f"a real-trained classifier recognises {syn:.0%} of the synthetic images (real test images: "
-                         f"{ref:.0%})")
+                         f"{ref:.0%})" + (f", not counted: they were selected by `--select {selected}`"
+                                          if selected else ""))
+            if selected:
+                continue
         else:
             parts.append(f"{name} {_num(syn, 2)} vs {_num(ref, 2)} real-vs-real")
         if ref > 0:

@@ -92,6 +92,14 @@ def test_fidelity_without_recognition_uses_precision_and_coverage():
     assert v["word"] == "close to real" and "recognises" not in v["text"] and v["text"].startswith("Precision 0.9")
 
 
+def test_the_recognition_of_selected_samples_is_named_and_not_counted():
+    m = metrics(syn=(0.2, 0.9, 0.9))  # recognised at 0.2 of the real rate: far from real ...
+    assert verdict(m)["fidelity"]["word"] == "far from real"
+    m["recognition"]["selected_by"] = "classifier"  # ... unless a classifier chose the samples: then not counted
+    v = verdict(m)["fidelity"]
+    assert v["word"] == "close to real" and "not counted: they were selected by `--select classifier`" in v["text"]
+
+
 def test_fidelity_names_the_detectability_beside_real_vs_real():
     m = metrics()
     assert "linear classifier" not in verdict(m)["fidelity"]["text"]  # not measured: not mentioned
