@@ -206,7 +206,7 @@ def synthesize(
     dev = resolve_device(device)
     amp = resolve_amp(stored_amp(meta) if amp is None else amp, dev)
     flow = flow.to(dev).eval()
-    selector = _Selector(selection or Selection(), flow, meta, path, dev)
+    selector = _Selector(selection or Selection(), flow, meta, path, dev, progress)
     anchors = near.load(flow, meta, path, per_class) if near else None
     if background_from is not None:
         _refuse_under_dp(meta, f"--zero-background sets a threshold read off the pixels of {background_from}",
@@ -318,7 +318,8 @@ PILOT = 256  # samples per class that the realism discriminator learns the synth
 class _Selector:
     """Applies a :class:`Selection` and counts what it drew and kept, per class."""
 
-    def __init__(self, selection: Selection, flow: ModelFamily, meta: dict, model_path: Path, device: torch.device):
+    def __init__(self, selection: Selection, flow: ModelFamily, meta: dict, model_path: Path, device: torch.device,
+                 progress: bool = False):
         self.selection, self.method = selection.validate(), selection.method
         self.drawn: dict[int, int] = {}
         self.kept: dict[int, int] = {}
@@ -354,9 +355,9 @@ class _Selector:
             if info.image_shape != tuple(flow.config.image_shape):
                 raise DataError(f"--real {selection.real}: image shape {info.image_shape} differs from the model's "
                                 f"{tuple(flow.config.image_shape)}")
-            with torch.enable_grad():  # trains on the first call (then cached)
+            with torch.enable_grad():  # trains on the first call (minutes), then cached
                 encoder_file = domain_encoder_path(selection.real, EncoderRecipe(), selection.cache_dir,
-                                                   device=str(device))
+                                                   device=str(device), progress=progress)
             classifier = load_encoder(encoder_file).to(device)
             self._probs = lambda x: torch.softmax(classifier(x).float(), dim=1)
             self.details = {"classifier": "ResNet-18 trained on the real training file (the audit's domain encoder)",
