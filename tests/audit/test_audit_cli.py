@@ -54,7 +54,8 @@ def audited(tmp_path_factory, one_thread):
                                         "recipe": {"name": "tiny", "train": {"lr": 0.001,
                                                                             "app_mask": str(tmp_path / "mask.npy")}},
                                         "privacy": {"dp": False, "guarantee": "none: trained without differential "
-                                                    "privacy", "dataset_fingerprint": fingerprint}})
+                                                    "privacy", "dataset_fingerprint": fingerprint},
+                                        "selection": {"method": "classifier", "min_confidence": 0.4}})
     common = ["--real", str(real), "--train", str(train), "--model", str(model), "--cache-dir", str(tmp_path / "c"),
               "--encoder-epochs", "1", "--bootstraps", "10", "--threads", "1"]
     out = tmp_path / "report"
@@ -96,6 +97,9 @@ def test_audit_end_to_end(audited):
     assert metrics["likelihood_classifier"]["calibration"].startswith("none")
     rec = metrics["recognition"]
     assert rec["synthetic"]["a"] is None and 0 <= rec["synthetic"]["c"] <= 1 and 0 <= rec["real_mean"] <= 1
+    # the release says it was selected by a classifier: its recognition is named as such and not counted
+    assert rec["selected_by"] == "classifier" and "not counted" in metrics["verdict"]["fidelity"]["text"]
+    assert "high by construction" in (out / "report.md").read_text()
     det = metrics["detectability"]
     assert set(det) == {"n", "features", "pixels"} and det["n"] > 0
     assert all(auc is None or 0 <= auc <= 1 for space in ("features", "pixels") for auc in det[space].values())
