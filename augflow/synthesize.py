@@ -319,7 +319,7 @@ class _Selector:
     """Applies a :class:`Selection` and counts what it drew and kept, per class."""
 
     def __init__(self, selection: Selection, flow: ModelFamily, meta: dict, model_path: Path, device: torch.device,
-                 progress: bool = False):
+                 progress: bool):
         self.selection, self.method = selection.validate(), selection.method
         self.drawn: dict[int, int] = {}
         self.kept: dict[int, int] = {}

@@ -203,7 +203,7 @@ def test_realism_selection_keeps_the_samples_its_discriminator_finds_real(imbala
     data, run = imbalanced
     flow, meta = load_model(run / "model.pt", with_meta=True)
     selection = Selection("realism", real=data, keep_fraction=0.3)
-    selector = _Selector(selection, flow, meta, run / "model.pt", torch.device("cpu"))
+    selector = _Selector(selection, flow, meta, run / "model.pt", torch.device("cpu"), progress=False)
     levels = torch.linspace(0, 1, 101)
     # Pilot samples spread evenly over [0, 1]; the real "small" images are uniform noise, of mean about 0.5.
     grid = iter(levels[torch.randperm(101, generator=torch.Generator().manual_seed(0))].repeat(5).split(50))
@@ -228,7 +228,8 @@ def test_realism_scores_samples_in_float32_under_amp(imbalanced, tmp_path, monke
     monkeypatch.setenv("AUGFLOW_CACHE_DIR", str(tmp_path / "cache"))
     data, run = imbalanced
     flow, meta = load_model(run / "model.pt", with_meta=True)
-    selector = _Selector(Selection("realism", real=data), flow, meta, run / "model.pt", torch.device("cpu"))
+    selection = Selection("realism", real=data)
+    selector = _Selector(selection, flow, meta, run / "model.pt", torch.device("cpu"), progress=False)
     images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     plain = selector._features(images)
     with torch.autocast("cpu", dtype=torch.bfloat16):
