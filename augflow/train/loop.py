@@ -130,6 +130,9 @@ def train(
     log = (out / METRICS).open("a") if rank == 0 else None
     bar = tqdm(total=end, initial=run.step, desc="train", unit="step", disable=not (progress and rank == 0),
                dynamic_ncols=True)
+    if cfg.compile and run.step < end and not bar.disable:
+        bar.write("train.compile: compiling the training step at its first full batch (minutes the first time for a "
+                  "recipe and image shape, seconds once inductor's cache holds it)")
     model.train()
     while run.step < end:
         step = run.step
@@ -207,13 +210,16 @@ def open_session(recipe: Recipe, rows: TrainingRows, seed: int, device: torch.de
 
     Raises:
         PrivacyError: For DP settings or runs that cannot give the guarantee. ConfigError: For
-            ``privacy.trainable`` without DP.
+            ``privacy.trainable`` without DP, ``train.compile`` with it.
     """
     if not recipe.privacy.enabled:
         if recipe.privacy.trainable != "all":
             raise ConfigError(f"privacy.trainable = {recipe.privacy.trainable!r} applies to DP training only (--dp); "
                               f"without --dp every parameter is trained: drop the setting or add --dp")
         return PlainSession(recipe.train, rows, seed, device, rank, world, init)
+    if recipe.train.compile:
+        raise ConfigError("train.compile applies to runs without --dp: DP-SGD's per-sample gradients (torch.func.vmap "
+                          "over microbatches) run eagerly; drop the setting or --dp")
     from augflow.train.privacy.session import PrivacySession  # Opacus loads only for private runs
 
     return PrivacySession.open(recipe, rows, device, world, saved, init)

@@ -10,6 +10,7 @@ accountant, public-only initialisation); the loop opens the one its recipe asks 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
@@ -100,7 +101,8 @@ def epoch_order(n: int, labels: np.ndarray, num_classes: int, balanced: bool, se
 class PlainSession:
     """A run without DP: shuffled (or class-balanced) epochs, the mean loss's gradient clipped to
     ``train.grad_clip``; under torchrun each of the ``world`` processes takes every ``world``-th image of the global
-    batch and DDP averages the gradients, so a run is the same at any world size.
+    batch and DDP averages the gradients, so a run is the same at any world size. With ``train.compile`` the
+    objective of full batches runs through ``torch.compile`` (inductor, with eager's random numbers).
 
     Arguments:
         cfg: The ``[train]`` settings.
@@ -142,6 +144,7 @@ class PlainSession:
     def attach(self, objective: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.objective, self.optimizer = objective, optimizer
         self.net = DistributedDataParallel(objective) if self.world > 1 else objective  # DDP's gradient hooks
+        self.compiled = torch.compile(self.net, options={"fallback_random": True}) if self.cfg.compile else None
 
     def last_step(self, wanted: int) -> int:
         return wanted
@@ -157,7 +160,7 @@ class PlainSession:
 
     def step(self, x: Tensor, y: Tensor, step: int) -> StepStats:
         rank, world = self.rank, self.world
-        loss = self.net(x[rank::world], y[rank::world]).mean()  # through DDP's gradient hooks
+        loss = self._loss(x[rank::world], y[rank::world], full=len(x) == self.cfg.batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
@@ -167,6 +170,22 @@ class PlainSession:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.grad_clip))
         self.optimizer.step()
         return StepStats(loss.item(), grad_norm, {})
+
+    def _loss(self, x: Tensor, y: Tensor, full: bool) -> Tensor:
+        """The mean loss through DDP's gradient hooks; compiled (``train.compile``) for full batches only: an epoch's
+        short last batch runs eagerly instead of costing a second compilation for its shape."""
+        if self.compiled is None or not full:
+            return self.net(x, y).mean()
+        from torch._dynamo.exc import BackendCompilerFailed  # loads with torch.compile only
+
+        try:
+            return self.compiled(x, y).mean()
+        except BackendCompilerFailed as error:  # e.g. no C++ compiler for inductor's CPU kernels
+            cause = error.inner_exception
+            warnings.warn(f"train.compile: torch.compile failed ({type(cause).__name__}: "
+                          f"{str(cause).splitlines()[0] if str(cause) else ''}); training without it", stacklevel=4)
+            self.compiled = None
+            return self.net(x, y).mean()
 
     def ledger(self, model: ModelFamily) -> Ledger:
         init = None if self.init is None else {**self.init.record(), "trainable": {"selection": "all"}}

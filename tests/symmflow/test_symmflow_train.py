@@ -63,6 +63,15 @@ def test_resume_continues_exactly(tmp_path):
     assert _losses(tmp_path / "part") == pytest.approx(_losses(tmp_path / "full"), rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
+def test_compiled_training_draws_the_same_noise(tmp_path):
+    """``train.compile`` keeps eager's random numbers (the flow-matching times and noise): the same losses."""
+    data = make_dataset(tmp_path / "d.h5", n_subjects=12, slices=3, num_classes=3)
+    train(data, tmp_path / "eager", load_recipe("quick-symmflow", TINY), progress=False)
+    train(data, tmp_path / "compiled", load_recipe("quick-symmflow", [*TINY, "train.compile=true"]), progress=False)
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-4)
+
+
 def test_hybrid_objective_is_refused(tmp_path):
     data = make_dataset(tmp_path / "d.h5")
     with pytest.raises(ConfigError, match="ce_weight must be 0"):
