@@ -273,7 +273,7 @@ def test_compiled_training_takes_the_same_steps(tmp_path, one_thread):
 
 def test_a_failed_compilation_falls_back_to_eager_training(tmp_path, monkeypatch):
     """Without a working compiler (inductor's CPU kernels need one) the run warns and trains eagerly, unchanged."""
-    def no_compiler(net):
+    def no_compiler(net, **options):
         def fail(*args):
             raise BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler found"), None)
         return fail
