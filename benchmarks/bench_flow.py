@@ -11,7 +11,9 @@ in float32 and under bf16 autocast: training images/s (batch 32, fwd + bwd + Ada
 (``log_prob`` under ``inference_mode``) and sampling images/s, with FLOPs counted by ``torch.utils.flop_counter``;
 the peak RSS of ``augflow synthesize`` for 1k and 20k images (memory must be flat); and training quality per step
 and per CPU-minute: validation bits/dim of the recipe trained on the built-in 64 px scanner data for the same number
-of steps in float32 and bf16, and of bf16 continued for as many steps as it makes in the float32 run's time.
+of steps in float32 and bf16, and of bf16 continued for as many steps as it makes in the float32 run's time. With
+``--compile``, training is also measured through ``torch.compile`` (as ``train.compile = true`` runs it; FLOPs
+counted on the eager step, the compilation excluded from the timing), for both models and precisions.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _build(model_name: str, recipe: str, batch: int):
 
 
 def measure(model_name: str, mode: str, precision: str, recipe: str, batch: int, seconds: float) -> dict:
-    """One measurement in this process."""
+    """One measurement in this process; ``precision`` "fp32" or "bf16", "+compile" for a compiled training step."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -91,15 +93,16 @@ def measure(model_name: str, mode: str, precision: str, recipe: str, batch: int,
 
     model, x, y = _build(model_name, recipe, batch)
     params = sum(p.numel() for p in model.parameters())
-    amp = precision == "bf16"
+    amp = precision.startswith("bf16")
     cpu = torch.device("cpu")
     if mode == "train":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model.train()
+        loss_fn = model.bits_per_dim
 
         def step():
             with autocast(cpu, amp):
-                loss = model.bits_per_dim(x, y).float().mean()
+                loss = loss_fn(x, y).float().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -119,6 +122,9 @@ def measure(model_name: str, mode: str, precision: str, recipe: str, batch: int,
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
+    if precision.endswith("+compile"):
+        loss_fn = torch.compile(model.bits_per_dim, options={"fallback_random": True})
+        step()  # the compilation: minutes, not timed
     before = peaks()
     seconds_per_batch = _timed(step, seconds)
     after = peaks()
@@ -226,6 +232,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="folder with train.h5 and val.h5 (64 px scanner); "
                                                                  "default: generated")
     parser.add_argument("--out", type=Path, default=REPORT, help="report to write (its notes section is kept)")
+    parser.add_argument("--compile", action="store_true", help="also time compiled training steps (train.compile)")
     parser.add_argument("--measure", nargs=3, metavar=("MODEL", "MODE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
@@ -240,7 +247,8 @@ def main() -> None:
     rows = []
     for model in ("magic", "glow"):
         for mode in MODES:
-            for precision in ("fp32", "bf16"):
+            compiled = ("fp32+compile", "bf16+compile") if args.compile and mode == "train" else ()
+            for precision in ("fp32", "bf16", *compiled):
                 print(f"measuring {model} {mode} {precision} ...", file=sys.stderr, flush=True)
                 rows.append(_child(["--measure", model, mode, precision, "--recipe", args.recipe, "--batch",
                                     str(args.batch), "--seconds", str(args.seconds)], args.threads))
@@ -268,7 +276,7 @@ def main() -> None:
         f"Models: MAGIC-Flow {by[('magic', 'train', 'fp32')]['params'] / 1e6:.2f} M parameters, peer Glow "
         f"{by[('glow', 'train', 'fp32')]['params'] / 1e6:.2f} M; batch {args.batch}.",
         "",
-        "| model | mode | precision | images/s | bf16 / fp32 | GFLOP/image | achieved GFLOP/s | fraction of best "
+        "| model | mode | precision | images/s | vs fp32 | GFLOP/image | achieved GFLOP/s | fraction of best "
         "peak | MAGIC / Glow fraction | peak RSS |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
