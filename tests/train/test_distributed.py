@@ -39,3 +39,28 @@ def test_two_processes_match_one(tmp_path):
     b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed beside this Python")
+def test_two_compiled_processes_match_one_eager(tmp_path):
+    """``train.compile`` under torchrun: DDP's gradient hooks through the compiled objective give one eager process's
+    losses (a one-level flow: a compilation of about a minute per process)."""
+    data = make_dataset(tmp_path / "train.h5", n_subjects=16, slices=2)
+    val = make_dataset(tmp_path / "val.h5", n_subjects=3, slices=2, seed=1)
+    overrides = [*TINY, 'model.full_res_steps=["checkerboard"]', "model.checker_steps=[1]",
+                 "model.hidden_channels=[8, 8]", "train.epochs=1"]
+    train(data, tmp_path / "one", load_recipe(None, overrides), val=val, progress=False)
+    command = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "augflow", "train", "--data", str(data),
+               "--val", str(val), "--out", str(tmp_path / "two"), "--device", "cpu", "--threads", "1"]
+    for text in [*overrides, "train.compile=true"]:
+        command += ["--set", text]
+    run = subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert "torch.compile failed" not in run.stderr  # compiled, not fallen back to eager
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(tmp_path / "two")) == 4
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
