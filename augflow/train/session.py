@@ -145,6 +145,8 @@ class PlainSession:
         self.objective, self.optimizer = objective, optimizer
         self.net = DistributedDataParallel(objective) if self.world > 1 else objective  # DDP's gradient hooks
         self.compiled = torch.compile(self.net, options={"fallback_random": True}) if self.cfg.compile else None
+        # torch 2.14's inductor calls its own deprecated helper; the warning is not the user's to act on
+        warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprecated", category=FutureWarning)
 
     def last_step(self, wanted: int) -> int:
         return wanted
