@@ -98,6 +98,11 @@ def epoch_order(n: int, labels: np.ndarray, num_classes: int, balanced: bool, se
     return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
 
 
+# inductor options of train.compile: eager's random numbers (dropout, flow-matching noise), so a compiled run takes
+# the steps an eager one takes
+COMPILE_OPTIONS = {"fallback_random": True}
+
+
 class PlainSession:
     """A run without DP: shuffled (or class-balanced) epochs, the mean loss's gradient clipped to
     ``train.grad_clip``; under torchrun each of the ``world`` processes takes every ``world``-th image of the global
@@ -144,9 +149,12 @@ class PlainSession:
     def attach(self, objective: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.objective, self.optimizer = objective, optimizer
         self.net = DistributedDataParallel(objective) if self.world > 1 else objective  # DDP's gradient hooks
-        self.compiled = torch.compile(self.net, options={"fallback_random": True}) if self.cfg.compile else None
-        # torch 2.14's inductor calls its own deprecated helper; the warning is not the user's to act on
-        warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprecated", category=FutureWarning)
+        self.compiled = None
+        if self.cfg.compile:
+            self.compiled = torch.compile(self.net, options=COMPILE_OPTIONS)
+            # torch 2.14's inductor calls its own deprecated helper; the warning is not the user's to act on
+            warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprecated",
+                                    category=FutureWarning)
 
     def last_step(self, wanted: int) -> int:
         return wanted
@@ -176,18 +184,17 @@ class PlainSession:
     def _loss(self, x: Tensor, y: Tensor, full: bool) -> Tensor:
         """The mean loss through DDP's gradient hooks; compiled (``train.compile``) for full batches only: an epoch's
         short last batch runs eagerly instead of costing a second compilation for its shape."""
-        if self.compiled is None or not full:
-            return self.net(x, y).mean()
-        from torch._dynamo.exc import BackendCompilerFailed  # loads with torch.compile only
+        if self.compiled is not None and full:
+            from torch._dynamo.exc import BackendCompilerFailed  # loads with torch.compile only
 
-        try:
-            return self.compiled(x, y).mean()
-        except BackendCompilerFailed as error:  # e.g. no C++ compiler for inductor's CPU kernels
-            cause = error.inner_exception
-            warnings.warn(f"train.compile: torch.compile failed ({type(cause).__name__}: "
-                          f"{str(cause).splitlines()[0] if str(cause) else ''}); training without it", stacklevel=4)
-            self.compiled = None
-            return self.net(x, y).mean()
+            try:
+                return self.compiled(x, y).mean()
+            except BackendCompilerFailed as error:  # e.g. no C++ compiler for inductor's CPU kernels
+                cause = error.inner_exception
+                warnings.warn(f"train.compile: torch.compile failed ({type(cause).__name__}: "
+                              f"{(str(cause).splitlines() or [''])[0]}); training without it", stacklevel=4)
+                self.compiled = None
+        return self.net(x, y).mean()
 
     def ledger(self, model: ModelFamily) -> Ledger:
         init = None if self.init is None else {**self.init.record(), "trainable": {"selection": "all"}}
