@@ -8,12 +8,13 @@ timed before and after the measurement (machines here are shared; the ratio is w
 
 Measured, for MAGIC-Flow (the recipe's model) and a peer Glow (``peer_glow.py``: 8 steps x 3 levels, width 128),
 in float32 and under bf16 autocast: training images/s (batch 32, fwd + bwd + AdamW), density evaluation images/s
-(``log_prob`` under ``inference_mode``) and sampling images/s, with FLOPs counted by ``torch.utils.flop_counter``;
+(``log_prob`` under ``no_grad``) and sampling images/s, with FLOPs counted by ``torch.utils.flop_counter``;
 the peak RSS of ``augflow synthesize`` for 1k and 20k images (memory must be flat); and training quality per step
 and per CPU-minute: validation bits/dim of the recipe trained on the built-in 64 px scanner data for the same number
 of steps in float32 and bf16, and of bf16 continued for as many steps as it makes in the float32 run's time. With
-``--compile``, training is also measured through ``torch.compile`` (as ``train.compile = true`` runs it; FLOPs
-counted on the eager step, the compilation excluded from the timing), for both models and precisions.
+``--compile``, every mode is also measured through ``torch.compile`` (training as ``train.compile = true`` runs it;
+density and sampling with inductor's ``freezing``, the weights as constants; FLOPs counted on the eager step, the
+compilation excluded from the timing), for both models and precisions.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _build(model_name: str, recipe: str, batch: int):
 
 
 def measure(model_name: str, mode: str, precision: str, recipe: str, batch: int, seconds: float) -> dict:
-    """One measurement in this process; ``precision`` "fp32" or "bf16", "+compile" for a compiled training step."""
+    """One measurement in this process; ``precision`` "fp32" or "bf16", "+compile" through ``torch.compile``."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -106,26 +107,26 @@ def measure(model_name: str, mode: str, precision: str, recipe: str, batch: int,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    elif mode == "density":
-        model.eval()
-
-        def step():
-            with torch.inference_mode(), autocast(cpu, amp):
-                model.log_prob(x, y)
     else:
         model.eval()
         generator = torch.Generator().manual_seed(0)
+        infer = model.log_prob if mode == "density" else model.sample
+        args = (x, y) if mode == "density" else (y,)
+        kwargs = {} if mode == "density" else {"temperature": 0.8, "generator": generator}
 
         def step():
-            with torch.inference_mode(), autocast(cpu, amp):
-                model.sample(y, temperature=0.8, generator=generator)
+            with torch.no_grad(), autocast(cpu, amp):
+                infer(*args, **kwargs)
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
     if precision.endswith("+compile"):
         from augflow.train.session import COMPILE_OPTIONS
 
-        loss_fn = torch.compile(model.bits_per_dim, options=COMPILE_OPTIONS)
+        if mode == "train":
+            loss_fn = torch.compile(model.bits_per_dim, options=COMPILE_OPTIONS)
+        else:
+            infer = torch.compile(infer, options={**COMPILE_OPTIONS, "freezing": True})
         step()  # the compilation: minutes, not timed
     before = peaks()
     seconds_per_batch = _timed(step, seconds)
@@ -234,7 +235,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="folder with train.h5 and val.h5 (64 px scanner); "
                                                                  "default: generated")
     parser.add_argument("--out", type=Path, default=REPORT, help="report to write (its notes section is kept)")
-    parser.add_argument("--compile", action="store_true", help="also time compiled training steps (train.compile)")
+    parser.add_argument("--compile", action="store_true", help="also time every mode through torch.compile")
     parser.add_argument("--measure", nargs=3, metavar=("MODEL", "MODE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
@@ -249,7 +250,7 @@ def main() -> None:
     rows = []
     for model in ("magic", "glow"):
         for mode in MODES:
-            compiled = ("fp32+compile", "bf16+compile") if args.compile and mode == "train" else ()
+            compiled = ("fp32+compile", "bf16+compile") if args.compile else ()
             for precision in ("fp32", "bf16", *compiled):
                 print(f"measuring {model} {mode} {precision} ...", file=sys.stderr, flush=True)
                 rows.append(_child(["--measure", model, mode, precision, "--recipe", args.recipe, "--batch",
