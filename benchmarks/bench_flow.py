@@ -8,7 +8,7 @@ timed before and after the measurement (machines here are shared; the ratio is w
 
 Measured, for MAGIC-Flow (the recipe's model) and a peer Glow (``peer_glow.py``: 8 steps x 3 levels, width 128),
 in float32 and under bf16 autocast: training images/s (batch 32, fwd + bwd + AdamW), density evaluation images/s
-(``log_prob`` under ``no_grad``) and sampling images/s, with FLOPs counted by ``torch.utils.flop_counter``;
+(``log_prob`` under ``inference_mode``) and sampling images/s, with FLOPs counted by ``torch.utils.flop_counter``;
 the peak RSS of ``augflow synthesize`` for 1k and 20k images (memory must be flat); and training quality per step
 and per CPU-minute: validation bits/dim of the recipe trained on the built-in 64 px scanner data for the same number
 of steps in float32 and bf16, and of bf16 continued for as many steps as it makes in the float32 run's time. With
@@ -115,7 +115,7 @@ def measure(model_name: str, mode: str, precision: str, recipe: str, batch: int,
         kwargs = {} if mode == "density" else {"temperature": 0.8, "generator": generator}
 
         def step():
-            with torch.no_grad(), autocast(cpu, amp):
+            with torch.inference_mode(), autocast(cpu, amp):
                 infer(*args, **kwargs)
     with FlopCounterMode(display=False) as counter:
         step()

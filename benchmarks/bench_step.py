@@ -57,7 +57,7 @@ def measure(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, mode: str, amp: bo
         args, kwargs = ((x, y), {}) if mode == "density" else ((y,), {"temperature": 0.8, "generator": generator})
 
         def step() -> None:
-            with torch.no_grad(), autocast(cpu, amp):
+            with torch.inference_mode(), autocast(cpu, amp):
                 fn(*args, **kwargs)
 
     start = time.perf_counter()
