@@ -18,6 +18,10 @@ TINY = [
     "train.epochs=2", "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=3", "train.val_fraction=0.25",
     "train.ema_decay=0.9",
 ]
+# One flow step (a squeeze, one checkerboard coupling, the prior): 366 graph nodes instead of TINY's ~1,600, so the
+# tests that compile it (train.compile) pay well under a minute of inductor per process on a cold cache.
+ONE_STEP = [*TINY, "model.full_res_steps=[]", "model.channel_steps=0", "model.checker_steps=[1]",
+            "model.hidden_channels=[8, 8]"]
 
 
 def pytest_collection_modifyitems(items):

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_dataset
+from conftest import ONE_STEP, TINY, make_dataset
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
@@ -252,21 +252,19 @@ def test_a_classifier_released_from_its_first_epoch_is_warned_about(tmp_path, mo
 def test_compiled_training_takes_the_same_steps(tmp_path, one_thread):
     """``train.compile``: the compiled objective gives the eager losses (the short last batch of each epoch, 3 of 8
     images, runs eagerly), and refuses DP before writing anything."""
-    # One level and one full-resolution step: 612 graph ops instead of TINY's 1,596, compiled in ~75 s, not ~3 min.
-    small = [*TINY, 'model.full_res_steps=["checkerboard"]', "model.checker_steps=[1]", "model.hidden_channels=[8, 8]"]
     data = make_dataset(tmp_path / "d.h5", n_subjects=12, slices=3, num_classes=3)
-    eager = train(data, tmp_path / "eager", load_recipe(None, small), progress=False)
+    eager = train(data, tmp_path / "eager", load_recipe(None, ONE_STEP), progress=False)
     graphs = counters["stats"]["unique_graphs"]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="train.compile")  # no fallback to eager
-        compiled = train(data, tmp_path / "compiled", load_recipe(None, [*small, "train.compile=true"]),
+        compiled = train(data, tmp_path / "compiled", load_recipe(None, [*ONE_STEP, "train.compile=true"]),
                          progress=False)
     assert counters["stats"]["unique_graphs"] > graphs
     assert compiled.steps == eager.steps == 8
     assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-4)
     assert compiled.best_val_loss == pytest.approx(eager.best_val_loss, rel=1e-4)
     with pytest.raises(ConfigError, match="train.compile applies to runs without --dp"):
-        train(data, tmp_path / "dp", load_recipe(None, [*small, "train.compile=true", "privacy.enabled=true"]),
+        train(data, tmp_path / "dp", load_recipe(None, [*ONE_STEP, "train.compile=true", "privacy.enabled=true"]),
               progress=False)
     assert not (tmp_path / "dp").exists()
 
