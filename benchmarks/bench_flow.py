@@ -121,12 +121,14 @@ def measure(model_name: str, mode: str, precision: str, recipe: str, batch: int,
         step()
     flops = counter.get_total_flops()
     if precision.endswith("+compile"):
+        from bench_step import INFERENCE_OPTIONS
+
         from augflow.train.session import COMPILE_OPTIONS
 
         if mode == "train":
             loss_fn = torch.compile(model.bits_per_dim, options=COMPILE_OPTIONS)
         else:
-            infer = torch.compile(infer, options={**COMPILE_OPTIONS, "freezing": True})
+            infer = torch.compile(infer, options=INFERENCE_OPTIONS)
         step()  # the compilation: minutes, not timed
     before = peaks()
     seconds_per_batch = _timed(step, seconds)

@@ -13,25 +13,14 @@ machine's peak (small output widths, large dilations), which is what caps the fr
 from __future__ import annotations
 
 import argparse
-import time
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from bench_flow import _build, _matmul_flops, _timed
 
 from augflow.flows import MagicFlow
 from augflow.precision import autocast
-from augflow.train.recipe import load_recipe
-
-
-def _seconds(fn, min_seconds: float) -> float:
-    for _ in range(3):
-        fn()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds or n < 3:
-        fn()
-        n += 1
-    return (time.perf_counter() - start) / n
 
 
 def conv_calls(model: MagicFlow, x: torch.Tensor, y: torch.Tensor) -> Counter:
@@ -60,16 +49,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = MagicFlow(load_recipe(args.recipe).model_config((1, 64, 64), 7)).eval()
-    x, y = torch.rand(args.batch, 1, 64, 64), torch.randint(0, 7, (args.batch,))
-    model.initialize(x, y)
+    model, x, y = _build("magic", args.recipe, args.batch)
+    model.eval()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    peak = 2 * 2048**3 / _seconds(lambda: a @ b, 2.0)
+    peak = _matmul_flops(dtype)
 
     with torch.inference_mode(), autocast(torch.device("cpu"), args.precision == "bf16"):
-        pass_seconds = _seconds(lambda: model.log_prob(x, y), 5.0)
+        pass_seconds = _timed(lambda: model.log_prob(x, y), 5.0)
     rows = []
     for (cin, cout, kernel, stride, padding, dilation, groups, shape), n in conv_calls(model, x, y).items():
         inp = torch.randn(shape, dtype=dtype)
@@ -80,7 +66,7 @@ def main() -> None:
             return F.conv2d(inp, weight, bias, stride, padding, dilation, groups)
 
         with torch.inference_mode():
-            seconds = _seconds(conv, args.seconds)
+            seconds = _timed(conv, args.seconds)
             out = conv()
         flops = 2 * out.numel() * (cin // groups) * kernel[0] * kernel[1]
         rows.append((n * seconds, n, cin, cout, kernel, dilation, shape, flops / seconds))
