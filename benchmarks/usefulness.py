@@ -11,7 +11,9 @@ The instrument of the usefulness issue. On the built-in data it runs, each stage
    ``--per-class`` for the train-on-synthetic arm;
 4. the downstream ResNet-18 of :mod:`augflow.audit.downstream` (class-weighted loss, a fixed number of epochs,
    seeds 0..S-1) on every arm, evaluated on the ``--eval`` split: ``val`` while choosing levers, ``test`` for the
-   reported figure (choose on val, report on test, never the other way round);
+   reported figure (choose on val, report on test, never the other way round); ``fresh`` scores on new subjects
+   of the simulator, as many as ``--fresh-per-class`` asks (the test split's few subjects of a rare scanner make
+   its balanced accuracy move by a few points with the subjects drawn);
 
 and writes a markdown report: balanced accuracy per arm (mean ± std), the paired difference of each top-up
 against ``real+oversampled`` and ``real`` with a 95% Student-t interval over seeds, per-class recall with the
@@ -42,6 +44,11 @@ the two ways of filling a class: the fraction F of each class's gap to the large
 real images (as ``oversampled`` does), the rest by the top-up (``dup=0``: the top-up; ``dup=1``: oversampling).
 ``syn=F`` keeps the fraction F of each class's synthetic images (with ``half:``, ``syn=0.5`` makes every class a
 third synthetic).
+
+The generator ``fresh`` is no generator: its images are **new subjects of the built-in simulator** (seed 1, so none
+is in the split), a perfect generator's samples. ``fresh`` tops up with them and ``half:fresh`` adds a balanced set
+of them, so their rows are the ceiling of what any generator could add in that arm (only the simulator's own keys:
+no ``T``, ``select``, ...).
 
     python benchmarks/usefulness.py --task scanner --size 32 --eval test --seeds 5 --threads 1 \\
         --arms real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0 --out reports/usefulness.md
@@ -75,8 +82,9 @@ from augflow.audit.downstream import (
 )
 from augflow.audit.features import EncoderRecipe, domain_encoder_path, feature_space, load_encoder
 from augflow.audit.recognition import class_recognition
+from augflow.data.phantom import SLICES_PER_SUBJECT, TASKS, simulate_subject
 from augflow.data.splits import write_subset
-from augflow.data.store import read_images, read_info
+from augflow.data.store import DatasetWriter, read_images, read_info
 from augflow.precision import cpu_model, resolve_amp
 
 FAMILIES = {"magic": "", "symm": "-symmflow"}  # recipe suffix per family
@@ -95,6 +103,8 @@ BATCH = 64  # images per downstream CNN step
 SAMPLING_KEYS = ("T", "g", "select", "conf", "keep", "ratio", "denoise", "near", "from", "bg")
 ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre", "dup", "syn")
 MODES = ("only", "all", "pre", "half")  # prefixes of arms that use a balanced synthetic set instead of a top-up
+FRESH_SEED = 1  # the simulator's seed of the ``fresh`` subjects; the split is drawn from seed 0
+FRESH_EVAL_SEED = 2  # the seed of the ``--eval fresh`` test subjects
 
 
 def run(command: list[str], log: list[str], cwd: Path) -> None:
@@ -113,11 +123,11 @@ def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
     parts = spec.split(":")
     mode = parts[0] if parts[0] in MODES else "topup"
     parts = parts[1:] if mode != "topup" else parts
-    if parts[0] not in FAMILIES and parts[0] not in labels:
+    if parts[0] not in FAMILIES and parts[0] not in labels and parts[0] != "fresh":
         raise SystemExit(f"--arms: unknown generator {parts[0]!r} in {spec!r}; allowed: a family "
-                         f"{sorted(FAMILIES)} or a --run label {sorted(labels)}")
+                         f"{sorted(FAMILIES)}, 'fresh' (new simulated subjects) or a --run label {sorted(labels)}")
     options = dict(p.split("=", 1) for p in parts[1:])
-    unknown = set(options) - set(ARM_KEYS)
+    unknown = set(options) - set(ARM_KEYS) | (set(options) & set(SAMPLING_KEYS) if parts[0] == "fresh" else set())
     if unknown:
         raise SystemExit(f"--arms: unknown keys {sorted(unknown)} in {spec!r}; allowed: {', '.join(ARM_KEYS)}")
     return {"mode": mode, "family": parts[0], **options}
@@ -155,6 +165,21 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
     if "near" in arm:
         command += ["--near", str(real), "--strength", arm["near"], "--anchor-classes", arm.get("from", "same")]
     run(command, log, work)
+    return out
+
+
+def fresh_subjects(task: str, size: int, class_names: list[str], per_class: int, seed: int, out: Path) -> Path:
+    """``per_class`` images of each class from new subjects of the built-in simulator (``seed`` != 0, the split's):
+    what a generator that samples the true distribution would give, or a test set as large as wanted."""
+    if out.exists():
+        return out
+    with DatasetWriter(out, (1, size, size), class_names, provenance={"seed": seed}) as writer:
+        for k, name in enumerate(class_names):
+            for j in range(-(-per_class // SLICES_PER_SUBJECT)):
+                n = min(SLICES_PER_SUBJECT, per_class - j * SLICES_PER_SUBJECT)
+                images, offsets = simulate_subject(task, TASKS[task].index(name), j, seed=seed, size=size,
+                                                   num_slices=n)
+                writer.append(images, np.full(n, k), np.full(n, f"fresh-{k}-{j:04d}", dtype=object), offsets)
     return out
 
 
@@ -225,7 +250,11 @@ def main() -> None:
                         help="CLASS=SUBJECTS[,...]: keep only that many subjects of a class in the training split "
                              "(val and test keep theirs), to make a balanced task imbalanced, e.g. "
                              "--task modality --rare FLAIR=6,tau-PET=6.")
-    parser.add_argument("--eval", choices=["val", "test"], default="val")
+    parser.add_argument("--eval", choices=["val", "test", "fresh"], default="val",
+                        help="The split the CNNs are scored on; 'fresh': --fresh-per-class images per class of new "
+                             "subjects of the simulator (seed 2), a test set large enough for small differences "
+                             "(the test split has 5 TrioTim PPMI images).")
+    parser.add_argument("--fresh-per-class", type=int, default=400, help="Images per class of --eval fresh.")
     parser.add_argument("--arms", default="real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0,
@@ -265,13 +294,16 @@ def main() -> None:
              f"{args.scale:g}", "--out", str(data)], log, work)
         run(["augflow", "split", str(data), "--out-dir", str(split), "--seed", "0"], log, work)
     train_file, eval_file = split / "train.h5", split / f"{args.eval}.h5"
+    if args.eval == "fresh":
+        eval_file = fresh_subjects(args.task, args.size, read_info(train_file).class_names, args.fresh_per_class,
+                                   FRESH_EVAL_SEED, split / f"fresh{args.fresh_per_class}.h5")
     if rare:
         train_file = make_rare(train_file, rare, split / "train-rare.h5")
     arms = args.arms.split(",")
     runs = dict(r.split("=", 1) for r in args.run)
     runs = {f: Path(d).resolve() for f, d in runs.items()}
     specs = {a: parse_arm(a, set(runs)) for a in arms if a not in ("real", "oversampled")}
-    for family in {s["family"] for s in specs.values()} - set(runs):
+    for family in {s["family"] for s in specs.values()} - set(runs) - {"fresh"}:
         runs[family] = work / "runs" / family
         # model.pt appears at the first validation, so only the checkpoint tells whether the run finished:
         # resuming a finished run returns at once, an interrupted one goes on.
@@ -281,7 +313,11 @@ def main() -> None:
                  args.task + FAMILIES[family], "--out", str(runs[family]), "--threads", str(args.threads),
                  *(["--resume"] if resume else []), *TRAIN_SETTINGS[family],
                  *(NARROW_SYMM if family == "symm" and args.size < 64 else [])], log, work)
-    files = {a: synthetic_file(s, work, runs, train_file, log, args.threads) for a, s in specs.items()}
+    largest = int(np.bincount(read_info(train_file).labels).max())
+    files = {a: fresh_subjects(args.task, args.size, read_info(train_file).class_names, largest, FRESH_SEED,
+                               work / "synthetic" / "fresh.h5")
+             if s["family"] == "fresh" else synthetic_file(s, work, runs, train_file, log, args.threads)
+             for a, s in specs.items()}
 
     info, x = read_info(train_file), read_images(train_file)
     y, names = info.labels, info.class_names
@@ -301,7 +337,8 @@ def main() -> None:
             source = files.get(arm)
             # The real arm's steps are the same under both budgets (and so is its cache entry).
             budget = epochs if steps is None or arm == "real" else f"{steps} steps"
-            tag = f"{arm}|{seed}|{budget}|{args.eval}|" + (hashlib.sha256(source.read_bytes()).hexdigest()
+            evaluated = args.eval if args.eval != "fresh" else eval_file.stem
+            tag = f"{arm}|{seed}|{budget}|{evaluated}|" + (hashlib.sha256(source.read_bytes()).hexdigest()
                                                                if source else "")
             path = cache / (hashlib.sha256(tag.encode()).hexdigest()[:20] + ".json")
             if not path.exists():
