@@ -11,9 +11,9 @@ The instrument of the usefulness issue. On the built-in data it runs, each stage
    ``--per-class`` for the train-on-synthetic arm;
 4. the downstream ResNet-18 of :mod:`augflow.audit.downstream` (class-weighted loss, a fixed number of epochs,
    seeds 0..S-1) on every arm, evaluated on the ``--eval`` split: ``val`` while choosing levers, ``test`` for the
-   reported figure (choose on val, report on test, never the other way round); ``fresh`` scores on new subjects
-   of the simulator, as many as ``--fresh-per-class`` asks (the test split's few subjects of a rare scanner make
-   its balanced accuracy move by a few points with the subjects drawn);
+   reported figure (choose on val, report on test, never the other way round); ``fresh-val`` and ``fresh`` are
+   their counterparts of new subjects of the simulator, as many as ``--fresh-per-class`` asks (the split's few
+   subjects of a rare scanner make its balanced accuracy move by a few points with the subjects drawn);
 
 and writes a markdown report: balanced accuracy per arm (mean ± std), the paired difference of each top-up
 against ``real+oversampled`` and ``real`` with a 95% Student-t interval over seeds, per-class recall with the
@@ -104,7 +104,7 @@ SAMPLING_KEYS = ("T", "g", "select", "conf", "keep", "ratio", "denoise", "near",
 ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre", "dup", "syn")
 MODES = ("only", "all", "pre", "half")  # prefixes of arms that use a balanced synthetic set instead of a top-up
 FRESH_SEED = 1  # the simulator's seed of the ``fresh`` subjects; the split is drawn from seed 0
-FRESH_EVAL_SEED = 2  # the seed of the ``--eval fresh`` test subjects
+FRESH_EVAL_SEEDS = {"fresh": 2, "fresh-val": 3}  # simulator seeds of the --eval sets of new subjects
 
 
 def run(command: list[str], log: list[str], cwd: Path) -> None:
@@ -250,11 +250,12 @@ def main() -> None:
                         help="CLASS=SUBJECTS[,...]: keep only that many subjects of a class in the training split "
                              "(val and test keep theirs), to make a balanced task imbalanced, e.g. "
                              "--task modality --rare FLAIR=6,tau-PET=6.")
-    parser.add_argument("--eval", choices=["val", "test", "fresh"], default="val",
-                        help="The split the CNNs are scored on; 'fresh': --fresh-per-class images per class of new "
-                             "subjects of the simulator (seed 2), a test set large enough for small differences "
-                             "(the test split has 5 TrioTim PPMI images).")
-    parser.add_argument("--fresh-per-class", type=int, default=400, help="Images per class of --eval fresh.")
+    parser.add_argument("--eval", choices=["val", "test", *FRESH_EVAL_SEEDS], default="val",
+                        help="The split the CNNs are scored on; 'fresh' (a test set) and 'fresh-val' (to choose "
+                             "levers on): --fresh-per-class images per class of new subjects of the simulator "
+                             "(seeds 2 and 3), large enough for small differences (the test split has 5 TrioTim PPMI "
+                             "images, val 4).")
+    parser.add_argument("--fresh-per-class", type=int, default=400, help="Images per class of --eval fresh(-val).")
     parser.add_argument("--arms", default="real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0,
@@ -294,9 +295,9 @@ def main() -> None:
              f"{args.scale:g}", "--out", str(data)], log, work)
         run(["augflow", "split", str(data), "--out-dir", str(split), "--seed", "0"], log, work)
     train_file, eval_file = split / "train.h5", split / f"{args.eval}.h5"
-    if args.eval == "fresh":
+    if args.eval in FRESH_EVAL_SEEDS:
         eval_file = fresh_subjects(args.task, args.size, read_info(train_file).class_names, args.fresh_per_class,
-                                   FRESH_EVAL_SEED, split / f"fresh{args.fresh_per_class}.h5")
+                                   FRESH_EVAL_SEEDS[args.eval], split / f"{args.eval}{args.fresh_per_class}.h5")
     if rare:
         train_file = make_rare(train_file, rare, split / "train-rare.h5")
     arms = args.arms.split(",")
@@ -337,7 +338,7 @@ def main() -> None:
             source = files.get(arm)
             # The real arm's steps are the same under both budgets (and so is its cache entry).
             budget = epochs if steps is None or arm == "real" else f"{steps} steps"
-            evaluated = args.eval if args.eval != "fresh" else eval_file.stem
+            evaluated = eval_file.stem if args.eval in FRESH_EVAL_SEEDS else args.eval
             tag = f"{arm}|{seed}|{budget}|{evaluated}|" + (hashlib.sha256(source.read_bytes()).hexdigest()
                                                                if source else "")
             path = cache / (hashlib.sha256(tag.encode()).hexdigest()[:20] + ".json")
