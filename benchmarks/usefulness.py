@@ -127,9 +127,10 @@ def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
         raise SystemExit(f"--arms: unknown generator {parts[0]!r} in {spec!r}; allowed: a family "
                          f"{sorted(FAMILIES)}, 'fresh' (new simulated subjects) or a --run label {sorted(labels)}")
     options = dict(p.split("=", 1) for p in parts[1:])
-    unknown = set(options) - set(ARM_KEYS) | (set(options) & set(SAMPLING_KEYS) if parts[0] == "fresh" else set())
+    allowed = [k for k in ARM_KEYS if k not in SAMPLING_KEYS] if parts[0] == "fresh" else ARM_KEYS
+    unknown = set(options) - set(allowed)
     if unknown:
-        raise SystemExit(f"--arms: unknown keys {sorted(unknown)} in {spec!r}; allowed: {', '.join(ARM_KEYS)}")
+        raise SystemExit(f"--arms: unknown keys {sorted(unknown)} in {spec!r}; allowed: {', '.join(allowed)}")
     return {"mode": mode, "family": parts[0], **options}
 
 
@@ -278,6 +279,8 @@ def main() -> None:
                         help="Only the class recognition of the synthetic files (no downstream training): a cheap "
                              "screen of generators before their CNN runs.")
     args = parser.parse_args()
+    if args.fresh_per_class < 1:
+        parser.error(f"--fresh-per-class must be at least 1, but is: {args.fresh_per_class}")
     if args.control_epochs is not None and args.control_epochs < 1:
         parser.error(f"--control-epochs must be at least 1, but is: {args.control_epochs}")
     torch.set_num_threads(args.threads)
