@@ -317,13 +317,12 @@ def main() -> None:
                  args.task + FAMILIES[family], "--out", str(runs[family]), "--threads", str(args.threads),
                  *(["--resume"] if resume else []), *TRAIN_SETTINGS[family],
                  *(NARROW_SYMM if family == "symm" and args.size < 64 else [])], log, work)
-    largest = int(np.bincount(read_info(train_file).labels).max())
-    files = {a: fresh_subjects(args.task, args.size, read_info(train_file).class_names, largest, FRESH_SEED,
-                               work / "synthetic" / "fresh.h5")
+    info, x = read_info(train_file), read_images(train_file)
+    files = {a: fresh_subjects(args.task, args.size, info.class_names, int(np.bincount(info.labels).max()),
+                               FRESH_SEED, work / "synthetic" / "fresh.h5")
              if s["family"] == "fresh" else synthetic_file(s, work, runs, train_file, log, args.threads)
              for a, s in specs.items()}
 
-    info, x = read_info(train_file), read_images(train_file)
     y, names = info.labels, info.class_names
     test = read_info(eval_file)
     x_test = read_images(eval_file)
