@@ -47,8 +47,8 @@ third synthetic).
 
 The generator ``fresh`` is no generator: its images are **new subjects of the built-in simulator** (seed 1, so none
 is in the split), a perfect generator's samples. ``fresh`` tops up with them and ``half:fresh`` adds a balanced set
-of them, so their rows are the ceiling of what any generator could add in that arm (only the simulator's own keys:
-no ``T``, ``select``, ...).
+of them, so their rows are the ceiling of what any generator could add in that arm (no ``T``, ``near``, ...; only
+``select=classifier:conf=P``, which keeps what the classifier selection would keep of a perfect generator).
 
     python benchmarks/usefulness.py --task scanner --size 32 --eval test --seeds 5 --threads 1 \\
         --arms real,oversampled,magic:T=1.0,symm:T=1.0,only:magic:T=1.0 --out reports/usefulness.md
@@ -105,6 +105,8 @@ ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre", "dup", "syn")
 MODES = ("only", "all", "pre", "half")  # prefixes of arms that use a balanced synthetic set instead of a top-up
 FRESH_SEED = 1  # the simulator's seed of the ``fresh`` subjects; the split is drawn from seed 0
 FRESH_EVAL_SEEDS = {"fresh": 2, "fresh-val": 3}  # simulator seeds of the --eval sets of new subjects
+FRESH_KEYS = ("select", "conf")  # the sampling keys a perfect generator takes: the classifier's selection
+FRESH_POOL = 4  # a selected set of new subjects is drawn from this many times the images it keeps
 
 
 def run(command: list[str], log: list[str], cwd: Path) -> None:
@@ -127,10 +129,13 @@ def parse_arm(spec: str, labels: set[str] = frozenset()) -> dict:
         raise SystemExit(f"--arms: unknown generator {parts[0]!r} in {spec!r}; allowed: a family "
                          f"{sorted(FAMILIES)}, 'fresh' (new simulated subjects) or a --run label {sorted(labels)}")
     options = dict(p.split("=", 1) for p in parts[1:])
-    allowed = [k for k in ARM_KEYS if k not in SAMPLING_KEYS] if parts[0] == "fresh" else ARM_KEYS
+    allowed = ([k for k in ARM_KEYS if k not in SAMPLING_KEYS or k in FRESH_KEYS] if parts[0] == "fresh" else
+               ARM_KEYS)
     unknown = set(options) - set(allowed)
     if unknown:
         raise SystemExit(f"--arms: unknown keys {sorted(unknown)} in {spec!r}; allowed: {', '.join(allowed)}")
+    if parts[0] == "fresh" and options.get("select", "classifier") != "classifier":
+        raise SystemExit(f"--arms: {spec!r}: new subjects can only be selected by the classifier (select=classifier)")
     return {"mode": mode, "family": parts[0], **options}
 
 
@@ -182,6 +187,34 @@ def fresh_subjects(task: str, size: int, class_names: list[str], per_class: int,
                                                    num_slices=n)
                 writer.append(images, np.full(n, k), np.full(n, f"fresh-{k}-{j:04d}", dtype=object), offsets)
     return out
+
+
+def fresh_file(arm: dict, task: str, size: int, real: Path, work: Path) -> Path:
+    """The balanced set of new subjects of an arm (as many images of every class as the largest real class). With
+    ``select=classifier``, the first of a larger pool that the audit's domain encoder (a ResNet-18 trained on the
+    real training file) assigns to their class with probability at least ``conf``: what the selection of augflow
+    synthesize would keep of a perfect generator's samples."""
+    info = read_info(real)
+    n = int(np.bincount(info.labels).max())
+    if "select" not in arm:
+        return fresh_subjects(task, size, info.class_names, n, FRESH_SEED, work / "synthetic" / "fresh.h5")
+    conf = float(arm.get("conf", "0.5"))
+    out = work / "synthetic" / f"fresh_selectclassifier_conf{conf:g}.h5"
+    if out.exists():
+        return out
+    pool = fresh_subjects(task, size, info.class_names, FRESH_POOL * n, FRESH_SEED,
+                          work / "synthetic" / f"fresh-pool{FRESH_POOL * n}.h5")
+    labels = read_info(pool).labels
+    probs = predict_proba(load_encoder(domain_encoder_path(real, EncoderRecipe())), read_images(pool))
+    passed = probs[np.arange(len(labels)), labels] >= conf
+    rows = [np.flatnonzero(passed & (labels == k))[:n] for k in range(len(info.class_names))]
+    short = {info.class_names[k]: len(r) for k, r in enumerate(rows) if len(r) < n}
+    if short:
+        raise SystemExit(f"--arms: of {FRESH_POOL * n} new images per class, fewer than {n} pass conf={conf:g}: "
+                         f"{short}")
+    acceptance = {name: float(passed[labels == k].mean()) for k, name in enumerate(info.class_names)}
+    return write_subset(pool, np.concatenate(rows), out, {"selection": {
+        "method": "classifier", "min_confidence": conf, "acceptance_rate": acceptance}})
 
 
 def training_set(arm: str, x: np.ndarray, y: np.ndarray, files: dict[str, Path], seed: int, weight: float = 1.0,
@@ -318,10 +351,8 @@ def main() -> None:
                  *(["--resume"] if resume else []), *TRAIN_SETTINGS[family],
                  *(NARROW_SYMM if family == "symm" and args.size < 64 else [])], log, work)
     info, x = read_info(train_file), read_images(train_file)
-    files = {a: fresh_subjects(args.task, args.size, info.class_names, int(np.bincount(info.labels).max()),
-                               FRESH_SEED, work / "synthetic" / "fresh.h5")
-             if s["family"] == "fresh" else synthetic_file(s, work, runs, train_file, log, args.threads)
-             for a, s in specs.items()}
+    files = {a: fresh_file(s, args.task, args.size, train_file, work) if s["family"] == "fresh" else
+             synthetic_file(s, work, runs, train_file, log, args.threads) for a, s in specs.items()}
 
     y, names = info.labels, info.class_names
     test = read_info(eval_file)
