@@ -10,7 +10,7 @@ sentence.
 The demo does not use the release that beat oversampling at 64 px (a classifier-selected set of every class added to
 the oversampled images, reports/usefulness.md): at demo size a real-trained classifier files almost none of the
 small generator's TrioTim, Prisma and Prisma Fit samples under their class, so a selected set cannot be drawn, and
-the unselected set of every class hurt as well as the top-up while it cost 2.5 more minutes (reports/demo).
+added unselected, that set hurt as the top-up does, and cost 2.5 more minutes (reports/demo).
 """
 
 from __future__ import annotations
