@@ -392,7 +392,7 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
               help="With --balance: at most this many synthetic images per real image of each class.")
 @click.option("--real", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The real training file the synthetic images will be added to: --balance counts its classes, "
-                   "--select classifier and realism train on it.")
+                   "--select classifier and realism train on it (unless --select-public is given).")
 @click.option("--per-class", type=click.IntRange(min=1), default=None,
               help="N images of every class (a set to audit, or to train on synthetic data only).")
 @click.option("--select", "select", type=click.Choice(["none", "posterior", "classifier", "realism"]),
@@ -400,6 +400,10 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
               help="Keep a sample only if the model's own Bayes posterior (MAGIC-Flow), or a ResNet-18 trained on "
                    "--real, gives its class at least --min-confidence; realism: only the --keep-fraction of samples "
                    "that a per-class real-vs-synthetic logistic regression in that ResNet's features finds most real.")
+@click.option("--select-public", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --select classifier or realism: train the selection's classifier on this labelled file "
+                   "instead of --real, declaring that it holds public images only (none of the model's private "
+                   "data). A DP model selects only this way: selecting with public data costs no privacy.")
 @click.option("--min-confidence", type=float, default=0.5, show_default=True,
               help="With --select posterior or classifier: the class probability a sample needs, in (0, 1).")
 @click.option("--keep-fraction", type=float, default=0.25, show_default=True,
@@ -433,9 +437,9 @@ def train(data, val, recipe, out, resume, overwrite, seed, overrides, dp_enabled
 @_device_option
 @_threads_option
 @_error_boundary
-def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real, per_class, select, min_confidence,
-               keep_fraction, temperature, guidance, denoise, near, strength, anchor_classes, zero_background, seed,
-               batch_size, overwrite, amp, device):
+def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real, per_class, select, select_public,
+               min_confidence, keep_fraction, temperature, guidance, denoise, near, strength, anchor_classes,
+               zero_background, seed, batch_size, overwrite, amp, device):
     """Write synthetic images of a trained model to a dataset file.
 
     \b
@@ -447,6 +451,8 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
         augflow synthesize --model runs/scanner --balance --real data/train.h5 --near data/train.h5 \\
             --strength 0.3 --out in-house-topup.h5
         augflow synthesize --model runs/scanner --per-class 200 --out audit-set.h5
+        augflow synthesize --model runs/scanner-dp --per-class 346 --select classifier \\
+            --select-public public.h5 --min-confidence 0.4 --out dp-release.h5
     """
     from augflow.synthesize import Anchors, Selection, topup_counts, training_counts
     from augflow.synthesize import synthesize as run_synthesis
@@ -470,7 +476,8 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
         counts = dict.fromkeys(training_counts(model), per_class)
     else:
         counts, source = topup_counts(model, real, target_count, max_ratio)
-    selection = Selection(select, min_confidence, real, keep_fraction=keep_fraction)
+    selection = Selection(select, min_confidence, select_public or real, keep_fraction=keep_fraction,
+                          public=select_public is not None)
     result = run_synthesis(model, out, counts, temperature=temperature, seed=seed, batch_size=batch_size,
                            device=device, amp=amp, selection=selection, counts_source=source, denoise=denoise,
                            near=near and Anchors(near, Anchors.strength if strength is None else strength,

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from augflow.atomic import check_output
 from augflow.data.store import DatasetWriter, read_images, read_info, sha256_file
-from augflow.errors import ConfigError, DataError
+from augflow.errors import ConfigError, DataError, PrivacyError
 from augflow.models import ModelFamily, load_model
 from augflow.precision import autocast, resolve_amp
 from augflow.runs import check_classes, derive_seed, model_file, resolve_class, resolve_device, stored_amp
@@ -274,10 +274,15 @@ class Selection:
         method: ``"none"`` (every sample), ``"posterior"`` (the model's own Bayes posterior ``p(y | x)`` with its
             training-class prior and the calibration temperature stored beside it, if any and the model is not DP;
             needs an exact likelihood), ``"classifier"`` (a ResNet-18 trained on ``real``, the real training file:
-            the audit's domain encoder, cached by the file's SHA-256; not for a DP model) or ``"realism"`` (per
-            class, a real-vs-synthetic logistic regression in that encoder's features; not for a DP model).
+            the audit's domain encoder, cached by the file's SHA-256) or ``"realism"`` (per class, a
+            real-vs-synthetic logistic regression in that encoder's features). A DP model allows these two only
+            with a ``real`` file declared ``public``.
         min_confidence: Keep a sample of class ``k`` when its probability of ``k`` is at least this, in (0, 1).
         real: The real training file of the ``"classifier"`` and the ``"realism"`` selections.
+        public: The user's declaration that ``real`` holds public images only, none of the model's private data.
+            Selecting a DP model's samples with a classifier of public data is post-processing: it costs no
+            privacy (Dwork & Roth 2014, Prop. 2.1), as a public model's selection of DP images does in DPImageBench
+            (Gong et al. 2025, arXiv 2503.14681).
         keep_fraction: ``"realism"``: keep a sample when its probability of being real is at least the
             ``1 - keep_fraction`` quantile of the pilot batch's, in (0, 1]: about that fraction of the draws is kept.
         max_draws: At most this many samples are drawn per requested sample of a class before giving up.
@@ -288,6 +293,7 @@ class Selection:
     min_confidence: float = 0.5
     real: str | Path | None = None
     keep_fraction: float = 0.25
+    public: bool = False
     max_draws: int = 20
     cache_dir: str | Path | None = None
 
@@ -306,6 +312,9 @@ class Selection:
         if self.method in ("classifier", "realism") and self.real is None:
             raise ConfigError(f"--select {self.method} needs --real FILE: the real training file its classifier is "
                               "trained on")
+        if self.public and self.method not in ("classifier", "realism"):
+            raise ConfigError(f"--select-public goes with --select classifier or realism (the selections that train "
+                              f"on a file), not --select {self.method}")
         if self.max_draws < 1:
             raise ConfigError(f"max_draws must be >= 1, but is: {self.max_draws}")
         return self
@@ -348,8 +357,12 @@ class _Selector:
             from augflow.audit.baseline import penultimate
             from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
 
-            _refuse_under_dp(meta, f"--select {self.method} keeps the samples that a classifier trained on "
-                            f"{selection.real} accepts", f"--select {self.method}")
+            if selection.public:
+                _check_public(selection.real, meta)
+            else:
+                _refuse_under_dp(meta, f"--select {self.method} keeps the samples that a classifier trained on "
+                                f"{selection.real} accepts", f"--select {self.method} (or select with a classifier "
+                                "of public data: --select-public FILE)")
             info = read_info(selection.real)
             check_classes(info.class_names, meta["class_names"], f"--real {selection.real}")
             if info.image_shape != tuple(flow.config.image_shape):
@@ -360,8 +373,11 @@ class _Selector:
                                                    device=str(device), progress=progress)
             classifier = load_encoder(encoder_file).to(device)
             self._probs = lambda x: torch.softmax(classifier(x).float(), dim=1)
-            self.details = {"classifier": "ResNet-18 trained on the real training file (the audit's domain encoder)",
-                            "trained_on_sha256": sha256_file(selection.real), "recipe": asdict(EncoderRecipe())}
+            self.details = {"classifier": "ResNet-18 trained on " + ("a file declared public by the user"
+                                                                     if selection.public else "the real training file")
+                            + " (the audit's domain encoder)", "trained_on": Path(selection.real).name,
+                            "trained_on_sha256": sha256_file(selection.real), "declared_public": selection.public,
+                            "recipe": asdict(EncoderRecipe())}
             if self.method == "realism":
                 self._encoder = lambda x: penultimate(classifier, x.float())
                 self._real = (read_images(selection.real), info.labels, device)
@@ -559,6 +575,21 @@ def _refuse_under_dp(meta: dict, what: str, option: str) -> None:
     if _is_dp(meta):
         raise ConfigError(f"{what}: the model's (epsilon, delta) guarantee would not cover the released images; "
                           f"drop {option} to release DP samples")
+
+
+def _check_public(path: str | Path, meta: dict) -> None:
+    """Refuse a file declared public that is the model's own training or validation file (its ledger's fingerprint).
+
+    Raises:
+        PrivacyError: Naming the file and what it is.
+    """
+    fingerprint = (meta.get("privacy") or {}).get("dataset_fingerprint") or meta.get("fingerprint") or {}
+    sha = sha256_file(path)
+    for key, role in (("data_sha256", "training"), ("val_sha256", "validation")):
+        if fingerprint.get(key) == sha:
+            raise PrivacyError(f"--select-public {path} is the model's own {role} file (SHA-256 {sha[:12]}...), "
+                               f"its private data, not public; select with a classifier of other, public images, "
+                               f"or release without --select")
 
 
 def _is_dp(meta: dict) -> bool:

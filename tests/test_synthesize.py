@@ -188,6 +188,39 @@ def test_classifier_selection_trains_on_the_real_file_and_records_it(imbalanced,
     assert list((tmp_path / "cache" / "encoders").glob("*.pt"))  # the classifier is cached for the next call
 
 
+def test_a_dp_model_selects_with_a_classifier_of_data_declared_public(imbalanced, tmp_path, monkeypatch):
+    """--select-public: selecting DP samples with a classifier of public images is post-processing, so a DP model
+    allows it and records the declaration; the model's own training file declared public is refused."""
+    from augflow import synthesize as module
+    from augflow.data.store import write_dataset
+    from augflow.errors import PrivacyError
+
+    monkeypatch.setenv("AUGFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    data, run = imbalanced
+    info = read_info(data)
+    public = write_dataset(tmp_path / "public.h5", np.random.default_rng(1).random((12, 1, 8, 8), dtype=np.float32),
+                           np.arange(12) % 3, [f"p{i}" for i in range(12)], np.zeros(12, dtype=np.int64),
+                           info.class_names)
+    fake = type("L", (), {"dp": True, "to_dict": lambda self: {"dp": True}})()
+    monkeypatch.setattr(module.Ledger, "from_dict", staticmethod(lambda stored: fake))
+    with pytest.raises(ConfigError, match="drop --select classifier .*--select-public FILE"):
+        synthesize(run, tmp_path / "a.h5", {"mid": 3}, selection=Selection("classifier", 0.05, public),
+                   progress=False)
+    out = synthesize(run, tmp_path / "s.h5", {"mid": 3}, selection=Selection("classifier", 0.05, public, public=True),
+                     progress=False).out
+    prov = read_info(out).provenance["selection"]
+    assert prov["declared_public"] and prov["trained_on_sha256"] == sha256_file(public)
+    assert prov["trained_on"] == "public.h5" and "declared public by the user" in prov["classifier"]
+    with pytest.raises(PrivacyError, match=r"--select-public .*d.h5 is the model's own training file"):
+        synthesize(run, tmp_path / "p.h5", {"mid": 3}, selection=Selection("classifier", 0.05, data, public=True),
+                   progress=False)
+    assert not (tmp_path / "p.h5").exists() and not (tmp_path / "a.h5").exists()
+    result = CliRunner().invoke(cli, ["synthesize", "--model", str(run), "--out", str(tmp_path / "c.h5"),
+                                      "--per-class", "2", "--select-public", str(public)])
+    assert result.exit_code != 0 and "--select-public goes with --select classifier or realism" in result.output
+    assert not (tmp_path / "c.h5").exists()
+
+
 def test_realism_selection_keeps_the_samples_its_discriminator_finds_real(imbalanced, tmp_path, monkeypatch):
     """With the image mean m as the feature (as m and m^2, so the logistic regression's logit is a parabola in m),
     the selection keeps one interval of means around the real images of the class, rejects both far ends, and keeps

@@ -352,6 +352,12 @@ def build_document(m: dict, figures: dict[str, bytes]) -> _Doc:
     doc.h(3, "Privacy")
     privacy = m["privacy"]
     doc.p(_privacy_text(privacy))
+    selection = prov.get("selection") or {}
+    if selection.get("declared_public"):
+        doc.p(f"The images were kept by `augflow synthesize --select {selection['method']}` with a classifier trained "
+              f"on {_file(selection.get('trained_on', 'a file'), selection.get('trained_on_sha256'))}, which the user "
+              "declared public: a selection with public data costs no privacy, and the guarantee above covers the "
+              "release as selected.")
     if privacy.get("ledger"):
         ledger = public_paths(privacy["ledger"])
         doc.table(["privacy ledger", "value"], key_values(ledger))

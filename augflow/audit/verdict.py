@@ -47,6 +47,9 @@ def privacy_line(m: dict) -> dict:
         if init:  # --init-from: the guarantee covers the fine-tuning data, not the pretraining data
             parts[0] += (", fine-tuned from a model pretrained on data declared public by the user"
                          if init.get("declared_public") else ", fine-tuned from a model not declared public")
+        selection = ((m.get("inputs") or {}).get("synthetic") or {}).get("provenance", {}).get("selection") or {}
+        if selection.get("declared_public"):
+            parts[0] += ", samples selected by a classifier of data declared public"
     else:
         word = "not differentially private"
         parts = ["no formal guarantee (trained without differential privacy)"]

@@ -208,6 +208,12 @@ def test_data_card_says_when_the_images_derive_from_real_ones(audited):
     assert "they show no real subject" not in near
     assert "each was derived from a real image of train.h5 (its latent mixed with noise of strength 0.3)" in near
     assert "not for sharing" in near
+    assert "declared public" not in plain
+    metrics["inputs"]["synthetic"]["provenance"]["selection"] = {
+        "method": "classifier", "declared_public": True, "trained_on": "public.h5", "trained_on_sha256": "ab" * 32}
+    assert "with a classifier trained on public.h5 (SHA-256 abababababababab...), which the user declared public" in \
+        build_document(metrics, {}).markdown()
+    del metrics["inputs"]["synthetic"]["provenance"]["selection"]
     assert "classifier-free guidance" not in plain  # guidance 1 (none): no row
     metrics["inputs"]["synthetic"]["provenance"]["guidance"] = 3.0
     assert "| classifier-free guidance | 3 |" in build_document(metrics, {}).markdown()

@@ -71,6 +71,9 @@ def test_without_downstream_usefulness_is_not_evaluated():
 def test_privacy_line():
     v = verdict(metrics(dp=True))["privacy"]
     assert v["status"] == "good" and v["word"] == "differentially private (ε = 8)" and "per subject" in v["text"]
+    m = metrics(dp=True)
+    m["inputs"] = {"synthetic": {"provenance": {"selection": {"method": "classifier", "declared_public": True}}}}
+    assert "samples selected by a classifier of data declared public" in verdict(m)["privacy"]["text"]
     v = verdict(metrics())["privacy"]
     assert v["status"] == "warn" and v["word"] == "not differentially private" and "AUC 0.5" in v["text"]
     v = verdict(metrics(exact=3, auc=None))
