@@ -22,8 +22,9 @@ minority classes marked, CPU time per training, and every command.
 Arms are named on the command line: ``real``, ``oversampled``, and top-ups ``FAMILY[:key=value...]`` with FAMILY
 ``magic`` or ``symm`` and keys ``T`` (sampling temperature; for MAGIC-Flow one per latent part, finest first,
 separated by ``/``: ``T=1.0/0.3/0.3/0``), ``g`` (``--guidance``: classifier-free guidance),
-``select`` (none | posterior | classifier | realism),
-``conf`` (the selection's minimum confidence), ``keep`` (``realism``: the fraction kept), ``ratio``
+``select`` (none | posterior | classifier | realism), ``pub`` (``1``: the selection's classifier trains on the public
+set of ``privacy_utility.py``, ``public/train.h5`` in ``--work``, declared public with ``--select-public``: how a DP
+model selects), ``conf`` (the selection's minimum confidence), ``keep`` (``realism``: the fraction kept), ``ratio``
 (``--max-ratio``), ``denoise`` (``1``: ``--denoise``), ``near``
 (``--near train.h5 --strength S``: each image derived from a real training image), ``from`` (with ``near``: the
 ``--anchor-classes`` same | other | all, whose real images anchor a class's samples), ``bg`` (``1``:
@@ -100,7 +101,7 @@ NARROW_SYMM = ["--set", "model.channel_mult=[1,2,2]", "--set", "model.attention_
 
 BATCH = 64  # images per downstream CNN step
 # The keys that change the synthetic file.
-SAMPLING_KEYS = ("T", "g", "select", "conf", "keep", "ratio", "denoise", "near", "from", "bg")
+SAMPLING_KEYS = ("T", "g", "select", "pub", "conf", "keep", "ratio", "denoise", "near", "from", "bg")
 ARM_KEYS = (*SAMPLING_KEYS, "w", "soft", "bn", "pre", "dup", "syn")
 MODES = ("only", "all", "pre", "half")  # prefixes of arms that use a balanced synthetic set instead of a top-up
 FRESH_SEED = 1  # the simulator's seed of the ``fresh`` subjects; the split is drawn from seed 0
@@ -162,6 +163,8 @@ def synthetic_file(arm: dict, work: Path, runs: dict[str, Path], real: Path, log
         command += ["--select", "realism", "--keep-fraction", arm.get("keep", "0.25")]
     elif arm.get("select", "none") != "none":
         command += ["--select", arm["select"], "--min-confidence", arm.get("conf", "0.5")]
+    if arm.get("pub", "0") == "1":
+        command += ["--select-public", str(work / "public" / "train.h5")]
     if "ratio" in arm:
         command += ["--max-ratio", arm["ratio"]]
     if arm.get("denoise", "0") == "1":
