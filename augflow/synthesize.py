@@ -358,7 +358,8 @@ class _Selector:
             from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
 
             if selection.public:
-                _check_public(selection.real, meta)
+                if _is_dp(meta):  # without DP nothing needs the declaration: the selection is allowed anyway
+                    _check_public(selection.real, meta)
             else:
                 _refuse_under_dp(meta, f"--select {self.method} keeps the samples that a classifier trained on "
                                 f"{selection.real} accepts", f"--select {self.method} (or select with a classifier "

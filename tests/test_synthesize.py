@@ -202,6 +202,7 @@ def test_a_dp_model_selects_with_a_classifier_of_data_declared_public(imbalanced
                            np.arange(12) % 3, [f"p{i}" for i in range(12)], np.zeros(12, dtype=np.int64),
                            info.class_names)
     fake = type("L", (), {"dp": True, "to_dict": lambda self: {"dp": True}})()
+    from_dict = module.Ledger.from_dict
     monkeypatch.setattr(module.Ledger, "from_dict", staticmethod(lambda stored: fake))
     with pytest.raises(ConfigError, match="drop --select classifier .*--select-public FILE"):
         synthesize(run, tmp_path / "a.h5", {"mid": 3}, selection=Selection("classifier", 0.05, public),
@@ -211,6 +212,10 @@ def test_a_dp_model_selects_with_a_classifier_of_data_declared_public(imbalanced
     prov = read_info(out).provenance["selection"]
     assert prov["declared_public"] and prov["trained_on_sha256"] == sha256_file(public)
     assert prov["trained_on"] == "public.h5" and "declared public by the user" in prov["classifier"]
+    with monkeypatch.context() as without_dp:  # a model without DP may select with its own training file
+        without_dp.setattr(module.Ledger, "from_dict", from_dict)
+        assert read_info(synthesize(run, tmp_path / "n.h5", {"mid": 3}, selection=Selection(
+            "classifier", 0.05, data, public=True), progress=False).out).provenance["selection"]["declared_public"]
     with pytest.raises(PrivacyError, match=r"--select-public .*d.h5 is the model's own training file"):
         synthesize(run, tmp_path / "p.h5", {"mid": 3}, selection=Selection("classifier", 0.05, data, public=True),
                    progress=False)
