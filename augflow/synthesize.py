@@ -281,8 +281,7 @@ class Selection:
         real: The real training file of the ``"classifier"`` and the ``"realism"`` selections.
         public: The user's declaration that ``real`` holds public images only, none of the model's private data.
             Selecting a DP model's samples with a classifier of public data is post-processing: it costs no
-            privacy (Dwork & Roth 2014, Prop. 2.1), as a public model's selection of DP images does in DPImageBench
-            (Gong et al. 2025, arXiv 2503.14681).
+            privacy (post-processing, Dwork & Roth 2014, Prop. 2.1).
         keep_fraction: ``"realism"``: keep a sample when its probability of being real is at least the
             ``1 - keep_fraction`` quantile of the pilot batch's, in (0, 1]: about that fraction of the draws is kept.
         max_draws: At most this many samples are drawn per requested sample of a class before giving up.
@@ -364,10 +363,11 @@ class _Selector:
                 _refuse_under_dp(meta, f"--select {self.method} keeps the samples that a classifier trained on "
                                 f"{selection.real} accepts", f"--select {self.method} (or select with a classifier "
                                 "of public data: --select-public FILE)")
+            option = "--select-public" if selection.public else "--real"
             info = read_info(selection.real)
-            check_classes(info.class_names, meta["class_names"], f"--real {selection.real}")
+            check_classes(info.class_names, meta["class_names"], f"{option} {selection.real}")
             if info.image_shape != tuple(flow.config.image_shape):
-                raise DataError(f"--real {selection.real}: image shape {info.image_shape} differs from the model's "
+                raise DataError(f"{option} {selection.real}: image shape {info.image_shape} differs from the model's "
                                 f"{tuple(flow.config.image_shape)}")
             with torch.enable_grad():  # trains on the first call (minutes), then cached
                 encoder_file = domain_encoder_path(selection.real, EncoderRecipe(), selection.cache_dir,
