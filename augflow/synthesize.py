@@ -356,13 +356,13 @@ class _Selector:
             from augflow.audit.baseline import penultimate
             from augflow.audit.features import EncoderRecipe, domain_encoder_path, load_encoder
 
-            if selection.public:
-                if _is_dp(meta):  # without DP nothing needs the declaration: the selection is allowed anyway
-                    _check_public(selection.real, meta)
-            else:
+            sha = sha256_file(selection.real)
+            if not selection.public:
                 _refuse_under_dp(meta, f"--select {self.method} keeps the samples that a classifier trained on "
                                 f"{selection.real} accepts", f"--select {self.method} (or select with a classifier "
                                 "of public data: --select-public FILE)")
+            elif _is_dp(meta):  # without DP nothing needs the declaration: the selection is allowed anyway
+                _check_public(selection.real, sha, meta)
             option = "--select-public" if selection.public else "--real"
             info = read_info(selection.real)
             check_classes(info.class_names, meta["class_names"], f"{option} {selection.real}")
@@ -377,7 +377,7 @@ class _Selector:
             self.details = {"classifier": "ResNet-18 trained on " + ("a file declared public by the user"
                                                                      if selection.public else "the real training file")
                             + " (the audit's domain encoder)", "trained_on": Path(selection.real).name,
-                            "trained_on_sha256": sha256_file(selection.real), "declared_public": selection.public,
+                            "trained_on_sha256": sha, "declared_public": selection.public,
                             "recipe": asdict(EncoderRecipe())}
             if self.method == "realism":
                 self._encoder = lambda x: penultimate(classifier, x.float())
@@ -578,14 +578,14 @@ def _refuse_under_dp(meta: dict, what: str, option: str) -> None:
                           f"drop {option} to release DP samples")
 
 
-def _check_public(path: str | Path, meta: dict) -> None:
-    """Refuse a file declared public that is the model's own training or validation file (its ledger's fingerprint).
+def _check_public(path: str | Path, sha: str, meta: dict) -> None:
+    """Refuse a file declared public (SHA-256 ``sha``) that is the model's own training or validation file (its
+    ledger's fingerprint).
 
     Raises:
         PrivacyError: Naming the file and what it is.
     """
     fingerprint = (meta.get("privacy") or {}).get("dataset_fingerprint") or meta.get("fingerprint") or {}
-    sha = sha256_file(path)
     for key, role in (("data_sha256", "training"), ("val_sha256", "validation")):
         if fingerprint.get(key) == sha:
             raise PrivacyError(f"--select-public {path} is the model's own {role} file (SHA-256 {sha[:12]}...), "
