@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import beta
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -443,18 +444,27 @@ class _Selector:
             return self._encoder(images).double().cpu().numpy()
 
     def check_budget(self, k: int, n: int, made: int, name: str) -> None:
-        """Give up on a class when ``max_draws`` samples per requested one did not give ``n``.
+        """Give up on a class when ``max_draws`` samples per requested one did not give ``n``, or earlier, once a
+        quarter of that budget is drawn, when even the 99.9% upper (Clopper-Pearson) bound of the acceptance seen so
+        far would not give the rest within the budget: a model whose samples the selection almost never keeps fails
+        in a quarter of the time.
 
         Raises:
             ConfigError: Naming the class, what was drawn and kept, and what to change.
         """
-        drawn = self.drawn.get(k, 0)
-        if drawn >= self.selection.max_draws * n:
-            option = (f"--keep-fraction {self.selection.keep_fraction}" if self.method == "realism" else
-                      f"--min-confidence {self.selection.min_confidence}")
-            raise ConfigError(f"--select {self.method} {option}: class {name!r}"
-                              f" kept {made} of {drawn} samples drawn ({made / drawn:.1%}), short of the {n} asked for;"
-                              f" loosen {option.split()[0]}, ask for fewer images, or train the model longer")
+        drawn, kept, budget = self.drawn.get(k, 0), self.kept.get(k, 0), self.selection.max_draws * n
+        if drawn >= budget:
+            hopeless = ""
+        elif (drawn >= budget / 4 and kept < drawn
+              and beta.ppf(0.999, kept + 1, drawn - kept) * (budget - drawn) < n - made):
+            hopeless = f"; at that rate the other {budget - drawn} draws of its budget would not make up the rest"
+        else:
+            return
+        option = (f"--keep-fraction {self.selection.keep_fraction}" if self.method == "realism" else
+                  f"--min-confidence {self.selection.min_confidence}")
+        raise ConfigError(f"--select {self.method} {option}: class {name!r} kept {made} of {drawn} samples drawn "
+                          f"({made / drawn:.1%}), short of the {n} asked for{hopeless}; loosen {option.split()[0]}, "
+                          "ask for fewer images, or train the model longer")
 
     def describe(self, class_names: list[str] | None = None) -> dict:
         """The selection for the provenance (with the acceptance per class once the classes are done)."""

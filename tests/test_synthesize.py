@@ -157,6 +157,24 @@ def test_posterior_selection_keeps_only_confident_samples_and_records_the_accept
     assert prov["acceptance_rate"]["small"] == pytest.approx(prov["kept"]["small"] / prov["drawn"]["small"])
 
 
+def test_a_selection_that_keeps_nothing_stops_after_a_quarter_of_its_budget(imbalanced, tmp_path, monkeypatch):
+    import torch
+
+    from augflow.classify import likelihood
+
+    # Flat class scores: p(small | x) is its prior 4 / 28 < 0.6 for every sample, so nothing is ever kept. The budget
+    # is 20 draws x 10 images = 200; after 80 draws (5 batches) even the 99.9% upper bound of the acceptance, 0.083,
+    # cannot give 10 images in the other 120 (at 64 draws the bound, 0.102, still could).
+    monkeypatch.setattr(likelihood, "class_log_likelihoods", lambda model, x, k, shift_radius=0: torch.zeros(len(x), 3))
+    _, run = imbalanced
+    out = tmp_path / "s.h5"
+    with pytest.raises(ConfigError, match=r"class 'small' kept 0 of 80 samples drawn \(0.0%\), short of the 10 asked "
+                                          r"for; at that rate the other 120 draws of its budget would not make up the "
+                                          r"rest; loosen --min-confidence"):
+        synthesize(run, out, {"small": 10}, selection=Selection("posterior", 0.6), batch_size=16, progress=False)
+    assert not out.exists()
+
+
 def test_posterior_selection_of_a_dp_model_ignores_a_calibration_fitted_on_real_images(imbalanced, tmp_path,
                                                                                        monkeypatch):
     import shutil
