@@ -285,7 +285,8 @@ class Selection:
             privacy (post-processing, Dwork & Roth 2014, Prop. 2.1).
         keep_fraction: ``"realism"``: keep a sample when its probability of being real is at least the
             ``1 - keep_fraction`` quantile of the pilot batch's, in (0, 1]: about that fraction of the draws is kept.
-        max_draws: At most this many samples are drawn per requested sample of a class before giving up.
+        max_draws: At most this many samples are drawn per requested sample of a class before giving up (earlier
+            when the acceptance so far shows that the rest cannot be reached: ``_Selector.check_budget``).
         cache_dir: Where the classifier is cached (default: the audit's encoder cache).
     """
 
