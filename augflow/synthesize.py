@@ -455,16 +455,16 @@ class _Selector:
         """
         drawn, kept, budget = self.drawn.get(k, 0), self.kept.get(k, 0), self.selection.max_draws * n
         if drawn >= budget:
-            hopeless = ""
+            early = ""
         elif (drawn >= budget / 4 and kept < drawn
               and beta.ppf(0.999, kept + 1, drawn - kept) * (budget - drawn) < n - made):
-            hopeless = f"; at that rate the other {budget - drawn} draws of its budget would not make up the rest"
+            early = f"; at that rate the other {budget - drawn} draws of its budget would not make up the rest"
         else:
             return
         option = (f"--keep-fraction {self.selection.keep_fraction}" if self.method == "realism" else
                   f"--min-confidence {self.selection.min_confidence}")
         raise ConfigError(f"--select {self.method} {option}: class {name!r} kept {made} of {drawn} samples drawn "
-                          f"({made / drawn:.1%}), short of the {n} asked for{hopeless}; loosen {option.split()[0]}, "
+                          f"({made / drawn:.1%}), short of the {n} asked for{early}; loosen {option.split()[0]}, "
                           "ask for fewer images, or train the model longer")
 
     def describe(self, class_names: list[str] | None = None) -> dict:
