@@ -7,7 +7,8 @@ runs, each stage once (outputs are kept in ``--work`` and reused):
    public), split into train / val, and one non-private MAGIC-Flow trained on it (``scanner-public`` recipe);
 2. DP runs at ε per subject: from scratch (``scanner-dp``, ε in ``--scratch``) and fine-tunes of the public model
    (``scanner-dp-finetune``: ``--init-from`` the public model, declared public; ε in ``--epsilons``), which train
-   the class conditioning only, or every parameter (ε in ``--all-trainable``);
+   the class conditioning only, every parameter (ε in ``--all-trainable``) or the coarsest scale (ε in
+   ``--top-trainable``);
 3. per generator: a balanced top-up at the stored temperature (``augflow synthesize --balance --real train.h5``)
    and ``augflow audit --no-downstream`` against the held-out split: precision / coverage in the domain feature
    space, class recognition, likelihood membership inference and its empirical ε lower bound, the ledger's ε.
@@ -77,6 +78,8 @@ def main() -> None:
     parser.add_argument("--scratch", default="8", help="ε of the DP runs without pretraining ('' for none).")
     parser.add_argument("--all-trainable", default="8",
                         help="ε of DP fine-tunes of every parameter (the recipe's: the conditioning only).")
+    parser.add_argument("--top-trainable", default="",
+                        help="ε of DP fine-tunes of the coarsest scale (privacy.trainable = top).")
     parser.add_argument("--nonprivate", type=Path, default=None,
                         help="A non-private MAGIC-Flow run on the private split (ε = ∞), labelled 'magic'.")
     parser.add_argument("--temperature", default="0.8")
@@ -111,11 +114,12 @@ def main() -> None:
         runs[f"dp{eps}-pub"] = train(["augflow", "train", *private, "--recipe", "scanner-dp-finetune",
                                       "--init-from", str(runs["public"]), "--init-from-public", "--epsilon", eps],
                                      work / "runs" / f"dp{eps}-pub", log, work)
-    for eps in filter(None, args.all_trainable.split(",")):  # the recipe trains the conditioning only
-        runs[f"dp{eps}-pub-all"] = train(["augflow", "train", *private, "--recipe", "scanner-dp-finetune",
-                                          "--init-from", str(runs["public"]), "--init-from-public", "--epsilon",
-                                          eps, "--set", "privacy.trainable=all"],
-                                         work / "runs" / f"dp{eps}-pub-all", log, work)
+    for group, epsilons in (("all", args.all_trainable), ("top", args.top_trainable)):  # the recipe: conditioning
+        for eps in filter(None, epsilons.split(",")):
+            runs[f"dp{eps}-pub-{group}"] = train(
+                ["augflow", "train", *private, "--recipe", "scanner-dp-finetune", "--init-from", str(runs["public"]),
+                 "--init-from-public", "--epsilon", eps, "--set", f"privacy.trainable={group}"],
+                work / "runs" / f"dp{eps}-pub-{group}", log, work)
     if args.nonprivate:  # labelled as usefulness.py's own MAGIC-Flow run, so its top-up and CNN runs are shared
         runs["magic"] = args.nonprivate.resolve()
 
