@@ -453,11 +453,11 @@ class _Selector:
         Raises:
             ConfigError: Naming the class, what was drawn and kept, and what to change.
         """
-        drawn, kept, budget = self.drawn.get(k, 0), self.kept.get(k, 0), self.selection.max_draws * n
+        drawn, budget = self.drawn.get(k, 0), self.selection.max_draws * n
         if drawn >= budget:
             early = ""
-        elif (drawn >= budget / 4 and kept < drawn
-              and beta.ppf(0.999, kept + 1, drawn - kept) * (budget - drawn) < n - made):
+        elif (drawn >= budget / 4 and made < drawn  # made: every kept sample so far (only the last batch is cut)
+              and beta.ppf(0.999, made + 1, drawn - made) * (budget - drawn) < n - made):
             early = f"; at that rate the other {budget - drawn} draws of its budget would not make up the rest"
         else:
             return
