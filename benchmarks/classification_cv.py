@@ -87,14 +87,26 @@ def write_fold(data: Path, fold_dir: Path, fold: int, seed: int) -> dict[str, Pa
 
 
 def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command: str,
-             overrides: list[str] = ()) -> None:
+             overrides: list[str] = (), train_seed: int | None = None, flow_only: bool = False) -> None:
+    """One fold: the flow, then the ResNet-18 at its CPU time. The folds are drawn with ``seed``, the models
+    initialised and their batches drawn with ``train_seed`` (default ``seed``). ``flow_only``: a screen, the flow's
+    rows alone, written to ``fold-K/flow_rows.json``."""
     fold_dir = work / f"fold-{fold}"
     paths = write_fold(data, fold_dir, fold, seed)
     train_info, val_info, test_info = (read_info(paths[p]) for p in ("train", "val", "test"))
     names, k = test_info.class_names, test_info.num_classes
+    seed = seed if train_seed is None else train_seed
 
     recipe = load_recipe("scanner-classify", [f"train.epochs={epochs}", *overrides])
     flow = train_flow(paths, fold_dir / "flow", recipe, seed)
+    if flow_only:
+        rows = {"command": command, "recipe_overrides": list(overrides), "train_seed": seed, **flow,
+                **flow_rows(fold_dir)}
+        (fold_dir / "flow_rows.json").write_text(json.dumps(rows, indent=2))
+        print(f"fold {fold}: flow bacc {rows['flow']['balanced_accuracy']:.3f}, 9 shifts (offsets on val / train+val) "
+              + " / ".join(f"{rows['decision_levers'][f'shift radius 1, offsets on {p}']:.3f}"
+                           for p in ("val", "train+val")), flush=True)
+        return
     flow_seconds = flow["seconds"]
     images = np.concatenate([read_images(paths["train"]), read_images(paths["val"])])
     labels = np.concatenate([train_info.labels, val_info.labels])
@@ -121,7 +133,8 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
         "train_images": len(train_info), "val_images": len(val_info),
         "test_images": len(test_info), "flow_steps": flow["steps"], "flow_train_seconds": flow_seconds,
         "cnn_train_seconds": cnn_seconds, "cnn_epochs": cnn_epochs, "threads": torch.get_num_threads(),
-        "best_val_bpd": flow["best_val_bpd"], "recipe_overrides": list(overrides), "cnn": cnn_metrics,
+        "best_val_bpd": flow["best_val_bpd"], "recipe_overrides": list(overrides), "train_seed": seed,
+        "cnn": cnn_metrics,
         "cnn_shift": cnn_shift_metrics,
         **flow_rows(fold_dir),
     }
@@ -296,7 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", default="0,1,2,3,4")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=8, help="Flow training epochs (the CNN gets its time).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the data and the folds (and of the training).")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="run: seed of the training instead of --seed, on the same folds (run-to-run spread).")
+    parser.add_argument("--flow-only", action="store_true",
+                        help="run: train and score the flow only (a screen): WORK/fold-K/flow_rows.json, no CNN.")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--family", choices=["magic", "symmflow"], default="magic",
                         help="magic: the flow and the CNN; symmflow: MedSymmFlow on folds the flow has run.")
@@ -317,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.family == "symmflow":
                 run_symmflow_fold(args.work, fold, args.seed, command, args.set, args.passes)
             else:
-                run_fold(data, args.work, fold, args.epochs, args.seed, command, args.set)
+                run_fold(data, args.work, fold, args.epochs, args.seed, command, args.set, args.train_seed,
+                         args.flow_only)
     elif args.stage == "calibrate":
         calibrate_folds(args.work, list(map(int, args.folds.split(","))), " ".join(["python", *sys.argv]),
                         args.weights)
