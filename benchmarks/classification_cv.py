@@ -54,7 +54,7 @@ from augflow.classify.metrics import (
 from augflow.classify.readout import ReadoutScorer
 from augflow.data.phantom import generate_demo_data
 from augflow.data.splits import subject_kfold, subject_split, write_subset
-from augflow.data.store import read_images, read_info
+from augflow.data.store import read_images, read_info, sha256_file
 from augflow.models import load_model
 from augflow.runs import CHECKPOINT
 from augflow.train.loop import train
@@ -90,7 +90,7 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
              overrides: list[str] = (), train_seed: int | None = None, flow_only: bool = False) -> None:
     """One fold: the flow, then the ResNet-18 at its CPU time. The folds are drawn with ``seed``, the models
     initialised and their batches drawn with ``train_seed`` (default ``seed``). ``flow_only``: a screen, the flow's
-    rows alone, written to ``fold-K/flow_rows.json``."""
+    rows alone (``fold-K/flow_rows.json``); a later full run of the fold reuses them."""
     fold_dir = work / f"fold-{fold}"
     paths = write_fold(data, fold_dir, fold, seed)
     train_info, val_info, test_info = (read_info(paths[p]) for p in ("train", "val", "test"))
@@ -99,13 +99,12 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
 
     recipe = load_recipe("scanner-classify", [f"train.epochs={epochs}", *overrides])
     flow = train_flow(paths, fold_dir / "flow", recipe, seed)
+    rows = stored_flow_rows(fold_dir)
     if flow_only:
-        rows = {"command": command, "recipe_overrides": list(overrides), "train_seed": seed, **flow,
-                **flow_rows(fold_dir)}
-        (fold_dir / "flow_rows.json").write_text(json.dumps(rows, indent=2))
-        print(f"fold {fold}: flow bacc {rows['flow']['balanced_accuracy']:.3f}, 9 shifts (offsets on val / train+val) "
-              + " / ".join(f"{rows['decision_levers'][f'shift radius 1, offsets on {p}']:.3f}"
-                           for p in ("val", "train+val")), flush=True)
+        print(f"fold {fold} (training seed {seed}): flow bacc {rows['flow']['balanced_accuracy']:.3f}, 9 shifts "
+              "(offsets on val / train+val) " + " / ".join(
+                  f"{rows['decision_levers'][f'shift radius 1, offsets on {p}']:.3f}" for p in ("val", "train+val")),
+              flush=True)
         return
     flow_seconds = flow["seconds"]
     images = np.concatenate([read_images(paths["train"]), read_images(paths["val"])])
@@ -136,7 +135,7 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
         "best_val_bpd": flow["best_val_bpd"], "recipe_overrides": list(overrides), "train_seed": seed,
         "cnn": cnn_metrics,
         "cnn_shift": cnn_shift_metrics,
-        **flow_rows(fold_dir),
+        **rows,
     }
     np.savez(fold_dir / "predictions.npz", labels=test_info.labels, cnn_probs=probs, cnn_shift_probs=shift_probs)
     (fold_dir / "result.json").write_text(json.dumps(summary, indent=2))
@@ -180,7 +179,20 @@ def train_flow(paths: dict[str, Path], out: Path, recipe, seed: int) -> dict:
     return summary
 
 
-SHIFT_RADII = (0, 1, 2)  # test-time shift averaging (augflow.classify.likelihood); the recipe trains with 2 px shifts
+# Test-time shift averaging (augflow.classify.likelihood); the recipe trains with 2 px shifts. Radius 2 (25 passes)
+# tied radius 1 over five folds at 64 px (reports/classification-dropout03.md) and was dropped.
+SHIFT_RADII = (0, 1)
+
+
+def stored_flow_rows(fold_dir: Path) -> dict:
+    """``flow_rows`` of the fold's released model, kept in ``fold-K/flow_rows.json`` with the model's SHA-256 (a
+    screen's rows serve the fold's full run; a retrained model is scored again)."""
+    path, sha = fold_dir / "flow_rows.json", sha256_file(fold_dir / "flow" / "model.pt")
+    if path.exists() and (stored := json.loads(path.read_text())).pop("model_sha256", None) == sha:
+        return stored
+    rows = flow_rows(fold_dir)
+    path.write_text(json.dumps({**rows, "model_sha256": sha}, indent=2))
+    return rows
 
 
 def flow_rows(fold_dir: Path, weights: str = "released") -> dict:
@@ -193,8 +205,8 @@ def flow_rows(fold_dir: Path, weights: str = "released") -> dict:
     the Bayes posterior's decisions, temperature only; ``flow_uniform_prior``: a uniform class prior, temperature only;
     ``flow_shift``: the class scores averaged over the 9 whole-pixel shifts within 1 pixel, the offsets fitted on the
     training and validation parts together (eight times the validation part's rare-class images), the temperature
-    on the validation part. ``decision_levers``: the test balanced accuracy of each shift radius (0, 1, 2) with the
-    offsets fitted on the validation part or on both parts, so that the report can say what each lever gave.
+    on the validation part. ``decision_levers``: the test balanced accuracy of each shift radius (``SHIFT_RADII``)
+    with the offsets fitted on the validation part or on both parts, so that the report can say what each lever gave.
     """
     val_info, test_info = read_info(fold_dir / "val.h5"), read_info(fold_dir / "test.h5")
     model, meta = load_model(fold_dir / "flow" / "model.pt", with_meta=True)
