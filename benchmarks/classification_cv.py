@@ -186,7 +186,8 @@ SHIFT_RADII = (0, 1)
 
 def stored_flow_rows(fold_dir: Path) -> dict:
     """``flow_rows`` of the fold's released model, kept in ``fold-K/flow_rows.json`` with the model's SHA-256 (a
-    screen's rows serve the fold's full run; a retrained model is scored again)."""
+    screen's rows serve the fold's full run; a retrained model is scored again, and a change of the scoring code
+    wants the file deleted or the ``calibrate`` stage)."""
     path, sha = fold_dir / "flow_rows.json", sha256_file(fold_dir / "flow" / "model.pt")
     if path.exists() and (stored := json.loads(path.read_text())).pop("model_sha256", None) == sha:
         return stored
