@@ -65,6 +65,11 @@ class SymmFlowConfig(ModelConfig):
         mask: ``"constant"`` (the paper's: the class colour everywhere) or ``"semantic"`` (the class colour
             inside a fixed centred ellipse, the brain region, and -1 outside).
         image_weight: ``w`` of the loss (paper: 0.7).
+        time_shift: ``a`` of the training times ``t = a u / (1 + (a - 1) u)``, ``u ~ U(0, 1)`` (the timestep shift of
+            Esser et al. 2024, arXiv 2403.03206, sec. 5.3.2); 1 = uniform (paper). ``a > 1`` spends more steps near
+            ``t = 1``, where the mask is noise and has to be read from the image: a constant mask of ``N`` pixels
+            stays readable from its own noisy copy down to a noise-to-signal ratio of about ``sqrt(N)``, so uniform
+            times train the read-out on a share of the steps that shrinks as the image grows.
         sigma_min: ``s`` of the paths (paper: 1e-4).
         beta: Mask dequantisation ``beta * (U - 0.5) / 127.5`` (paper: 4).
         steps: Integration steps of sampling and classification (paper: 25).
@@ -84,6 +89,7 @@ class SymmFlowConfig(ModelConfig):
     dropout: float = 0.0
     mask: str = "constant"
     image_weight: float = 0.7
+    time_shift: float = 1.0
     sigma_min: float = 1e-4
     beta: float = 4.0
     steps: int = 25
@@ -130,6 +136,8 @@ class SymmFlowConfig(ModelConfig):
             raise ConfigError(f"model.mask must be one of {MASK_KINDS}, but is: {self.mask!r}")
         if not (_is_number(self.image_weight) and 0 <= self.image_weight <= 1):
             raise ConfigError(f"model.image_weight must be in [0, 1], but is: {self.image_weight!r}")
+        if not (_is_number(self.time_shift) and self.time_shift > 0):
+            raise ConfigError(f"model.time_shift must be a number > 0 (1 = uniform times), but is: {self.time_shift!r}")
         if not (_is_number(self.sigma_min) and 0 <= self.sigma_min < 1):
             raise ConfigError(f"model.sigma_min must be in [0, 1), but is: {self.sigma_min!r}")
         if not (_is_number(self.beta) and self.beta >= 0):
@@ -162,6 +170,11 @@ def interpolate(z: Tensor, m: Tensor, eps_z: Tensor, eps_m: Tensor, t: Tensor,
     z_t = (1 - (1 - sigma_min) * t) * eps_z + t * z
     m_t = (1 - (1 - sigma_min) * t) * m + t * eps_m
     return z_t, m_t
+
+
+def shift_time(u: Tensor, shift: float) -> Tensor:
+    """Map uniform ``u`` in [0, 1] to ``a u / (1 + (a - 1) u)``: the identity for ``a = 1``, toward 1 for ``a > 1``."""
+    return shift * u / (1 + (shift - 1) * u)
 
 
 def velocity_targets(z: Tensor, m: Tensor, eps_z: Tensor, eps_m: Tensor,
@@ -299,7 +312,7 @@ class SymmFlow(FamilyModel):
                               f"objective is MAGIC-Flow's), but is: {ce_weight}")
         z = self.to_flow(x)
         m = dequantize_mask(self.class_mask(y), self.config.beta)
-        t = torch.rand(z.shape[0], device=z.device, dtype=z.dtype)
+        t = shift_time(torch.rand(z.shape[0], device=z.device, dtype=z.dtype), self.config.time_shift)
         return self.flow_matching_loss(z, m, t, torch.randn_like(z), torch.randn_like(m))
 
     # ------------------------------------------------------------------------------------- integration

@@ -10,7 +10,8 @@ from torch.func import functional_call, grad, vmap
 from augflow.errors import ConfigError
 from augflow.models import load_model, model_config
 from augflow.symmflow import SymmFlow, SymmFlowConfig, class_colours, interpolate, palette, velocity_targets
-from augflow.symmflow.palette import class_masks, colour_distances, palette_indices
+from augflow.symmflow.model import shift_time
+from augflow.symmflow.palette import class_masks, colour_distances, dequantize_mask, palette_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,6 +133,27 @@ def test_config_errors():
         SymmFlowConfig.from_dict({"image_shape": (1, 10, 10), "num_classes": 2})
     with pytest.raises(ConfigError, match="model.solver"):
         model_config({"family": "symmflow", "solver": "rk45"}, (1, 8, 8), 2)
+    with pytest.raises(ConfigError, match="model.time_shift must be a number > 0"):
+        model_config({"family": "symmflow", "time_shift": 0}, (1, 8, 8), 2)
+
+
+def test_time_shift():
+    u = torch.linspace(0, 1, 101, dtype=torch.float64)
+    torch.testing.assert_close(shift_time(u, 1.0), u)
+    shifted = shift_time(u, 8.0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and torch.all(shifted.diff() > 0)
+    assert shifted[50].item() == pytest.approx(8 / 9)  # the median time moves from 1/2 to 8/9
+    # the training loss draws its times through the shift: the same draws, recomputed by hand
+    model = tiny(k=3, time_shift=8.0)
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(5)
+    loss = model.training_loss(x, y)
+    torch.manual_seed(5)
+    m = dequantize_mask(model.class_mask(y), model.config.beta)
+    t = shift_time(torch.rand(4), 8.0)
+    z = model.to_flow(x)
+    expected = model.flow_matching_loss(z, m, t, torch.randn_like(z), torch.randn_like(m))
+    torch.testing.assert_close(loss, expected)
 
 
 def test_save_load_round_trip(tmp_path):
