@@ -22,7 +22,7 @@ from sklearn.metrics import balanced_accuracy_score
 from augflow.data.store import read_images, read_info
 from augflow.models import load_model
 from augflow.symmflow.model import interpolate, shift_time
-from augflow.symmflow.palette import colour_distances
+from augflow.symmflow.palette import MASK_CHANNELS, colour_distances
 
 
 def nearest_colour(model, mask: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def readout_predictions(model, x: torch.Tensor, shift: float, seed: int) -> torc
     """Nearest colour of the read-out integrated by Euler on the model's number of steps, grid shifted by ``shift``."""
     generator = torch.Generator().manual_seed(seed)
     z = model.to_flow(x)
-    state = torch.cat([z, torch.randn((len(x), 3, *z.shape[2:]), generator=generator)], dim=1)
+    state = torch.cat([z, torch.randn((len(x), MASK_CHANNELS, *z.shape[2:]), generator=generator)], dim=1)
     grid = shift_time(torch.linspace(1, 0, model.config.steps + 1, dtype=torch.float64), shift).tolist()
     for t0, t1 in itertools.pairwise(grid):
         state = state + (t1 - t0) * model.velocity(state, state.new_full((len(x),), t0))
