@@ -25,7 +25,8 @@ Run the folds (two processes at once on a 2-core machine), then the report:
 ``run`` writes ``WORK/fold-K/result.json`` (metrics) and ``predictions.npz``; ``calibrate`` refits the calibrations
 of folds that have run from their stored models (after a change of ``augflow.classify.calibration``; the report lists
 its command; ``--weights last`` scores the last step's weights of the checkpoint instead of the released model);
-``report`` writes reports/classification.md and its figures.
+``report`` writes reports/classification.md and its figures; ``seeds --work W0 --seed-work W1`` prints the decision
+rules of the flow over training seeds (W1: ``run --train-seed 1 --flow-only`` on the same folds).
 """
 
 from __future__ import annotations
@@ -317,8 +318,10 @@ def calibrate_folds(work: Path, folds: list[int], command: str, weights: str = "
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["run", "calibrate", "report"])
+    parser.add_argument("stage", choices=["run", "calibrate", "report", "seeds"])
     parser.add_argument("--work", type=Path, required=True, help="Folder for the data, folds and models.")
+    parser.add_argument("--seed-work", type=Path, action="append", default=[],
+                        help="seeds: the work folder of another training seed on the same folds (repeatable).")
     parser.add_argument("--folds", default="0,1,2,3,4")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=8, help="Flow training epochs (the CNN gets its time).")
@@ -352,6 +355,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.stage == "calibrate":
         calibrate_folds(args.work, list(map(int, args.folds.split(","))), " ".join(["python", *sys.argv]),
                         args.weights)
+    elif args.stage == "seeds":
+        from classification_report import seed_table
+
+        print(seed_table([args.work, *args.seed_work], K_FOLDS))
     else:
         from classification_report import write_report
 

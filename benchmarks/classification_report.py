@@ -222,3 +222,24 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
     out = reports / f"{name}.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def seed_table(works: list[Path], k_folds: int = 5) -> str:
+    """The flow's decision rules over training seeds: one work folder per seed (the same folds, ``run --train-seed``,
+    ``--flow-only`` allowed), from each fold's ``flow_rows.json``. Per rule: each seed's mean ± std over folds, all
+    runs pooled, and the mean and largest change between seeds on one fold (the run-to-run noise of that rule)."""
+    rows = [[json.loads((work / f"fold-{fold}" / "flow_rows.json").read_text()) for fold in range(k_folds)]
+            for work in works]
+    values = {lever: np.array([[fold["decision_levers"][lever] for fold in seed] for seed in rows])
+              for lever in rows[0][0]["decision_levers"]}
+    for metric in ("auc_macro", "ece"):
+        values[f"{metric} of the temperature-scaled posterior"] = np.array(
+            [[fold["flow"][metric] for fold in seed] for seed in rows])
+    seeds = " | ".join(f"seed folder {i}" for i in range(len(works)))
+    lines = [f"| test, {k_folds} folds | {seeds} | all runs | seed-to-seed change on a fold: mean / largest |",
+             "|---|" + "---|" * (len(works) + 2)]
+    for name, table in values.items():
+        change = table.max(axis=0) - table.min(axis=0)
+        cells = " | ".join(_mean_std(seed) for seed in table)
+        lines.append(f"| {name} | {cells} | {_mean_std(table.ravel())} | {change.mean():.3f} / {change.max():.3f} |")
+    return "\n".join(lines)
