@@ -62,3 +62,12 @@ def test_prior_and_conditional_couplings_from_a_recipe_file_and_from_set(tmp_pat
         load_recipe(None, ["model.prior=gmm"]).model_config((1, 8, 8), 2)
     with pytest.raises(ConfigError, match="conditional_couplings must be true or false, got 0"):
         load_recipe(None, ["model.conditional_couplings=0"]).model_config((1, 8, 8), 2)
+
+
+def test_the_symmflow_classifier_recipe_is_the_measured_configuration():
+    """reports/classification-notes.md measured scanner-symmflow with these overrides; the recipe must be that run."""
+    measured = load_recipe("scanner-symmflow", [
+        "model.base_channels=16", "model.image_weight=0.3", "model.time_shift=8", "train.balanced_sampling=true",
+        "train.amp=true", "train.batch_size=16", "train.epochs=60"])
+    recipe = load_recipe("scanner-symmflow-classify")
+    assert (recipe.model, recipe.train, recipe.augment) == (measured.model, measured.train, measured.augment)
