@@ -84,7 +84,8 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
 
     Arguments:
         model: The model's run folder or file (where the record is stored).
-        scorer: The model's classifier (its ``shift_radius``, if any, is recorded: the fit holds for it only).
+        scorer: The model's classifier (its ``shift_radius`` or read-out ``passes``, if any, is recorded: the fit
+            holds for it only).
         calibrate_on: The labelled file (the validation split).
         class_names: The model's classes.
         biases: Fit per-class offsets as well as the temperature.
@@ -94,7 +95,7 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
 
     Returns:
         The stored record: ``{"calibration_temperature", "class_biases" (by class name, or None), "prior",
-        "shift_radius", "fitted_on", "fitted_on_sha256", "offsets_fitted_on", "n", "ece_before", "ece_after",
+        "shift_radius", "passes", "fitted_on", "fitted_on_sha256", "offsets_fitted_on", "n", "ece_before", "ece_after",
         "balanced_accuracy_before", "balanced_accuracy_after"}`` (before / after: on ``calibrate_on``).
 
     Raises:
@@ -108,7 +109,7 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
     if biases:
         _check_every_class(offsets_on or [calibrate_on], infos or [val], class_names)
     scores = scorer.score(calibrate_on)
-    radius = getattr(scorer, "shift_radius", 0)
+    radius, passes = getattr(scorer, "shift_radius", 0), getattr(scorer, "passes", 1)
     fitted = fit_calibration(scores.values, val.labels, scores.log_prior, biases and not offsets_on)
     offsets = fitted.biases
     if infos:
@@ -116,12 +117,12 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
         offsets = fit_calibration(np.concatenate([scores.values if Path(f).resolve() == same else scorer.score(f).values
                                                   for f in offsets_on]),
                                   np.concatenate([info.labels for info in infos]), scores.log_prior).biases
-    fitted = Calibration(fitted.temperature, offsets, radius)
+    fitted = Calibration(fitted.temperature, offsets, radius, passes)
     before, after = scores.predictions(), scores.predictions(fitted)
     record = {
         "calibration_temperature": fitted.temperature,
         "class_biases": None if fitted.biases is None else dict(zip(class_names, fitted.biases, strict=True)),
-        "prior": scorer.prior, "shift_radius": radius, "fitted_on": str(Path(calibrate_on).resolve()),
+        "prior": scorer.prior, "shift_radius": radius, "passes": passes, "fitted_on": str(Path(calibrate_on).resolve()),
         "fitted_on_sha256": sha256_file(calibrate_on),
         "offsets_fitted_on": [str(Path(f).resolve()) for f in offsets_on] if biases and offsets_on else None,
         "n": len(val),
@@ -166,4 +167,4 @@ def stored_calibration(model: str | os.PathLike, prior: str, class_names: list[s
         check_classes(sorted(biases), sorted(class_names), str(path))
         biases = tuple(float(biases[name]) for name in class_names)
     return Calibration(record.get("calibration_temperature", record.get("temperature")), biases,
-                       record.get("shift_radius", 0))
+                       record.get("shift_radius", 0), record.get("passes", 1))

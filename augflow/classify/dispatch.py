@@ -23,7 +23,7 @@ from augflow.runs import check_classes, stored_amp
 
 def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str = "train",
                   calibrate_on: str | os.PathLike | None = None, batch_size: int = 32, device: str = "auto",
-                  passes: int = 1, seed: int = 0, rank_by: str = "distance", progress: bool = False,
+                  passes: int | None = None, seed: int = 0, rank_by: str = "distance", progress: bool = False,
                   amp: bool | None = None, class_offsets: bool = True, shift_radius: int | None = None,
                   offsets_on: Sequence[str | os.PathLike] = ()) -> dict:
     """Classify every image of a labelled dataset file with a trained model; its metrics.
@@ -37,7 +37,8 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
             (``calibration.json``) and used by later calls without ``calibrate_on``.
         batch_size: Images per batch.
         device: "auto", "cpu" or "cuda[:N]".
-        passes: Read-out: stochastic read-outs per image.
+        passes: Read-out: stochastic read-outs per image, their distances averaged. None: the passes the stored
+            calibration was fitted with (1 without one). A calibration holds for its passes only.
         seed: Read-out: seed of the mask noise.
         rank_by: Read-out: "distance" or "spread" (selective prediction).
         progress: Read-out: show a progress bar.
@@ -65,19 +66,21 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
     check_classes(info.class_names, names, f"--data {data}")
     amp = stored_amp(meta) if amp is None else amp
     scorer: Scorer
+    # The calibration the scores must match; one being fitted (calibrate_on) replaces it.
+    stored = None if calibrate_on is not None else stored_calibration(
+        model, prior if loaded.has_likelihood else ReadoutScorer.prior, names)
     if loaded.has_likelihood:
-        stored = stored_calibration(model, prior, names)
-        radius = stored.shift_radius if stored is not None and calibrate_on is None else 0
-        if calibrate_on is None and shift_radius is not None and shift_radius != radius:
-            raise ConfigError(f"--shift-radius {shift_radius}: the calibration stored with {model} was fitted with "
-                              f"shift radius {radius} and holds for it only; give --calibrate-on FILE to fit one for "
-                              f"radius {shift_radius}, or leave --shift-radius out")
-        radius = radius if shift_radius is None else shift_radius
+        if passes is not None:
+            raise ConfigError(f"passes (--passes) apply to MedSymmFlow's read-out; {model} is a {loaded.family!r} "
+                              f"model: leave them out (--shift-radius averages its likelihood over shifts)")
+        stored_radius = None if stored is None else stored.shift_radius
+        radius = _scoring_setting("--shift-radius", shift_radius, stored_radius, 0, model)
         scorer = LikelihoodScorer(loaded, meta["class_counts"], prior, batch_size, device, amp, radius)
     else:  # MedSymmFlow: the integrated class mask's nearest palette colour
         if shift_radius:
             raise ConfigError(f"--shift-radius averages exact likelihoods; {model} is a {loaded.family!r} model "
                               f"without one: leave --shift-radius out")
+        passes = _scoring_setting("--passes", passes, None if stored is None else stored.passes, 1, model)
         scorer = ReadoutScorer(loaded, passes, batch_size, seed, device, rank_by, progress, amp)
     if calibrate_on is not None:
         calibrate(model, scorer, calibrate_on, names, biases=loaded.has_likelihood and class_offsets,
@@ -101,6 +104,20 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
     metrics["shift_radius"] = getattr(scorer, "shift_radius", 0)
     return {"class_names": names, "predictions": scores.predictions(calibration), "labels": info.labels,
             "metrics": metrics, "score_column": scorer.score_column}
+
+
+def _scoring_setting(option: str, requested: int | None, stored: int | None, default: int,
+                     model: str | os.PathLike) -> int:
+    """The value of a scoring option that a calibration is fitted for (shift radius, read-out passes): the
+    requested one, else the stored calibration's, else ``default``. A stored calibration holds for its own value
+    only, so another value needs a new fit."""
+    if stored is None:
+        return default if requested is None else requested
+    if requested is not None and requested != stored:
+        raise ConfigError(f"{option} {requested}: the calibration stored with {model} was fitted with {option} "
+                          f"{stored} and holds for it only; give --calibrate-on FILE to fit one for {requested}, or "
+                          f"leave {option} out")
+    return stored
 
 
 def write_predictions(result: dict, path: str | os.PathLike) -> None:

@@ -29,13 +29,15 @@ class Calibration:
     The probabilities are the Bayes posterior ``softmax((scores + log prior) / T)``, calibrated for images with the
     training mix; the offsets move only the decisions, ``argmax(scores + log prior + b)``, to the minority classes
     (a cost-sensitive decision rule: the probabilities stay those of the images as they come). ``shift_radius``: the
-    test-time shift averaging of the scores both were fitted to (:mod:`augflow.classify.likelihood`); scores to be
-    calibrated must be computed with it.
+    test-time shift averaging of the scores both were fitted to (:mod:`augflow.classify.likelihood`); ``passes``: the
+    read-out passes averaged in MedSymmFlow's scores (:mod:`augflow.classify.readout`); scores to be calibrated must
+    be computed with them.
     """
 
     temperature: float = 1.0
     biases: tuple[float, ...] | None = None
     shift_radius: int = 0
+    passes: int = 1
 
     def predict(self, scores: np.ndarray, log_pi: np.ndarray) -> Predictions:
         """The calibrated posterior of class scores (N, K) under a log prior, the decisions and the entropy."""

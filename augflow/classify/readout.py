@@ -136,7 +136,7 @@ class ReadoutScorer:
 
     def __init__(self, model: ModelFamily, passes: int = 1, batch_size: int = 32, seed: int = 0,
                  device: str = "auto", rank_by: str = "distance", progress: bool = False, amp: bool = False):
-        self.model = model
+        self.model, self.passes = model, passes
         self.options = dict(passes=passes, batch_size=batch_size, seed=seed, device=device, rank_by=rank_by,
                             progress=progress, amp=amp)
 

@@ -321,7 +321,10 @@ def test_noise_level_toy_is_classified_and_cli_reports_metrics(tmp_path):
     assert json.loads(later.output)["shift_radius"] == 1
     refused = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
                                        "--shift-radius", "0"])
-    assert refused.exit_code == 1 and "fitted with shift radius 1" in refused.output
+    assert refused.exit_code == 1 and "fitted with --shift-radius 1" in refused.output
+    refused = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
+                                       "--passes", "2"])
+    assert refused.exit_code == 1 and "MedSymmFlow's read-out" in refused.output
 
     # A file without images of a class: its recall is null in strict JSON (no NaN), and the class is named.
     noisy = write_subset(test_file, np.flatnonzero(read_info(test_file).labels == 1), tmp_path / "noisy.h5")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from augflow.classify import classify_file
 from augflow.classify.metrics import Predictions, classification_metrics, error_auroc
 from augflow.classify.readout import classify_images
+from augflow.cli import cli
 from augflow.data.store import write_dataset
 from augflow.errors import ConfigError
 from augflow.symmflow import SymmFlow, SymmFlowConfig
@@ -81,3 +85,29 @@ def test_multi_pass_spread_and_file_metrics(trained, tmp_path):
     curve = metrics["selective_prediction"]
     assert len(curve["accuracy"]) == 20 and curve["accuracy"][-1] >= curve["accuracy"][0]
     assert out["predictions"].probs.shape == (64, 2)
+
+
+def test_cli_passes_are_stored_with_the_calibration(trained, tmp_path):
+    """``augflow classify --passes N`` averages N read-outs; the temperature holds for its passes only."""
+    model, g = trained
+    x, y, _ = brightness_toy(64, g)
+    data = write_dataset(tmp_path / "test.h5", x.numpy(), y.numpy(), [f"s{i}" for i in range(64)],
+                         np.zeros(64, dtype=np.int64), ["dark", "bright"], provenance={"test": True})
+    model.save(tmp_path / "model.pt", meta={"class_names": ["dark", "bright"], "class_counts": [256, 256]})
+
+    def run(*options: str):
+        return CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "model.pt"), "--data", str(data),
+                                        "--json", *options])
+
+    fitted = run("--calibrate-on", str(data), "--passes", "3", "--rank-by", "spread")
+    assert fitted.exit_code == 0, fitted.output
+    metrics = json.loads(fitted.output)
+    assert metrics["passes"] == 3 and metrics["selective_prediction_by"] == "spread" and metrics["accuracy"] > 0.75
+    assert json.loads((tmp_path / "calibration.json").read_text())["passes"] == 3
+    later = json.loads(run().output)  # the stored calibration's passes, and its temperature
+    assert later["passes"] == 3 and later["temperature"] == metrics["temperature"]
+    assert later["calibration_source"] == "stored with the model"
+    refused = run("--passes", "1")
+    assert refused.exit_code == 1 and "fitted with --passes 3" in refused.output
+    refused = run("--rank-by", "spread", "--calibrate-on", str(data))  # one pass has no spread
+    assert refused.exit_code == 1 and "passes >= 2" in refused.output
