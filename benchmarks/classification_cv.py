@@ -285,34 +285,43 @@ def run_symmflow_fold(work: Path, fold: int, seed: int, command: str, overrides:
 
 
 def symmflow_rows(fold_dir: Path, passes: int, seed: int) -> dict:
-    """MedSymmFlow's rows of a fold from its stored model: offsets + temperature fitted on the validation part, and
-    the paper's nearest-colour decision (same temperature)."""
+    """MedSymmFlow's rows of a fold from its stored model: offsets, temperature and posterior shape (distance power)
+    fitted on the validation part, and the paper's nearest-colour decision (same calibration); ``ece_power_1``: the
+    test ECE of the distances as they are, temperature only."""
     scorer = ReadoutScorer(load_model(fold_dir / "symmflow" / "model.pt"), passes=passes, seed=seed, device="cpu")
     val_info, test_info = read_info(fold_dir / "val.h5"), read_info(fold_dir / "test.h5")
     val_scores, test_scores = scorer.score(fold_dir / "val.h5"), scorer.score(fold_dir / "test.h5")
-    calibration = fit_calibration(val_scores.values, val_info.labels, val_scores.log_prior)
+    calibration = fit_calibration(val_scores.values, val_info.labels, val_scores.log_prior,
+                                  distance_powers=scorer.distance_powers)
     names = test_info.class_names
     metrics = test_scores.metrics(test_info.labels, names, calibration)
-    metrics["temperature"] = calibration.temperature
-    raw = test_scores.metrics(test_info.labels, names, Calibration(calibration.temperature))
+    metrics["temperature"], metrics["distance_power"] = calibration.temperature, calibration.distance_power
+    linear = fit_calibration(val_scores.values, val_info.labels, val_scores.log_prior, biases=False)  # power 1
+    metrics["ece_power_1"] = expected_calibration_error(test_scores.predictions(linear).probs, test_info.labels)
+    raw = test_scores.metrics(test_info.labels, names, Calibration(calibration.temperature,
+                                                                   distance_power=calibration.distance_power))
     return {"symmflow": metrics, "symmflow_nearest_colour": raw}
 
 
-def calibrate_folds(work: Path, folds: list[int], command: str, weights: str = "released") -> None:
+def calibrate_folds(work: Path, folds: list[int], command: str, weights: str = "released",
+                    symmflow_only: bool = False) -> None:
     """Refit the calibrated rows of folds that have run, from their stored models (no training; ``weights``: as
-    :func:`flow_rows`); the command is recorded (``calibrate_command``) for the report."""
+    :func:`flow_rows`; ``symmflow_only``: MedSymmFlow's rows only); the command is recorded
+    (``calibrate_command``) for the report."""
     for fold in folds:
         fold_dir = work / f"fold-{fold}"
         flow, symmflow = fold_dir / "result.json", fold_dir / "symmflow.json"
-        if not flow.exists():
-            raise SystemExit(f"{flow} is missing: run the fold first")
-        record = json.loads(flow.read_text())
-        rows = flow_rows(fold_dir, weights)
-        flow.write_text(json.dumps({**record, **rows, "flow_weights": weights, "calibrate_command": command}, indent=2))
+        if not (symmflow if symmflow_only else flow).exists():
+            raise SystemExit(f"{symmflow if symmflow_only else flow} is missing: run the fold first")
+        if not symmflow_only:
+            record = json.loads(flow.read_text())
+            rows = flow_rows(fold_dir, weights)
+            flow.write_text(json.dumps({**record, **rows, "flow_weights": weights, "calibrate_command": command},
+                                       indent=2))
         if symmflow.exists():
             record = json.loads(symmflow.read_text())
             rows = symmflow_rows(fold_dir, record["passes"], record.get("seed", 0))
-            symmflow.write_text(json.dumps({**record, **rows}, indent=2))
+            symmflow.write_text(json.dumps({**record, **rows, "calibrate_command": command}, indent=2))
         print(f"fold {fold}: calibrations refitted", flush=True)
 
 
@@ -332,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run: train and score the flow only (a screen): WORK/fold-K/flow_rows.json, no CNN.")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--family", choices=["magic", "symmflow"], default="magic",
-                        help="magic: the flow and the CNN; symmflow: MedSymmFlow on folds the flow has run.")
+                        help="run: magic: the flow and the CNN; symmflow: MedSymmFlow on folds the flow has run. "
+                             "calibrate: symmflow refits MedSymmFlow's rows only.")
     parser.add_argument("--passes", type=int, default=1, help="MedSymmFlow read-outs per image (1: the paper's).")
     parser.add_argument("--name", default="classification",
                         help="report: write reports/NAME.md and NAME-*.png (a variant's run beside the main report).")
@@ -354,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                          args.flow_only)
     elif args.stage == "calibrate":
         calibrate_folds(args.work, list(map(int, args.folds.split(","))), " ".join(["python", *sys.argv]),
-                        args.weights)
+                        args.weights, symmflow_only=args.family == "symmflow")
     elif args.stage == "seeds":
         from classification_report import seed_table
 

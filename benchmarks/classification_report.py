@@ -138,6 +138,8 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
         *sorted({r["command"] for r in results}),
         *sorted({r["calibrate_command"] for r in results if "calibrate_command" in r}),
         *sorted({r["symmflow_run"]["command"] for r in results if "symmflow_run" in r}),
+        *sorted({r["symmflow_run"]["calibrate_command"] for r in results
+                 if "calibrate_command" in r.get("symmflow_run", {})}),
         command,
         "```",
         "",
@@ -193,6 +195,13 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
                  if "ece_floor" in results[0]["flow"] else "") + ". The per-class offsets (fitted by "
               "the class-balanced likelihood of the same labels) set the decisions only: the probabilities, their "
               "ECE and the entropy that ranks selective prediction are the temperature-scaled Bayes posterior's.",
+              *(["", "Calibration of MedSymmFlow's read-out (the same ECE): "
+                 f"{_mean_std([r['symmflow']['ece_power_1'] for r in results])} for `softmax(-d / T)` of the mask's "
+                 f"colour distances d; {_mean_std([r['symmflow']['ece'] for r in results])} with the posterior's "
+                 "shape fitted too, `softmax(-(d^q - 1) / (q T))` with the power q chosen by the validation likelihood "
+                 "(augflow.classify.metrics.power_scores; powers " + ", ".join(
+                     f"{r['symmflow']['distance_power']:g}" for r in results) + ")."]
+                if "ece_power_1" in results[0].get("symmflow", {}) else []),
               "", "Budget per fold (CPU seconds, one thread): " + ", ".join(
                   f"fold {r['fold']}: flow {r['flow_train_seconds']:.0f} s, CNN {r['cnn_train_seconds']:.0f} s"
                   + (f", MedSymmFlow {r['symmflow_run']['train_seconds']:.0f} s ({r['symmflow_run']['steps']} steps)"

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-from augflow.classify.metrics import Calibration, Scorer, balanced_accuracy, expected_calibration_error
+from augflow.classify.metrics import Calibration, Scorer, balanced_accuracy, expected_calibration_error, power_scores
 from augflow.data.store import read_info, sha256_file
 from augflow.errors import DataError
 from augflow.runs import calibration_file, check_classes, write_json
@@ -42,40 +42,61 @@ from augflow.runs import calibration_file, check_classes, write_json
 BIAS_L2 = 1e-4  # per squared logit: negligible against the likelihood term, finite offsets on separable data
 
 
-def fit_calibration(scores: np.ndarray, labels: np.ndarray, log_pi: np.ndarray, biases: bool = True) -> Calibration:
+def fit_calibration(scores: np.ndarray, labels: np.ndarray, log_pi: np.ndarray, biases: bool = True,
+                    distance_powers: Sequence[float] = ()) -> Calibration:
     """Decision offsets ``b`` (when ``biases``) by the class-balanced NLL of ``labels``; ``T`` by their ordinary NLL
-    without offsets.
+    without offsets; for scores that are minus distances, the power of :func:`power_scores` too.
 
     Arguments:
         scores: (N, K) class scores (``log p(x | k)`` for the likelihood classifier).
         labels: (N,) true classes.
         log_pi: (K,) log prior.
         biases: Fit the K - 1 free class offsets (else the temperature only).
+        distance_powers: Scores that are minus distances (MedSymmFlow's read-out): the powers to choose from, the
+            one whose temperature-scaled posterior has the lowest NLL of ``labels`` (a grid: a temperature is fitted
+            for each); empty: the scores as they are.
     """
     labels = np.asarray(labels)
+    power = None
+    if distance_powers:
+        fits = {q: _fit_temperature(power_scores(scores, q), labels, log_pi) for q in distance_powers}
+        power = min(fits, key=lambda q: fits[q][1])
+        scores = power_scores(scores, power)
+    offsets = _fit_offsets(scores, labels, log_pi) if biases else None
+    return Calibration(_fit_temperature(scores, labels, log_pi)[0], offsets, distance_power=power)
+
+
+def _nll(scores: np.ndarray, labels: np.ndarray, log_pi: np.ndarray, theta: np.ndarray, weight: np.ndarray) -> float:
+    """Weighted NLL of the labels under ``softmax((scores + log_pi + b) / T)``; theta = (log T, b_1 / T, ...,
+    b_{K-1} / T): offsets in units of the posterior's logits, so that their penalty does not depend on the scale of
+    the scores (theta = (log T,): no offsets)."""
+    t = np.exp(theta[0])
+    b = t * np.concatenate([[0.0], theta[1:]]) if len(theta) > 1 else 0.0
+    logits = (scores + log_pi + b) / t
+    log_p = logits[np.arange(len(labels)), labels] - np.logaddexp.reduce(logits, axis=1)
+    return float(-np.sum(weight * log_p) / weight.sum() + BIAS_L2 * np.sum(theta[1:] ** 2))
+
+
+def _log_t0(scores: np.ndarray) -> float:
+    """Start T at the scores' spread: log-likelihood gaps are hundreds of nats, softmax needs units."""
+    return float(np.log(max(float(np.std(scores)), 1e-3)))
+
+
+def _fit_temperature(scores: np.ndarray, labels: np.ndarray, log_pi: np.ndarray) -> tuple[float, float]:
+    """``T`` by the ordinary NLL, and that NLL."""
+    fit = minimize(lambda theta: _nll(scores, labels, log_pi, theta, np.ones(len(labels))), [_log_t0(scores)],
+                   method="L-BFGS-B", bounds=[(-3, 12)])
+    return float(np.exp(fit.x[0])), float(fit.fun)
+
+
+def _fit_offsets(scores: np.ndarray, labels: np.ndarray, log_pi: np.ndarray) -> tuple[float, ...]:
+    """The offsets ``b`` (``b_0 = 0``), jointly with a temperature, by the class-balanced NLL."""
     k = scores.shape[1]
-    rows = np.arange(len(labels))
     balanced = 1.0 / np.bincount(labels, minlength=k)[labels]
-
-    def nll(theta: np.ndarray, weight: np.ndarray, fit_offsets: bool) -> float:
-        # theta = (log T, b_1 / T, ..., b_{K-1} / T): offsets in units of the posterior's logits, so that the
-        # penalty does not depend on the scale of the scores; without offsets theta = (log T,).
-        t = np.exp(theta[0])
-        b = t * np.concatenate([[0.0], theta[1:]]) if fit_offsets else 0.0
-        logits = (scores + log_pi + b) / t
-        log_p = logits[rows, labels] - np.logaddexp.reduce(logits, axis=1)
-        return float(-np.sum(weight * log_p) / weight.sum() + BIAS_L2 * np.sum(theta[1:] ** 2))
-
-    # Start T at the scores' spread: log-likelihood gaps are hundreds of nats, softmax needs units.
-    log_t0 = np.log(max(float(np.std(scores)), 1e-3))
-    offsets = None
-    if biases:
-        theta0 = np.concatenate([[log_t0], np.zeros(k - 1)])
-        theta = minimize(nll, theta0, args=(balanced, True), method="L-BFGS-B",
-                         bounds=[(-3, 12)] + [(None, None)] * (k - 1)).x
-        offsets = tuple(map(float, np.exp(theta[0]) * np.concatenate([[0.0], theta[1:]])))
-    log_t = minimize(nll, [log_t0], args=(np.ones(len(labels)), False), method="L-BFGS-B", bounds=[(-3, 12)]).x[0]
-    return Calibration(float(np.exp(log_t)), offsets)
+    theta = minimize(lambda theta: _nll(scores, labels, log_pi, theta, balanced),
+                     np.concatenate([[_log_t0(scores)], np.zeros(k - 1)]), method="L-BFGS-B",
+                     bounds=[(-3, 12)] + [(None, None)] * (k - 1)).x
+    return tuple(map(float, np.exp(theta[0]) * np.concatenate([[0.0], theta[1:]])))
 
 
 def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.PathLike,
@@ -85,7 +106,7 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
     Arguments:
         model: The model's run folder or file (where the record is stored).
         scorer: The model's classifier (its ``shift_radius`` or read-out ``passes``, if any, is recorded: the fit
-            holds for it only).
+            holds for it only; a read-out's ``distance_powers`` are the powers its posterior may take).
         calibrate_on: The labelled file (the validation split).
         class_names: The model's classes.
         biases: Fit per-class offsets as well as the temperature.
@@ -95,8 +116,9 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
 
     Returns:
         The stored record: ``{"calibration_temperature", "class_biases" (by class name, or None), "prior",
-        "shift_radius", "passes", "fitted_on", "fitted_on_sha256", "offsets_fitted_on", "n", "ece_before", "ece_after",
-        "balanced_accuracy_before", "balanced_accuracy_after"}`` (before / after: on ``calibrate_on``).
+        "shift_radius", "passes", "distance_power", "fitted_on", "fitted_on_sha256", "offsets_fitted_on", "n",
+        "ece_before", "ece_after", "balanced_accuracy_before", "balanced_accuracy_after"}`` (before / after: on
+        ``calibrate_on``).
 
     Raises:
         DataError: If a file's classes differ from the model's, or the offsets' files lack images of a class.
@@ -110,19 +132,22 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
         _check_every_class(offsets_on or [calibrate_on], infos or [val], class_names)
     scores = scorer.score(calibrate_on)
     radius, passes = getattr(scorer, "shift_radius", 0), getattr(scorer, "passes", 1)
-    fitted = fit_calibration(scores.values, val.labels, scores.log_prior, biases and not offsets_on)
-    offsets = fitted.biases
+    fitted = fit_calibration(scores.values, val.labels, scores.log_prior, biases and not offsets_on,
+                             getattr(scorer, "distance_powers", ()))
+    power, offsets = fitted.distance_power, fitted.biases
     if infos:
         same = Path(calibrate_on).resolve()  # its scores are computed above
-        offsets = fit_calibration(np.concatenate([scores.values if Path(f).resolve() == same else scorer.score(f).values
-                                                  for f in offsets_on]),
-                                  np.concatenate([info.labels for info in infos]), scores.log_prior).biases
-    fitted = Calibration(fitted.temperature, offsets, radius, passes)
+        pooled = np.concatenate([scores.values if Path(f).resolve() == same else scorer.score(f).values
+                                 for f in offsets_on])
+        pooled = pooled if power is None else power_scores(pooled, power)
+        offsets = fit_calibration(pooled, np.concatenate([info.labels for info in infos]), scores.log_prior).biases
+    fitted = Calibration(fitted.temperature, offsets, radius, passes, power)
     before, after = scores.predictions(), scores.predictions(fitted)
     record = {
         "calibration_temperature": fitted.temperature,
         "class_biases": None if fitted.biases is None else dict(zip(class_names, fitted.biases, strict=True)),
-        "prior": scorer.prior, "shift_radius": radius, "passes": passes, "fitted_on": str(Path(calibrate_on).resolve()),
+        "prior": scorer.prior, "shift_radius": radius, "passes": passes, "distance_power": power,
+        "fitted_on": str(Path(calibrate_on).resolve()),
         "fitted_on_sha256": sha256_file(calibrate_on),
         "offsets_fitted_on": [str(Path(f).resolve()) for f in offsets_on] if biases and offsets_on else None,
         "n": len(val),
@@ -167,4 +192,4 @@ def stored_calibration(model: str | os.PathLike, prior: str, class_names: list[s
         check_classes(sorted(biases), sorted(class_names), str(path))
         biases = tuple(float(biases[name]) for name in class_names)
     return Calibration(record.get("calibration_temperature", record.get("temperature")), biases,
-                       record.get("shift_radius", 0), record.get("passes", 1))
+                       record.get("shift_radius", 0), record.get("passes", 1), record.get("distance_power"))

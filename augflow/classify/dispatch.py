@@ -102,6 +102,8 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
     metrics["calibration_source"] = source
     metrics["prior"] = scorer.prior
     metrics["shift_radius"] = getattr(scorer, "shift_radius", 0)
+    if not loaded.has_likelihood:
+        metrics["distance_power"] = calibration.distance_power
     return {"class_names": names, "predictions": scores.predictions(calibration), "labels": info.labels,
             "metrics": metrics, "score_column": scorer.score_column}
 

@@ -20,6 +20,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 REJECTION_GRID = np.arange(0, 100, 5) / 100  # reject the most uncertain 0, 5, ..., 95 %
+DISTANCE_EPS = 1e-6  # keeps power_scores finite for a mask exactly on a colour
 
 
 @dataclass(frozen=True)
@@ -31,20 +32,37 @@ class Calibration:
     (a cost-sensitive decision rule: the probabilities stay those of the images as they come). ``shift_radius``: the
     test-time shift averaging of the scores both were fitted to (:mod:`augflow.classify.likelihood`); ``passes``: the
     read-out passes averaged in MedSymmFlow's scores (:mod:`augflow.classify.readout`); scores to be calibrated must
-    be computed with them.
+    be computed with them. ``distance_power``: scores that are minus distances (the read-out's) enter the posterior
+    and the offsets through :func:`power_scores` with this power (None: as they are).
     """
 
     temperature: float = 1.0
     biases: tuple[float, ...] | None = None
     shift_radius: int = 0
     passes: int = 1
+    distance_power: float | None = None
 
     def predict(self, scores: np.ndarray, log_pi: np.ndarray) -> Predictions:
         """The calibrated posterior of class scores (N, K) under a log prior, the decisions and the entropy."""
-        preds = predict(scores, log_pi, self.temperature)
+        logits = scores if self.distance_power is None else power_scores(scores, self.distance_power)
+        preds = predict(logits, log_pi, self.temperature)
+        preds.log_likelihoods = scores
         if self.biases is not None:
-            preds.predicted = np.argmax(scores + log_pi + np.asarray(self.biases), axis=1)
+            preds.predicted = np.argmax(logits + log_pi + np.asarray(self.biases), axis=1)
         return preds
+
+
+def power_scores(scores: np.ndarray, power: float) -> np.ndarray:
+    """Scores ``-d`` (minus distances) as minus the Box-Cox transform of the distance, ``-(d^power - 1) / power``
+    (``-log d`` at power 0; power 1 keeps the scores up to a constant).
+
+    Why: in ``softmax(-d / T)`` the gap between two classes' logits is at most the distance between their colours
+    over ``T`` (triangle inequality), so a mask that sits on its colour can never be confident unless ``T`` is
+    small, and then every ambiguous mask is over-confident. A power below 1 lets the logit of a colour grow without
+    bound as the mask approaches it.
+    """
+    d = np.maximum(-scores, 0.0) + DISTANCE_EPS
+    return -np.log(d) if power == 0 else -(d ** power - 1.0) / power
 
 
 def posterior(log_likelihoods: np.ndarray, log_pi: np.ndarray, temperature: float = 1.0) -> np.ndarray:

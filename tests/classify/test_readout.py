@@ -10,8 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from augflow.classify import classify_file
-from augflow.classify.metrics import Predictions, classification_metrics, error_auroc
-from augflow.classify.readout import classify_images
+from augflow.classify.calibration import fit_calibration
+from augflow.classify.metrics import Predictions, classification_metrics, error_auroc, expected_calibration_error
+from augflow.classify.readout import ReadoutScorer, classify_images
 from augflow.cli import cli
 from augflow.data.store import write_dataset
 from augflow.errors import ConfigError
@@ -87,6 +88,30 @@ def test_multi_pass_spread_and_file_metrics(trained, tmp_path):
     assert out["predictions"].probs.shape == (64, 2)
 
 
+def test_the_calibration_chooses_the_posterior_shape_of_distances():
+    """Labels drawn from p_k ∝ d_k^-2 (the shape of power 0 at T = 0.5): the validation NLL picks power 0 over the
+    distances as they are (power 1), and the posterior it gives is better calibrated on fresh draws; the nearest
+    colour stays the argmax."""
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        d = rng.uniform(0.02, 1.0, size=(n, 4))
+        p = d ** -2.0 / (d ** -2.0).sum(1, keepdims=True)
+        return -d, (rng.random((n, 1)) > np.cumsum(p, 1)).sum(1)
+
+    (val_scores, val_labels), (test_scores, test_labels) = draw(3000), draw(3000)
+    prior = np.zeros(4)
+    fitted = fit_calibration(val_scores, val_labels, prior, biases=False, distance_powers=ReadoutScorer.distance_powers)
+    plain = fit_calibration(val_scores, val_labels, prior, biases=False, distance_powers=(1.0,))
+    assert fitted.distance_power == 0.0 and fitted.temperature == pytest.approx(0.5, rel=0.1)
+    assert plain.temperature == pytest.approx(fit_calibration(val_scores, val_labels, prior, biases=False).temperature)
+    shaped, linear = fitted.predict(test_scores, prior), plain.predict(test_scores, prior)
+    assert expected_calibration_error(shaped.probs, test_labels) < 0.03 < expected_calibration_error(linear.probs,
+                                                                                                       test_labels)
+    assert np.array_equal(shaped.predicted, test_scores.argmax(1)) and np.array_equal(shaped.log_likelihoods,
+                                                                                       test_scores)
+
+
 def test_cli_passes_are_stored_with_the_calibration(trained, tmp_path):
     """``augflow classify --passes N`` averages N read-outs; the temperature holds for its passes only."""
     model, g = trained
@@ -103,7 +128,9 @@ def test_cli_passes_are_stored_with_the_calibration(trained, tmp_path):
     assert fitted.exit_code == 0, fitted.output
     metrics = json.loads(fitted.output)
     assert metrics["passes"] == 3 and metrics["selective_prediction_by"] == "spread" and metrics["accuracy"] > 0.75
-    assert json.loads((tmp_path / "calibration.json").read_text())["passes"] == 3
+    record = json.loads((tmp_path / "calibration.json").read_text())
+    assert record["passes"] == 3 and record["distance_power"] in ReadoutScorer.distance_powers
+    assert metrics["distance_power"] == record["distance_power"]
     later = json.loads(run().output)  # the stored calibration's passes, and its temperature
     assert later["passes"] == 3 and later["temperature"] == metrics["temperature"]
     assert later["calibration_source"] == "stored with the model"
