@@ -25,7 +25,7 @@ MODELS = {"flow": "MAGIC-Flow (Bayes, training prior, temperature; offset decisi
                         "parts)",
           "cnn": "ResNet-18 (class-weighted)",
           "cnn_shift": "ResNet-18 (softmax averaged over the same 9 shifts)",
-          "symmflow": "MedSymmFlow (mask read-out, temperature; offset decisions)",
+          "symmflow": "MedSymmFlow (mask read-out, temperature and distance power; offset decisions)",
           "symmflow_nearest_colour": "MedSymmFlow (nearest colour: the paper's read-out)"}
 METRICS = ["accuracy", "balanced_accuracy", "auc_macro", "precision_macro", "recall_macro", "f1_macro", "ece"]
 
