@@ -311,8 +311,9 @@ def calibrate_folds(work: Path, folds: list[int], command: str, weights: str = "
     for fold in folds:
         fold_dir = work / f"fold-{fold}"
         flow, symmflow = fold_dir / "result.json", fold_dir / "symmflow.json"
-        if not (symmflow if symmflow_only else flow).exists():
-            raise SystemExit(f"{symmflow if symmflow_only else flow} is missing: run the fold first")
+        needed = symmflow if symmflow_only else flow
+        if not needed.exists():
+            raise SystemExit(f"{needed} is missing: run the fold first")
         if not symmflow_only:
             record = json.loads(flow.read_text())
             rows = flow_rows(fold_dir, weights)

@@ -57,13 +57,14 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, log_pi: np.ndarray, 
             for each); empty: the scores as they are.
     """
     labels = np.asarray(labels)
-    power = None
     if distance_powers:
         fits = {q: _fit_temperature(power_scores(scores, q), labels, log_pi) for q in distance_powers}
         power = min(fits, key=lambda q: fits[q][1])
-        scores = power_scores(scores, power)
+        scores, temperature = power_scores(scores, power), fits[power][0]
+    else:
+        power, temperature = None, _fit_temperature(scores, labels, log_pi)[0]
     offsets = _fit_offsets(scores, labels, log_pi) if biases else None
-    return Calibration(_fit_temperature(scores, labels, log_pi)[0], offsets, distance_power=power)
+    return Calibration(temperature, offsets, distance_power=power)
 
 
 def _nll(scores: np.ndarray, labels: np.ndarray, log_pi: np.ndarray, theta: np.ndarray, weight: np.ndarray) -> float:
