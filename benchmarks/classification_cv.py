@@ -88,11 +88,16 @@ def write_fold(data: Path, fold_dir: Path, fold: int, seed: int) -> dict[str, Pa
 
 
 def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command: str,
-             overrides: list[str] = (), train_seed: int | None = None, flow_only: bool = False) -> None:
+             overrides: list[str] = (), train_seed: int | None = None, flow_only: bool = False,
+             cnn_epochs_from: Path | None = None) -> None:
     """One fold: the flow, then the ResNet-18 at its CPU time. The folds are drawn with ``seed``, the models
     initialised and their batches drawn with ``train_seed`` (default ``seed``). ``flow_only``: a screen, the flow's
-    rows alone (``fold-K/flow_rows.json``); a later full run of the fold reuses them."""
+    rows alone (``fold-K/flow_rows.json``); a later full run of the fold reuses them. ``cnn_epochs_from``: another
+    work folder on the same folds whose CNN epochs this fold's CNN gets (another training seed at the same budget)."""
     fold_dir = work / f"fold-{fold}"
+    budget = None if cnn_epochs_from is None else cnn_epochs_from / f"fold-{fold}" / "result.json"
+    if budget is not None and not budget.exists():
+        raise SystemExit(f"--cnn-epochs-from: {budget} is missing: run the fold's CNN in {cnn_epochs_from} first")
     paths = write_fold(data, fold_dir, fold, seed)
     train_info, val_info, test_info = (read_info(paths[p]) for p in ("train", "val", "test"))
     names, k = test_info.class_names, test_info.num_classes
@@ -113,9 +118,12 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
     # The same CPU-seconds as the flow, as a number of epochs, so that the CNN's run is an epoch budget that
     # reproduces (recorded in the summary). Timed runs of one and two epochs separate the cost of an epoch from the
     # fixed cost (set-up, BatchNorm re-estimation): one timed epoch alone set budgets 12-20 % under the flow's time.
-    one, two = (cpu_seconds(lambda e=e: train_cnn(images, labels, k, epochs=e, seed=seed)) for e in (1, 2))
-    per_epoch = max(two - one, 1e-3)
-    cnn_epochs = max(1, round((flow_seconds - (one - per_epoch)) / per_epoch))
+    if budget is not None:
+        cnn_epochs = json.loads(budget.read_text())["cnn_epochs"]
+    else:
+        one, two = (cpu_seconds(lambda e=e: train_cnn(images, labels, k, epochs=e, seed=seed)) for e in (1, 2))
+        per_epoch = max(two - one, 1e-3)
+        cnn_epochs = max(1, round((flow_seconds - (one - per_epoch)) / per_epoch))
     started = time.process_time()
     cnn = train_cnn(images, labels, k, epochs=cnn_epochs, seed=seed)
     cnn_seconds = time.process_time() - started
@@ -133,6 +141,7 @@ def run_fold(data: Path, work: Path, fold: int, epochs: int, seed: int, command:
         "train_images": len(train_info), "val_images": len(val_info),
         "test_images": len(test_info), "flow_steps": flow["steps"], "flow_train_seconds": flow_seconds,
         "cnn_train_seconds": cnn_seconds, "cnn_epochs": cnn_epochs, "threads": torch.get_num_threads(),
+        "cnn_epochs_from": None if cnn_epochs_from is None else str(cnn_epochs_from),
         "best_val_bpd": flow["best_val_bpd"], "recipe_overrides": list(overrides), "train_seed": seed,
         "cnn": cnn_metrics,
         "cnn_shift": cnn_shift_metrics,
@@ -340,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="run: seed of the training instead of --seed, on the same folds (run-to-run spread).")
     parser.add_argument("--flow-only", action="store_true",
                         help="run: train and score the flow only (a screen): WORK/fold-K/flow_rows.json, no CNN.")
+    parser.add_argument("--cnn-epochs-from", type=Path, default=None, metavar="WORK",
+                        help="run: the CNN trains for the epochs of WORK's CNN on the same fold instead of the flow's "
+                             "CPU time (a second training seed at the first one's budget).")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--family", choices=["magic", "symmflow"], default="magic",
                         help="run: magic: the flow and the CNN; symmflow: MedSymmFlow on folds the flow has run. "
@@ -362,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
                 run_symmflow_fold(args.work, fold, args.seed, command, args.set, args.passes)
             else:
                 run_fold(data, args.work, fold, args.epochs, args.seed, command, args.set, args.train_seed,
-                         args.flow_only)
+                         args.flow_only, args.cnn_epochs_from)
     elif args.stage == "calibrate":
         calibrate_folds(args.work, list(map(int, args.folds.split(","))), " ".join(["python", *sys.argv]),
                         args.weights, symmflow_only=args.family == "symmflow")

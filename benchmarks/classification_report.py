@@ -235,8 +235,9 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
 
 def seed_table(works: list[Path], k_folds: int = 5) -> str:
     """The flow's decision rules over training seeds: one work folder per seed (the same folds, ``run --train-seed``,
-    ``--flow-only`` allowed), from each fold's ``flow_rows.json``. Per rule: each seed's mean ± std over folds, all
-    runs pooled, and the mean and largest change between seeds on one fold (the run-to-run noise of that rule)."""
+    ``--flow-only`` allowed), from each fold's ``flow_rows.json``; the ResNet-18's balanced accuracy too when every
+    folder's folds ran it. Per rule: each seed's mean ± std over folds, all runs pooled, and the mean and largest
+    change between seeds on one fold (the run-to-run noise of that rule)."""
     rows = [[json.loads((work / f"fold-{fold}" / "flow_rows.json").read_text()) for fold in range(k_folds)]
             for work in works]
     values = {lever: np.array([[fold["decision_levers"][lever] for fold in seed] for seed in rows])
@@ -244,6 +245,11 @@ def seed_table(works: list[Path], k_folds: int = 5) -> str:
     for metric in ("auc_macro", "ece"):
         values[f"{metric} of the temperature-scaled posterior"] = np.array(
             [[fold["flow"][metric] for fold in seed] for seed in rows])
+    results = [[work / f"fold-{fold}" / "result.json" for fold in range(k_folds)] for work in works]
+    if all(path.exists() for seed in results for path in seed):  # the CNN ran beside every seed's flow
+        cnn = [[json.loads(path.read_text()) for path in seed] for seed in results]
+        for key, name in (("cnn", "ResNet-18"), ("cnn_shift", "ResNet-18, 9 shifts")):
+            values[name] = np.array([[fold[key]["balanced_accuracy"] for fold in seed] for seed in cnn])
     seeds = " | ".join(f"seed folder {i}" for i in range(len(works)))
     lines = [f"| test, {k_folds} folds | {seeds} | all runs | seed-to-seed change on a fold: mean / largest |",
              "|---|" + "---|" * (len(works) + 2)]
