@@ -47,6 +47,7 @@ from augflow.classify.likelihood import dataset_log_likelihoods, log_prior, shif
 from augflow.classify.metrics import (
     Calibration,
     Predictions,
+    balanced_accuracy,
     classification_metrics,
     entropy,
     expected_calibration_error,
@@ -296,7 +297,8 @@ def run_symmflow_fold(work: Path, fold: int, seed: int, command: str, overrides:
 def symmflow_rows(fold_dir: Path, passes: int, seed: int) -> dict:
     """MedSymmFlow's rows of a fold from its stored model: offsets, temperature and posterior shape (distance power)
     fitted on the validation part, and the paper's nearest-colour decision (same calibration); ``ece_power_1``: the
-    test ECE of the distances as they are, temperature only."""
+    test ECE of the distances as they are, temperature only; ``validation_balanced_accuracy``: the nearest colour's on
+    the validation part, where a setting is chosen."""
     scorer = ReadoutScorer(load_model(fold_dir / "symmflow" / "model.pt"), passes=passes, seed=seed, device="cpu")
     val_info, test_info = read_info(fold_dir / "val.h5"), read_info(fold_dir / "test.h5")
     val_scores, test_scores = scorer.score(fold_dir / "val.h5"), scorer.score(fold_dir / "test.h5")
@@ -307,6 +309,7 @@ def symmflow_rows(fold_dir: Path, passes: int, seed: int) -> dict:
     metrics["temperature"], metrics["distance_power"] = calibration.temperature, calibration.distance_power
     linear = fit_calibration(val_scores.values, val_info.labels, val_scores.log_prior, biases=False)  # power 1
     metrics["ece_power_1"] = expected_calibration_error(test_scores.predictions(linear).probs, test_info.labels)
+    metrics["validation_balanced_accuracy"] = balanced_accuracy(val_info.labels, val_scores.predicted)
     raw = test_scores.metrics(test_info.labels, names, Calibration(calibration.temperature,
                                                                    distance_power=calibration.distance_power))
     return {"symmflow": metrics, "symmflow_nearest_colour": raw}
