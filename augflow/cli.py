@@ -517,6 +517,10 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
               help="MedSymmFlow: read-outs per image (different mask noise), their colour distances averaged "
                    "(reports/classification-notes.md measured 5: 0.65 -> 0.71 balanced accuracy at 64 px). Default: "
                    "the passes the stored calibration was fitted with, else 1 (the paper's).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="MedSymmFlow: integration steps of each read-out (on the model's training-time grid; "
+                   "reports/classification-notes.md measured 10 against 25 at time shift 8: a tie at 40 %% of the "
+                   "cost). Default: the steps the stored calibration was fitted with, else the model's model.steps.")
 @click.option("--rank-by", type=click.Choice(["distance", "spread"]), default="distance", show_default=True,
               help="MedSymmFlow: the uncertainty that ranks selective prediction: the mask's distance to its "
                    "colour (the paper's) or its spread over the passes (needs --passes 2 or more).")
@@ -527,8 +531,8 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
 @_device_option
 @_threads_option
 @_error_boundary
-def classify(model, data, out, prior, calibrate_on, no_class_offsets, offsets_on, shift_radius, passes, rank_by,
-             batch_size, as_json, overwrite, amp, device):
+def classify(model, data, out, prior, calibrate_on, no_class_offsets, offsets_on, shift_radius, passes, steps,
+             rank_by, batch_size, as_json, overwrite, amp, device):
     """Classify images with the flow's exact likelihood: argmax_y log p(x|y) + log p(y); MedSymmFlow by its read-out.
 
     \b
@@ -552,7 +556,7 @@ def classify(model, data, out, prior, calibrate_on, no_class_offsets, offsets_on
                                "--calibrate-on FILE too, and leave out --no-class-offsets")
     result = classify_file(model, data, prior=prior, calibrate_on=calibrate_on, batch_size=batch_size,
                            device=device, amp=amp, class_offsets=not no_class_offsets, shift_radius=shift_radius,
-                           offsets_on=offsets_on, passes=passes, rank_by=rank_by)
+                           offsets_on=offsets_on, passes=passes, rank_by=rank_by, steps=steps)
     metrics = result["metrics"]
     if out is not None:
         write_predictions(result, out)

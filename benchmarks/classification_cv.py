@@ -24,7 +24,8 @@ Run the folds (two processes at once on a 2-core machine), then the report:
 
 ``run`` writes ``WORK/fold-K/result.json`` (metrics) and ``predictions.npz``; ``calibrate`` refits the calibrations
 of folds that have run from their stored models (after a change of ``augflow.classify.calibration``; the report lists
-its command; ``--weights last`` scores the last step's weights of the checkpoint instead of the released model);
+its command; ``--weights last`` scores the last step's weights of the checkpoint instead of the released model;
+``--passes`` / ``--readout-steps`` re-read MedSymmFlow's models with other read-out settings);
 ``report`` writes reports/classification.md and its figures; ``seeds --work W0 --seed-work W1`` prints the decision
 rules of the flow over training seeds (W1: ``run --train-seed 1 --flow-only`` on the same folds).
 """
@@ -261,7 +262,7 @@ def flow_rows(fold_dir: Path, weights: str = "released") -> dict:
 
 
 def run_symmflow_fold(work: Path, fold: int, seed: int, command: str, overrides: list[str] = (),
-                      passes: int = 1) -> None:
+                      passes: int = 1, steps: int | None = None) -> None:
     """MedSymmFlow's read-out on a fold the flow has run: the flow's CPU time, offsets fitted on its validation part."""
     fold_dir = work / f"fold-{fold}"
     flow_result = fold_dir / "result.json"
@@ -286,20 +287,21 @@ def run_symmflow_fold(work: Path, fold: int, seed: int, command: str, overrides:
                    val=paths["val"], seed=seed, progress=False, resume=(run_dir / "checkpoint.pt").exists())
     seconds = time.process_time() - started
     summary = {"fold": fold, "command": command, "steps": result.steps, "epochs": epochs, "train_seconds": seconds,
-               "passes": passes, "seed": seed, "recipe_overrides": list(overrides),
-               "best_val_loss": result.best_val_loss, **symmflow_rows(fold_dir, passes, seed)}
+               "passes": passes, "readout_steps": steps, "seed": seed, "recipe_overrides": list(overrides),
+               "best_val_loss": result.best_val_loss, **symmflow_rows(fold_dir, passes, seed, steps)}
     (fold_dir / "symmflow.json").write_text(json.dumps(summary, indent=2))
     print(f"fold {fold}: symmflow bacc {summary['symmflow']['balanced_accuracy']:.3f} (nearest colour "
           f"{summary['symmflow_nearest_colour']['balanced_accuracy']:.3f}; {result.steps} steps, {seconds:.0f} s)",
           flush=True)
 
 
-def symmflow_rows(fold_dir: Path, passes: int, seed: int) -> dict:
+def symmflow_rows(fold_dir: Path, passes: int, seed: int, steps: int | None = None) -> dict:
     """MedSymmFlow's rows of a fold from its stored model: offsets, temperature and posterior shape (distance power)
     fitted on the validation part, and the paper's nearest-colour decision (same calibration); ``ece_power_1``: the
     test ECE of the distances as they are, temperature only; ``validation_balanced_accuracy``: the nearest colour's on
     the validation part, where a setting is chosen."""
-    scorer = ReadoutScorer(load_model(fold_dir / "symmflow" / "model.pt"), passes=passes, seed=seed, device="cpu")
+    scorer = ReadoutScorer(load_model(fold_dir / "symmflow" / "model.pt"), passes=passes, seed=seed, device="cpu",
+                           steps=steps)
     val_info, test_info = read_info(fold_dir / "val.h5"), read_info(fold_dir / "test.h5")
     val_scores, test_scores = scorer.score(fold_dir / "val.h5"), scorer.score(fold_dir / "test.h5")
     calibration = fit_calibration(val_scores.values, val_info.labels, val_scores.log_prior,
@@ -316,7 +318,7 @@ def symmflow_rows(fold_dir: Path, passes: int, seed: int) -> dict:
 
 
 def calibrate_folds(work: Path, folds: list[int], command: str, weights: str = "released",
-                    symmflow_only: bool = False) -> None:
+                    symmflow_only: bool = False, passes: int | None = None, steps: int | None = None) -> None:
     """Refit the calibrated rows of folds that have run, from their stored models (no training; ``weights``: as
     :func:`flow_rows`; ``symmflow_only``: MedSymmFlow's rows only); the command is recorded
     (``calibrate_command``) for the report."""
@@ -333,8 +335,9 @@ def calibrate_folds(work: Path, folds: list[int], command: str, weights: str = "
                                        indent=2))
         if symmflow.exists():
             record = json.loads(symmflow.read_text())
-            rows = symmflow_rows(fold_dir, record["passes"], record.get("seed", 0))
-            symmflow.write_text(json.dumps({**record, **rows, "calibrate_command": command}, indent=2))
+            readout = {"passes": passes or record["passes"], "readout_steps": steps or record.get("readout_steps")}
+            rows = symmflow_rows(fold_dir, readout["passes"], record.get("seed", 0), readout["readout_steps"])
+            symmflow.write_text(json.dumps({**record, **readout, **rows, "calibrate_command": command}, indent=2))
         print(f"fold {fold}: calibrations refitted", flush=True)
 
 
@@ -359,7 +362,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", choices=["magic", "symmflow"], default="magic",
                         help="run: magic: the flow and the CNN; symmflow: MedSymmFlow on folds the flow has run. "
                              "calibrate: symmflow refits MedSymmFlow's rows only.")
-    parser.add_argument("--passes", type=int, default=1, help="MedSymmFlow read-outs per image (1: the paper's).")
+    parser.add_argument("--passes", type=int, default=None,
+                        help="MedSymmFlow read-outs per image (run: default 1, the paper's; calibrate: default the "
+                             "fold's own).")
+    parser.add_argument("--readout-steps", type=int, default=None,
+                        help="MedSymmFlow's integration steps per read-out (run: default the model's model.steps; "
+                             "calibrate: default the fold's own).")
     parser.add_argument("--name", default="classification",
                         help="report: write reports/NAME.md and NAME-*.png (a variant's run beside the main report).")
     parser.add_argument("--weights", choices=["released", "last"], default="released",
@@ -374,13 +382,13 @@ def main(argv: list[str] | None = None) -> None:
         command = " ".join(["python", *sys.argv])
         for fold in map(int, args.folds.split(",")):
             if args.family == "symmflow":
-                run_symmflow_fold(args.work, fold, args.seed, command, args.set, args.passes)
+                run_symmflow_fold(args.work, fold, args.seed, command, args.set, args.passes or 1, args.readout_steps)
             else:
                 run_fold(data, args.work, fold, args.epochs, args.seed, command, args.set, args.train_seed,
                          args.flow_only, args.cnn_epochs_from)
     elif args.stage == "calibrate":
         calibrate_folds(args.work, list(map(int, args.folds.split(","))), " ".join(["python", *sys.argv]),
-                        args.weights, symmflow_only=args.family == "symmflow")
+                        args.weights, args.family == "symmflow", args.passes, args.readout_steps)
     elif args.stage == "seeds":
         from classification_report import seed_table
 

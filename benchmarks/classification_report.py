@@ -94,6 +94,17 @@ def _overrides(result: dict) -> str:
     return (" with " + ", ".join(f"`{o}`" for o in overrides)) if overrides else ""
 
 
+def _readout_setting(results: list[dict]) -> str:
+    """How MedSymmFlow's rows read the images out: passes and integration steps (one setting for every fold)."""
+    settings = {(r["symmflow"]["passes"], r["symmflow"]["steps"]) for r in results}
+    passes, steps = settings.pop() if len(settings) == 1 else (None, None)
+    if passes is None:
+        return "MedSymmFlow's read-out settings differ between folds: " + ", ".join(
+            f"fold {r['fold']}: {r['symmflow']['passes']} x {r['symmflow']['steps']} steps" for r in results) + "."
+    return (f"MedSymmFlow reads each image out {passes} time(s) with {steps} Euler steps on its training times' grid "
+            f"(`augflow classify --passes {passes} --steps {steps}`); its rows above use these.")
+
+
 def write_report(work: Path, reports: Path, command: str, name: str = "classification", k_folds: int = 5) -> Path:
     """``reports/NAME.md`` and its figures ``NAME-*.png``; the hand-written reading (``classification-notes.md``)
     belongs to the main report only. When fewer than ``k_folds`` folds have run, the report says which did."""
@@ -195,6 +206,7 @@ def write_report(work: Path, reports: Path, command: str, name: str = "classific
                  if "ece_floor" in results[0]["flow"] else "") + ". The per-class offsets (fitted by "
               "the class-balanced likelihood of the same labels) set the decisions only: the probabilities, their "
               "ECE and the entropy that ranks selective prediction are the temperature-scaled Bayes posterior's.",
+              *(["", _readout_setting(results)] if "steps" in results[0].get("symmflow", {}) else []),
               *(["", "Calibration of MedSymmFlow's read-out (the same ECE): "
                  f"{_mean_std([r['symmflow']['ece_power_1'] for r in results])} for `softmax(-d / T)` of the mask's "
                  f"colour distances d; {_mean_std([r['symmflow']['ece'] for r in results])} with the posterior's "

@@ -106,8 +106,9 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
 
     Arguments:
         model: The model's run folder or file (where the record is stored).
-        scorer: The model's classifier (its ``shift_radius`` or read-out ``passes``, if any, is recorded: the fit
-            holds for it only; a read-out's ``distance_powers`` are the powers its posterior may take).
+        scorer: The model's classifier (its ``shift_radius`` or read-out ``passes`` and ``steps``, if any, are
+            recorded: the fit holds for them only; a read-out's ``distance_powers`` are the powers its posterior may
+            take).
         calibrate_on: The labelled file (the validation split).
         class_names: The model's classes.
         biases: Fit per-class offsets as well as the temperature.
@@ -117,7 +118,7 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
 
     Returns:
         The stored record: ``{"calibration_temperature", "class_biases" (by class name, or None), "prior",
-        "shift_radius", "passes", "distance_power", "fitted_on", "fitted_on_sha256", "offsets_fitted_on", "n",
+        "shift_radius", "passes", "steps", "distance_power", "fitted_on", "fitted_on_sha256", "offsets_fitted_on", "n",
         "ece_before", "ece_after", "balanced_accuracy_before", "balanced_accuracy_after"}`` (before / after: on
         ``calibrate_on``).
 
@@ -133,6 +134,7 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
         _check_every_class(offsets_on or [calibrate_on], infos or [val], class_names)
     scores = scorer.score(calibrate_on)
     radius, passes = getattr(scorer, "shift_radius", 0), getattr(scorer, "passes", 1)
+    steps = getattr(scorer, "steps", None)
     fitted = fit_calibration(scores.values, val.labels, scores.log_prior, biases and not offsets_on,
                              getattr(scorer, "distance_powers", ()))
     power, offsets = fitted.distance_power, fitted.biases
@@ -142,12 +144,12 @@ def calibrate(model: str | os.PathLike, scorer: Scorer, calibrate_on: str | os.P
                                  for f in offsets_on])
         pooled = pooled if power is None else power_scores(pooled, power)
         offsets = fit_calibration(pooled, np.concatenate([info.labels for info in infos]), scores.log_prior).biases
-    fitted = Calibration(fitted.temperature, offsets, radius, passes, power)
+    fitted = Calibration(fitted.temperature, offsets, radius, passes, power, steps)
     before, after = scores.predictions(), scores.predictions(fitted)
     record = {
         "calibration_temperature": fitted.temperature,
         "class_biases": None if fitted.biases is None else dict(zip(class_names, fitted.biases, strict=True)),
-        "prior": scorer.prior, "shift_radius": radius, "passes": passes, "distance_power": power,
+        "prior": scorer.prior, "shift_radius": radius, "passes": passes, "steps": steps, "distance_power": power,
         "fitted_on": str(Path(calibrate_on).resolve()),
         "fitted_on_sha256": sha256_file(calibrate_on),
         "offsets_fitted_on": [str(Path(f).resolve()) for f in offsets_on] if biases and offsets_on else None,
@@ -193,4 +195,5 @@ def stored_calibration(model: str | os.PathLike, prior: str, class_names: list[s
         check_classes(sorted(biases), sorted(class_names), str(path))
         biases = tuple(float(biases[name]) for name in class_names)
     return Calibration(record.get("calibration_temperature", record.get("temperature")), biases,
-                       record.get("shift_radius", 0), record.get("passes", 1), record.get("distance_power"))
+                       record.get("shift_radius", 0), record.get("passes", 1), record.get("distance_power"),
+                       record.get("steps"))

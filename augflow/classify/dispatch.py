@@ -25,7 +25,7 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
                   calibrate_on: str | os.PathLike | None = None, batch_size: int = 32, device: str = "auto",
                   passes: int | None = None, seed: int = 0, rank_by: str = "distance", progress: bool = False,
                   amp: bool | None = None, class_offsets: bool = True, shift_radius: int | None = None,
-                  offsets_on: Sequence[str | os.PathLike] = ()) -> dict:
+                  offsets_on: Sequence[str | os.PathLike] = (), steps: int | None = None) -> dict:
     """Classify every image of a labelled dataset file with a trained model; its metrics.
 
     Arguments:
@@ -50,6 +50,8 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
             without one). A calibration holds for its radius only: another radius needs ``calibrate_on``.
         offsets_on: With ``calibrate_on``: labelled files to fit the per-class offsets on instead
             (:func:`augflow.classify.calibration.calibrate`).
+        steps: Read-out: integration steps of each read-out. None: the steps the stored calibration was fitted
+            with (the model's ``model.steps`` without one). A calibration holds for its steps only.
 
     Returns:
         ``{"class_names", "predictions": Predictions, "labels", "metrics", "score_column"}``; ``metrics`` holds
@@ -70,9 +72,10 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
     stored = None if calibrate_on is not None else stored_calibration(
         model, prior if loaded.has_likelihood else ReadoutScorer.prior, names)
     if loaded.has_likelihood:
-        if passes is not None:
-            raise ConfigError(f"passes (--passes) apply to MedSymmFlow's read-out; {model} is a {loaded.family!r} "
-                              f"model: leave them out (--shift-radius averages its likelihood over shifts)")
+        if passes is not None or steps is not None:
+            raise ConfigError(f"--passes and --steps apply to MedSymmFlow's read-out; {model} is a "
+                              f"{loaded.family!r} model: leave them out (--shift-radius averages its likelihood over "
+                              f"shifts)")
         stored_radius = None if stored is None else stored.shift_radius
         radius = _scoring_setting("--shift-radius", shift_radius, stored_radius, 0, model)
         scorer = LikelihoodScorer(loaded, meta["class_counts"], prior, batch_size, device, amp, radius)
@@ -81,7 +84,10 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
             raise ConfigError(f"--shift-radius averages exact likelihoods; {model} is a {loaded.family!r} model "
                               f"without one: leave --shift-radius out")
         passes = _scoring_setting("--passes", passes, None if stored is None else stored.passes, 1, model)
-        scorer = ReadoutScorer(loaded, passes, batch_size, seed, device, rank_by, progress, amp)
+        own_steps = loaded.config.steps  # a calibration stored before its steps were recorded used the model's
+        steps = _scoring_setting("--steps", steps, None if stored is None else stored.steps or own_steps, own_steps,
+                                 model)
+        scorer = ReadoutScorer(loaded, passes, batch_size, seed, device, rank_by, progress, amp, steps)
     if calibrate_on is not None:
         calibrate(model, scorer, calibrate_on, names, biases=loaded.has_likelihood and class_offsets,
                   offsets_on=offsets_on)
@@ -110,7 +116,7 @@ def classify_file(model: str | os.PathLike, data: str | os.PathLike, prior: str 
 
 def _scoring_setting(option: str, requested: int | None, stored: int | None, default: int,
                      model: str | os.PathLike) -> int:
-    """The value of a scoring option that a calibration is fitted for (shift radius, read-out passes): the
+    """The value of a scoring option that a calibration is fitted for (shift radius, read-out passes and steps): the
     requested one, else the stored calibration's, else ``default``. A stored calibration holds for its own value
     only, so another value needs a new fit."""
     if stored is None:

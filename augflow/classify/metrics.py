@@ -31,9 +31,10 @@ class Calibration:
     training mix; the offsets move only the decisions, ``argmax(scores + log prior + b)``, to the minority classes
     (a cost-sensitive decision rule: the probabilities stay those of the images as they come). ``shift_radius``: the
     test-time shift averaging of the scores both were fitted to (:mod:`augflow.classify.likelihood`); ``passes``: the
-    read-out passes averaged in MedSymmFlow's scores (:mod:`augflow.classify.readout`); scores to be calibrated must
-    be computed with them. ``distance_power``: scores that are minus distances (the read-out's) enter the posterior
-    and the offsets through :func:`power_scores` with this power (None: as they are).
+    read-out passes averaged in MedSymmFlow's scores (:mod:`augflow.classify.readout`) and ``steps`` the integration
+    steps of each (None: the model's own); scores to be calibrated must be computed with them. ``distance_power``:
+    scores that are minus distances (the read-out's) enter the posterior and the offsets through :func:`power_scores`
+    with this power (None: as they are).
     """
 
     temperature: float = 1.0
@@ -41,6 +42,7 @@ class Calibration:
     shift_radius: int = 0
     passes: int = 1
     distance_power: float | None = None
+    steps: int | None = None
 
     def predict(self, scores: np.ndarray, log_pi: np.ndarray) -> Predictions:
         """The calibrated posterior of class scores (N, K) under a log prior, the decisions and the entropy."""

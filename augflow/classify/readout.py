@@ -50,13 +50,14 @@ class SymmFlowClassification:
     uncertainty: np.ndarray  # (N,) the ranking used for selective prediction (distance or spread)
     passes: int
     rank_by: str
+    steps: int  # integration steps of each read-out
 
     def as_scores(self) -> Scores:
         """The read-out as :class:`~augflow.classify.metrics.Scores`: no prior, the nearest-colour decision, the
         AUC from the scores, selective prediction by ``uncertainty``."""
         return Scores(self.scores, np.zeros(self.scores.shape[1]), predicted=self.predicted,
                       uncertainty=self.uncertainty, auc_from_values=True,
-                      extra={"selective_prediction_by": self.rank_by, "passes": self.passes})
+                      extra={"selective_prediction_by": self.rank_by, "passes": self.passes, "steps": self.steps})
 
     def predictions(self, calibration: Calibration | None = None) -> Predictions:
         """As the MAGIC-Flow classifier's :class:`~augflow.classify.metrics.Predictions`: ``softmax(scores / T)``."""
@@ -66,7 +67,7 @@ class SymmFlowClassification:
 @torch.inference_mode()
 def classify_images(model: ModelFamily, images: torch.Tensor | np.ndarray, passes: int = 1, batch_size: int = 32,
                     seed: int = 0, device: str = "cpu", rank_by: str = "distance",
-                    progress: bool = False, amp: bool = False) -> SymmFlowClassification:
+                    progress: bool = False, amp: bool = False, steps: int | None = None) -> SymmFlowClassification:
     """Classify images ``(N, C, H, W)`` in ``[0, 1]`` with a trained :class:`~augflow.symmflow.SymmFlow`.
 
     Arguments:
@@ -79,6 +80,7 @@ def classify_images(model: ModelFamily, images: torch.Tensor | np.ndarray, passe
         rank_by: Uncertainty for selective prediction: "distance" (the paper's) or "spread" (needs passes > 1).
         progress: Show a progress bar.
         amp: Run the U-Net in bf16 (:mod:`augflow.precision`).
+        steps: Integration steps of each read-out (default: the model's ``model.steps``).
 
     Returns:
         A :class:`SymmFlowClassification`.
@@ -100,11 +102,12 @@ def classify_images(model: ModelFamily, images: torch.Tensor | np.ndarray, passe
     model = model.to(dev).eval()
     images = torch.as_tensor(images)
     generator = torch.Generator(dev).manual_seed(seed)
+    steps = model.config.steps if steps is None else steps
     scores, predicted, distance, spread = [], [], [], []
     for start in tqdm(range(0, len(images), batch_size), desc="classify", disable=not progress, dynamic_ncols=True):
         x = images[start:start + batch_size].to(dev)
         with autocast(dev, amp):
-            s, p, u = model.classify(x, passes=passes, generator=generator)
+            s, p, u = model.classify(x, passes=passes, generator=generator, steps=steps)
         scores.append(s.double().cpu())
         predicted.append(p.cpu())
         distance.append(u.distance.double().cpu())
@@ -112,12 +115,13 @@ def classify_images(model: ModelFamily, images: torch.Tensor | np.ndarray, passe
     k = model.config.num_classes
     if not scores:
         empty = np.zeros(0)
-        return SymmFlowClassification(np.zeros((0, k)), empty.astype(np.int64), empty, empty, empty, passes, rank_by)
+        return SymmFlowClassification(np.zeros((0, k)), empty.astype(np.int64), empty, empty, empty, passes, rank_by,
+                                      steps)
     distance_np, spread_np = torch.cat(distance).numpy(), torch.cat(spread).numpy()
     return SymmFlowClassification(
         scores=torch.cat(scores).numpy(), predicted=torch.cat(predicted).numpy(), distance=distance_np,
         spread=spread_np, uncertainty=distance_np if rank_by == "distance" else spread_np, passes=passes,
-        rank_by=rank_by)
+        rank_by=rank_by, steps=steps)
 
 
 def readout_metrics(labels: np.ndarray, result: SymmFlowClassification, class_names: list[str],
@@ -142,10 +146,12 @@ class ReadoutScorer:
     distance_powers = (1.0, 0.5, 0.0, -0.5, -1.0, -1.5, -2.0)
 
     def __init__(self, model: ModelFamily, passes: int = 1, batch_size: int = 32, seed: int = 0,
-                 device: str = "auto", rank_by: str = "distance", progress: bool = False, amp: bool = False):
+                 device: str = "auto", rank_by: str = "distance", progress: bool = False, amp: bool = False,
+                 steps: int | None = None):
         self.model, self.passes = model, passes
+        self.steps = model.config.steps if steps is None else steps
         self.options = dict(passes=passes, batch_size=batch_size, seed=seed, device=device, rank_by=rank_by,
-                            progress=progress, amp=amp)
+                            progress=progress, amp=amp, steps=self.steps)
 
     def score(self, path: str | Path) -> Scores:
         return classify_images(self.model, read_images(path), **self.options).as_scores()

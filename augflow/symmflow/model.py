@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -72,7 +73,9 @@ class SymmFlowConfig(ModelConfig):
             times train the read-out on a share of the steps that shrinks as the image grows.
         sigma_min: ``s`` of the paths (paper: 1e-4).
         beta: Mask dequantisation ``beta * (U - 0.5) / 127.5`` (paper: 4).
-        steps: Integration steps of sampling and classification (paper: 25).
+        steps: Integration steps of sampling and classification over the whole path (paper: 25). The steps are
+            uniform in ``u``, so a shifted model integrates on its training times' grid (SD3 samples with the
+            shift it trained with): with ``a = 8``, 10 read-out steps tie 25 uniform ones (classification-notes.md).
         solver: ``"euler"`` (paper) or ``"heun"`` (second order, two evaluations per step).
         space: ``"pixel"``, ``"latent"`` (needs ``autoencoder``), or ``"auto"``: latent when an autoencoder is
             given or the image side is >= 128 px (then one is required).
@@ -175,6 +178,11 @@ def interpolate(z: Tensor, m: Tensor, eps_z: Tensor, eps_m: Tensor, t: Tensor,
 def shift_time(u: Tensor, shift: float) -> Tensor:
     """Map uniform ``u`` in [0, 1] to ``a u / (1 + (a - 1) u)``: the identity for ``a = 1``, toward 1 for ``a > 1``."""
     return shift * u / (1 + (shift - 1) * u)
+
+
+def unshift_time(t: float, shift: float) -> float:
+    """The inverse of :func:`shift_time`: ``u = t / (a - (a - 1) t)``."""
+    return t / (shift - (shift - 1) * t)
 
 
 def velocity_targets(z: Tensor, m: Tensor, eps_z: Tensor, eps_m: Tensor,
@@ -319,18 +327,22 @@ class SymmFlow(FamilyModel):
 
     def integrate(self, state: Tensor, t0: float, t1: float, steps: int | None = None,
                   solver: str | None = None) -> Tensor:
-        """Integrate the joint state from ``t0`` to ``t1`` with fixed steps (Euler or Heun)."""
-        steps = self.config.steps if steps is None else steps
+        """Integrate the joint state from ``t0`` to ``t1`` with fixed steps (Euler or Heun), uniform in the
+        training times' ``u`` (:func:`shift_time`; uniform in ``t`` for ``time_shift = 1``); ``steps`` defaults to the
+        model's step size: ``config.steps`` over the whole path, proportionally fewer over a part of it."""
+        shift = self.config.time_shift
+        u0, u1 = unshift_time(t0, shift), unshift_time(t1, shift)
+        steps = max(1, round(self.config.steps * abs(u1 - u0))) if steps is None else steps
         solver = self.config.solver if solver is None else solver
         if solver not in SOLVERS or not is_int(steps, 1):
             raise ConfigError(f"solver must be in {SOLVERS} and steps >= 1, but are: {solver!r}, {steps!r}")
-        dt = (t1 - t0) / steps
-        for i in range(steps):
-            t = t0 + i * dt
+        times = shift_time(torch.linspace(u0, u1, steps + 1, dtype=torch.float64), shift).tolist()
+        for t, t_next in itertools.pairwise(times):
+            dt = t_next - t
             v = self.velocity(state, state.new_full((state.shape[0],), t))
             if solver == "heun":
                 guess = state + dt * v
-                v = 0.5 * (v + self.velocity(guess, state.new_full((state.shape[0],), t + dt)))
+                v = 0.5 * (v + self.velocity(guess, state.new_full((state.shape[0],), t_next)))
             state = state + dt * v
         return state
 
@@ -373,18 +385,19 @@ class SymmFlow(FamilyModel):
         eps_m = torch.randn(mask.shape, generator=generator, device=ref.device, dtype=ref.dtype)
         t0 = 1 - strength
         z_t, m_t = interpolate(z, mask, temperature * eps_z, eps_m, z.new_full((len(z),), t0), self.config.sigma_min)
-        state = self.integrate(torch.cat([z_t, m_t], dim=1), t0, 1.0, max(1, round(self.config.steps * strength)))
+        state = self.integrate(torch.cat([z_t, m_t], dim=1), t0, 1.0)
         return self.from_flow(state[:, : self.flow_shape[0]]).clamp(0, 1)
 
     @torch.no_grad()
-    def integrated_mask(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """The mask read out of images ``x`` in ``[0, 1]``: ``[x, eps]`` integrated from t=1 to 0; (B, 3, H', W')."""
+    def integrated_mask(self, x: Tensor, generator: torch.Generator | None = None, steps: int | None = None) -> Tensor:
+        """The mask read out of images ``x`` in ``[0, 1]``: ``[x, eps]`` integrated from t=1 to 0 in ``steps`` (default:
+        ``config.steps``); (B, 3, H', W')."""
         self._check(x)
         ref = self.colours
         z = self.to_flow(x.to(device=ref.device, dtype=ref.dtype))
         eps = torch.randn((z.shape[0], MASK_CHANNELS, *z.shape[2:]), generator=generator, device=ref.device,
                           dtype=ref.dtype)
-        return self.integrate(torch.cat([z, eps], dim=1), 1.0, 0.0)[:, z.shape[1]:]
+        return self.integrate(torch.cat([z, eps], dim=1), 1.0, 0.0, steps)[:, z.shape[1]:]
 
     @torch.no_grad()
     def class_distances(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -397,9 +410,10 @@ class SymmFlow(FamilyModel):
         return -self.class_distances(x, generator)
 
     @torch.no_grad()
-    def classify(self, x: Tensor, passes: int = 1,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Uncertainty]:
-        """Scores, predictions and uncertainty of ``passes`` stochastic readouts (different mask noise).
+    def classify(self, x: Tensor, passes: int = 1, generator: torch.Generator | None = None,
+                 steps: int | None = None) -> tuple[Tensor, Tensor, Uncertainty]:
+        """Scores, predictions and uncertainty of ``passes`` stochastic readouts (different mask noise) of ``steps``
+        integration steps each (default: ``config.steps``).
 
         Returns:
             ``(scores (B, K), predicted (B,), Uncertainty)``: scores are minus the distances averaged over the
@@ -409,7 +423,7 @@ class SymmFlow(FamilyModel):
         """
         if not is_int(passes, 1):
             raise ConfigError(f"passes must be an int >= 1, but is: {passes!r}")
-        per_pass = torch.stack([colour_distances(self.integrated_mask(x, generator), self.colours, self.region)
+        per_pass = torch.stack([colour_distances(self.integrated_mask(x, generator, steps), self.colours, self.region)
                                 for _ in range(passes)])  # (S, B, K)
         distances = per_pass.mean(0)
         predicted = distances.argmin(dim=1)

@@ -325,6 +325,9 @@ def test_noise_level_toy_is_classified_and_cli_reports_metrics(tmp_path):
     refused = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
                                        "--passes", "2"])
     assert refused.exit_code == 1 and "MedSymmFlow's read-out" in refused.output
+    refused = CliRunner().invoke(cli, ["classify", "--model", str(tmp_path / "run"), "--data", str(test_file),
+                                       "--steps", "5"])
+    assert refused.exit_code == 1 and "MedSymmFlow's read-out" in refused.output
 
     # A file without images of a class: its recall is null in strict JSON (no NaN), and the class is named.
     noisy = write_subset(test_file, np.flatnonzero(read_info(test_file).labels == 1), tmp_path / "noisy.h5")

@@ -138,3 +138,11 @@ def test_cli_passes_are_stored_with_the_calibration(trained, tmp_path):
     assert refused.exit_code == 1 and "fitted with --passes 3" in refused.output
     refused = run("--rank-by", "spread", "--calibrate-on", str(data))  # one pass has no spread
     assert refused.exit_code == 1 and "passes >= 2" in refused.output
+    # the read-out's integration steps: the model's by default (10 here), another number needs its own calibration
+    assert metrics["steps"] == record["steps"] == later["steps"] == 10
+    refused = run("--steps", "4")
+    assert refused.exit_code == 1 and "fitted with --steps 10" in refused.output
+    fewer = run("--calibrate-on", str(data), "--steps", "4")
+    assert fewer.exit_code == 0, fewer.output
+    assert json.loads(fewer.output)["steps"] == 4 and json.loads(run().output)["steps"] == 4
+    assert json.loads(fewer.output)["accuracy"] > 0.75  # the class is read out in the first steps

@@ -10,7 +10,7 @@ from torch.func import functional_call, grad, vmap
 from augflow.errors import ConfigError
 from augflow.models import load_model, model_config
 from augflow.symmflow import SymmFlow, SymmFlowConfig, class_colours, interpolate, palette, velocity_targets
-from augflow.symmflow.model import shift_time
+from augflow.symmflow.model import shift_time, unshift_time
 from augflow.symmflow.palette import class_masks, colour_distances, dequantize_mask, palette_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -154,6 +154,23 @@ def test_time_shift():
     z = model.to_flow(x)
     expected = model.flow_matching_loss(z, m, t, torch.randn_like(z), torch.randn_like(m))
     torch.testing.assert_close(loss, expected)
+
+
+def test_integration_follows_the_training_times():
+    """A shifted model integrates on its training times' grid: steps uniform in u, t = shift_time(u); a part of the
+    path gets the model's step size in u (what sample_near integrates)."""
+    assert unshift_time(shift_time(torch.tensor(0.3, dtype=torch.float64), 8.0).item(), 8.0) == pytest.approx(0.3)
+    model = tiny(time_shift=8.0, steps=4).eval()
+    seen = []
+    model.velocity = lambda state, t: (seen.append(t[0].item()), torch.ones_like(state))[1]
+    state = torch.zeros(2, 4, 8, 8)
+    out = model.integrate(state, 1.0, 0.0)
+    expected = shift_time(torch.linspace(1, 0, 5, dtype=torch.float64), 8.0)
+    assert seen == pytest.approx(expected[:-1].tolist(), abs=1e-7)
+    torch.testing.assert_close(out, state - 1)  # a constant velocity moves the state by the span, whatever the grid
+    seen.clear()
+    model.integrate(state, 0.5, 1.0)  # u from 1/9 to 1: round(4 * 8/9) = 4 steps
+    assert seen[0] == pytest.approx(0.5) and len(seen) == 4
 
 
 def test_save_load_round_trip(tmp_path):
