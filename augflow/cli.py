@@ -515,7 +515,7 @@ def synthesize(model, out, class_name, n, balance, target_count, max_ratio, real
                    "was fitted with, else 0.")
 @click.option("--passes", type=click.IntRange(min=1), default=None,
               help="MedSymmFlow: read-outs per image (different mask noise), their colour distances averaged "
-                   "(reports/classification-notes.md measured 5: 0.65 -> 0.71 balanced accuracy at 64 px). Default: "
+                   "(reports/classification-notes.md measured 5: 0.69 -> 0.74 balanced accuracy at 64 px). Default: "
                    "the passes the stored calibration was fitted with, else 1 (the paper's).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="MedSymmFlow: integration steps of each read-out (on the model's training-time grid; "

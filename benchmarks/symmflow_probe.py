@@ -4,7 +4,8 @@ For labelled images the joint state is put on the symmetric paths at time ``t`` 
 network's one-step prediction of the clean mask, ``m_t - t v_hat_m`` (exact for the straight paths), is read by the
 nearest palette colour. At t = 1 the mask is pure noise, so this is the network's classification of the image
 alone; at smaller ``t`` it also reads the noisy true mask. Then the full read-out (``[x, noise]`` integrated from
-t = 1 to 0 by Euler) on time grids shifted by ``a`` (``t = a u / (1 + (a - 1) u)``; 1 = the model's uniform grid).
+t = 1 to 0 by Euler) on time grids shifted by ``a`` (``t = a u / (1 + (a - 1) u)``; 1 = uniform; the model's own
+read-out uses its training shift, ``model.time_shift``) with the given numbers of steps.
 
     python benchmarks/symmflow_probe.py --model runs/NAME --data data/val.h5
 
@@ -42,12 +43,12 @@ def one_step_predictions(model, x: torch.Tensor, y: torch.Tensor, t: float, seed
 
 
 @torch.no_grad()
-def readout_predictions(model, x: torch.Tensor, shift: float, seed: int) -> torch.Tensor:
-    """Nearest colour of the read-out integrated by Euler on the model's number of steps, grid shifted by ``shift``."""
+def readout_predictions(model, x: torch.Tensor, shift: float, seed: int, steps: int) -> torch.Tensor:
+    """Nearest colour of the read-out integrated by ``steps`` Euler steps on a grid shifted by ``shift``."""
     generator = torch.Generator().manual_seed(seed)
     z = model.to_flow(x)
     state = torch.cat([z, torch.randn((len(x), MASK_CHANNELS, *z.shape[2:]), generator=generator)], dim=1)
-    grid = shift_time(torch.linspace(1, 0, model.config.steps + 1, dtype=torch.float64), shift).tolist()
+    grid = shift_time(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift).tolist()
     for t0, t1 in itertools.pairwise(grid):
         state = state + (t1 - t0) * model.velocity(state, state.new_full((len(x),), t0))
     return nearest_colour(model, state[:, z.shape[1]:])
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="Labelled images (HDF5), e.g. the validation split.")
     parser.add_argument("--times", default="1,0.99,0.97,0.93,0.85,0.7")
     parser.add_argument("--grid-shifts", default="1,4,16")
+    parser.add_argument("--grid-steps", default="", help="Euler steps of the read-outs (default: the model's).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -68,12 +70,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.model} is a {model.family!r} model; this probe reads MedSymmFlow's masks")
     x = torch.as_tensor(read_images(args.data)).float()
     y = torch.as_tensor(read_info(args.data).labels).long()
-    for t in map(float, args.times.split(",")):
+    for t in [float(t) for t in args.times.split(",") if t]:
         bacc = balanced_accuracy_score(y, one_step_predictions(model, x, y, t, args.seed))
         print(f"one-step mask prediction at t = {t:g}: balanced accuracy {bacc:.3f}")
-    for shift in map(float, args.grid_shifts.split(",")):
-        bacc = balanced_accuracy_score(y, readout_predictions(model, x, shift, args.seed))
-        print(f"read-out, grid shifted by {shift:g}: balanced accuracy {bacc:.3f}")
+    steps = [int(n) for n in args.grid_steps.split(",") if n] or [model.config.steps]
+    for shift, n in itertools.product(map(float, args.grid_shifts.split(",")), steps):
+        bacc = balanced_accuracy_score(y, readout_predictions(model, x, shift, args.seed, n))
+        print(f"read-out, {n} steps on a grid shifted by {shift:g}: balanced accuracy {bacc:.3f}")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def test_the_symmflow_classifier_recipe_is_the_measured_configuration():
     """reports/classification-notes.md measured scanner-symmflow with these overrides; the recipe must be that run."""
     measured = load_recipe("scanner-symmflow", [
         "model.base_channels=16", "model.image_weight=0.3", "model.time_shift=8", "train.balanced_sampling=true",
-        "train.amp=true", "train.batch_size=8", "train.epochs=60"])
+        "train.amp=true", "train.batch_size=4", "train.epochs=50",
+        "model.steps=10"])  # the read-out's steps (training does not use them): classification_cv --readout-steps 10
     recipe = load_recipe("scanner-symmflow-classify")
     assert (recipe.model, recipe.train, recipe.augment) == (measured.model, measured.train, measured.augment)
