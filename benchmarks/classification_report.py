@@ -101,7 +101,8 @@ def _readout_setting(results: list[dict]) -> str:
     if passes is None:
         return "MedSymmFlow's read-out settings differ between folds: " + ", ".join(
             f"fold {r['fold']}: {r['symmflow']['passes']} x {r['symmflow']['steps']} steps" for r in results) + "."
-    return (f"MedSymmFlow reads each image out {passes} time(s) with {steps} Euler steps on its training times' grid "
+    times = "once" if passes == 1 else f"{passes} times (the distances averaged)"
+    return (f"MedSymmFlow reads each image out {times} with {steps} Euler steps on its training times' grid "
             f"(`augflow classify --passes {passes} --steps {steps}`); its rows above use these.")
 
 
