@@ -22,7 +22,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from augflow.data.store import read_images, read_info
 from augflow.models import load_model
-from augflow.symmflow.model import interpolate, shift_time
+from augflow.symmflow.model import interpolate
 from augflow.symmflow.palette import MASK_CHANNELS, colour_distances
 
 
@@ -48,9 +48,7 @@ def readout_predictions(model, x: torch.Tensor, shift: float, seed: int, steps: 
     generator = torch.Generator().manual_seed(seed)
     z = model.to_flow(x)
     state = torch.cat([z, torch.randn((len(x), MASK_CHANNELS, *z.shape[2:]), generator=generator)], dim=1)
-    grid = shift_time(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift).tolist()
-    for t0, t1 in itertools.pairwise(grid):
-        state = state + (t1 - t0) * model.velocity(state, state.new_full((len(x),), t0))
+    state = model.integrate(state, 1.0, 0.0, steps, solver="euler", shift=shift)
     return nearest_colour(model, state[:, z.shape[1]:])
 
 

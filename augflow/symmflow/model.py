@@ -326,11 +326,12 @@ class SymmFlow(FamilyModel):
     # ------------------------------------------------------------------------------------- integration
 
     def integrate(self, state: Tensor, t0: float, t1: float, steps: int | None = None,
-                  solver: str | None = None) -> Tensor:
+                  solver: str | None = None, shift: float | None = None) -> Tensor:
         """Integrate the joint state from ``t0`` to ``t1`` with fixed steps (Euler or Heun), uniform in the
-        training times' ``u`` (:func:`shift_time`; uniform in ``t`` for ``time_shift = 1``); ``steps`` defaults to the
-        model's step size: ``config.steps`` over the whole path, proportionally fewer over a part of it."""
-        shift = self.config.time_shift
+        training times' ``u`` (:func:`shift_time` by ``shift``, default ``config.time_shift``; uniform in ``t`` for
+        1); ``steps`` defaults to the model's step size: ``config.steps`` over the whole path, proportionally fewer
+        over a part of it."""
+        shift = self.config.time_shift if shift is None else shift
         u0, u1 = unshift_time(t0, shift), unshift_time(t1, shift)
         steps = max(1, round(self.config.steps * abs(u1 - u0))) if steps is None else steps
         solver = self.config.solver if solver is None else solver

@@ -171,6 +171,9 @@ def test_integration_follows_the_training_times():
     seen.clear()
     model.integrate(state, 0.5, 1.0)  # u from 1/9 to 1: round(4 * 8/9) = 4 steps
     assert seen[0] == pytest.approx(0.5) and len(seen) == 4
+    seen.clear()
+    model.integrate(state, 1.0, 0.0, shift=1.0)  # another grid on request (benchmarks/symmflow_probe.py): uniform
+    assert seen == pytest.approx([1.0, 0.75, 0.5, 0.25])
 
 
 def test_save_load_round_trip(tmp_path):
